@@ -1,0 +1,52 @@
+"""The contract between the node wrapper and the trainer processes it starts.
+
+The wrapper (supervisor.node) and every rank of the trainer (supervisor.titan)
+talk through a node-local run directory, named in the environment, so that no
+socket or shared memory has to survive a crash:
+
+    $SUPERVISE_RUN_DIR/notice.json        written by the wrapper when a preemption notice
+                                          arrives: {"source", "received_at", "deadline"}
+                                          (deadline: UTC epoch seconds, or null)
+    $SUPERVISE_RUN_DIR/heartbeat/rank-R.json
+                                          rewritten by rank R after every step:
+                                          {"rank", "step", "time"}
+    $SUPERVISE_RUN_DIR/outcome.json       written by global rank 0 just before a clean
+                                          exit: {"outcome": "finished"|"preempted_saved"|
+                                          "preempted_unsaved", "step", "reason"}
+
+All writes are atomic (write a temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ENV_RUN_DIR = "SUPERVISE_RUN_DIR"  # node-local folder described above
+ENV_CHECKPOINTS = "SUPERVISE_CHECKPOINTS"  # catalog URL (the folder holding step-N)
+ENV_LEDGER = "SUPERVISE_LEDGER"  # ledger URL, when the run keeps a journal
+ENV_INCARNATION = "SUPERVISE_INCARNATION"  # id of this (re)start of the job
+
+NOTICE_FILE = "notice.json"
+OUTCOME_FILE = "outcome.json"
+HEARTBEAT_DIR = "heartbeat"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
