@@ -1,0 +1,6 @@
+"""Shared fixtures live in tests/fixtures_*.py, one module per area."""
+
+pytest_plugins = [
+    "tests.fixtures_store",
+    "tests.fixtures_titan",
+]

@@ -1,0 +1,1 @@
+"""Fixtures: a real SeaweedFS S3 server on loopback (owner: store)."""

@@ -1,0 +1,1 @@
+"""Fixtures: tiny corpus, tokenizer and TorchTitan args for CPU runs (owner: titan)."""
