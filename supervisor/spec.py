@@ -1,0 +1,405 @@
+"""JobSpec: the one validated description of a training run.
+
+A recipe (YAML) becomes a JobSpec; launchers (SkyPilot, local) turn a JobSpec
+into a running job. Every rule a run must obey is checked here, before
+anything is launched, and every failure names the field and says what to do.
+
+`node_argv(spec)` / `node_command(spec)` give the command every node runs on
+every (re)start — `supervise node --checkpoints <url> ... -- <TorchTitan args>` —
+so all backends run exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import re
+import shlex
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from supervisor import __version__
+from supervisor.errors import SuperviseError
+
+# Keys of TorchTitan's own config that the node wrapper sets on every start
+# (catalog decides what to load; retention is ours). A recipe setting them
+# would silently fight the wrapper.
+WRAPPER_OWNED = {
+    "checkpoint.enable": "it is always on under supervise",
+    "checkpoint.folder": "set checkpoint.bucket instead",
+    "checkpoint.load_step": "the node wrapper picks the newest committed step",
+    "checkpoint.keep_latest_k": "retention is supervise's (supervise checkpoints prune)",
+    "checkpoint.interval": "set checkpoint.interval instead",
+    "job.dump_folder": "checkpoints go to checkpoint.bucket",
+    "dataloader.dataset": "set dataset.name instead",
+    "dataloader.dataset_path": "set dataset.path instead",
+    "hf_assets_path": "set tokenizer.path instead",
+    "module": "set model.module instead",
+    "config": "set model.config instead",
+}
+PARALLEL_DEGREES = (
+    "data_parallel_replicate_degree",
+    "data_parallel_shard_degree",
+    "tensor_parallel_degree",
+    "pipeline_parallel_degree",
+    "context_parallel_degree",
+)
+BUCKET_SCHEMES = ("s3", "gs", "r2")
+_BUCKET_RE = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<bucket>[^/]+)(?P<prefix>(/[^/]+)*)/?$")
+_S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_JOB_NAME = re.compile(r"^[a-z][a-z0-9\-]{0,62}$")
+
+Scalar = str | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class Model(_Strict):
+    module: str = "llama3"  # TorchTitan --module
+    config: str  # TorchTitan --config (a config_registry function)
+
+
+class Resources(_Strict):
+    num_nodes: int = Field(1, ge=1)
+    accelerators: dict[str, int] | None = None  # any-of, e.g. {H100: 8, H200: 8}; None = CPU
+    procs_per_node: int | None = Field(None, ge=1)  # CPU runs: ranks per node (default 1)
+    cpus: str | None = None  # SkyPilot syntax, e.g. "8+"
+    memory: str | None = None
+    disk_size: int = Field(256, ge=10)  # GB
+    spot: bool = False
+    infra: str | None = None  # SkyPilot --infra: aws, gcp, k8s, slurm, aws/us-east-1, ...
+    image_id: str | None = None
+
+    @field_validator("accelerators", mode="before")
+    @classmethod
+    def _any_of(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "H100:8" like SkyPilot's shorthand
+            name, _, count = v.partition(":")
+            return {name: count or 1}
+        return v
+
+    @field_validator("accelerators")
+    @classmethod
+    def _counts(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one accelerator, e.g. {H100: 8}, or null for CPU")
+            bad = [k for k, n in v.items() if n < 1]
+            if bad:
+                raise ValueError(f"count for {bad[0]} must be >= 1")
+        return v
+
+    def ranks_per_node(self) -> set[int]:
+        """Every possible ranks-per-node value (one per any-of choice)."""
+        if self.accelerators:
+            return set(self.accelerators.values())
+        return {self.procs_per_node or 1}
+
+
+class Dataset(_Strict):
+    name: str = "c4"  # TorchTitan registered dataset (--dataloader.dataset)
+    path: str | None = None  # --dataloader.dataset_path (local folder or hub id)
+
+
+class Tokenizer(_Strict):
+    hf_repo: str | None = None  # downloaded at setup (gated repos need HF_TOKEN in secrets)
+    path: str = "./assets/hf/tokenizer"  # --hf_assets_path on the node
+    tiny: bool = False  # build a tiny tokenizer + corpus at setup (llama3_debug, no hub)
+
+
+class Checkpoint(_Strict):
+    bucket: str  # s3://bucket[/prefix]; the run's checkpoints go to <bucket>/<name>
+    mode: Literal["MOUNT_CACHED", "MOUNT", "DIRECT"] = "MOUNT_CACHED"
+    mount_path: str = "/checkpoints"  # where the bucket is mounted on the node
+    interval: int = Field(500, ge=1)  # steps between saves
+    commit_wait_s: float = Field(600.0, ge=0)  # bounded wait for a cached mount to upload
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        m = _BUCKET_RE.match(v)
+        schemes = ", ".join(f"{s}://" for s in BUCKET_SCHEMES)
+        if not m or m["scheme"] not in BUCKET_SCHEMES:
+            raise ValueError(f"{v!r} is not a bucket URL; use {schemes}<bucket>[/prefix], e.g. s3://my-ckpts/runs")
+        if not _S3_BUCKET_NAME.match(m["bucket"]) or ".." in m["bucket"]:
+            raise ValueError(
+                f"{m['bucket']!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')"
+            )
+        return v.rstrip("/")
+
+    @field_validator("mount_path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} must be an absolute path on the node, e.g. /checkpoints")
+        return v.rstrip("/") or "/"
+
+
+class Recovery(_Strict):
+    strategy: Literal["FAILOVER", "EAGER_NEXT_REGION"] | None = None  # None: SkyPilot's default
+    max_restarts_on_errors: int = Field(3, ge=0)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Install(_Strict):
+    """What setup installs on the node; `pip: false` when the image already has it."""
+
+    pip: bool = True
+    torch: str = "2.13.0"
+    torchtitan: str = "0.3.0"
+    supervise: str = __version__  # a version, or a pip requirement / wheel URL / path
+    index_url: str | None = None  # e.g. https://download.pytorch.org/whl/cu128 for torch
+    extra: list[str] = []
+
+
+class JobSpec(_Strict):
+    name: str
+    model: Model
+    resources: Resources = Resources()
+    dataset: Dataset = Dataset()
+    tokenizer: Tokenizer = Tokenizer()
+    checkpoint: Checkpoint
+    recovery: Recovery = Recovery()
+    overrides: dict[str, Scalar | list[Scalar]] = {}  # TorchTitan --section.key value
+    secrets: list[str] = ["HF_TOKEN"]  # names only; values come from the launching env
+    envs: dict[str, str] = {}
+    install: Install = Install()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _JOB_NAME.match(v):
+            raise ValueError(f"{v!r}: use lowercase letters, digits and '-', starting with a letter (max 63)")
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if not _ENV_NAME.match(s)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name")
+        return list(dict.fromkeys(v))
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            bare = key.lstrip("-").replace("-", "_")
+            if key.startswith("-") or not re.match(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$", key):
+                raise ValueError(f"{key!r}: write TorchTitan keys as section.key without dashes, e.g. training.steps")
+            if bare in WRAPPER_OWNED:
+                raise ValueError(f"{key!r} is managed by supervise: {WRAPPER_OWNED[bare]}")
+        return v
+
+    @property
+    def checkpoints_url(self) -> str:
+        """The catalog URL: the bucket folder that holds this run's step-N folders."""
+        return f"{self.checkpoint.bucket}/{self.name}"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where TorchTitan writes on the node: the mount, or the bucket itself."""
+        if self.checkpoint.mode == "DIRECT":
+            return self.checkpoints_url
+        return f"{self.checkpoint.mount_path}/{self.name}"
+
+
+def validate(data: dict[str, Any]) -> JobSpec:
+    """Build a JobSpec from plain data, checking every rule; SuperviseError otherwise."""
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SuperviseError(_explain(err)) from None
+    _check_model(spec)
+    _check_parallelism(spec)
+    _check_secrets(spec)
+    return spec
+
+
+def _explain(err: ValidationError) -> str:
+    """One line per problem, each naming the field and the fix."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "recipe"
+        kind, msg = e["type"], e["msg"]
+        if kind == "extra_forbidden":
+            parent = ".".join(str(p) for p in e["loc"][:-1])
+            known = _known_fields(e["loc"][:-1])
+            where = f" in {parent}" if parent else ""
+            lines.append(f"unknown field {field!r}{where}; remove it or use one of: {', '.join(known)}")
+        elif kind == "missing":
+            lines.append(f"field {field!r} is required; add it to the recipe or pass --set {field}=...")
+        elif kind == "value_error":
+            lines.append(f"field {field!r}: {msg.removeprefix('Value error, ')}")
+        else:
+            got = e.get("input")
+            lines.append(f"field {field!r}: {msg.lower()} (got {got!r}); fix the value in the recipe or with --set")
+    return "; ".join(lines)
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        ann = model.model_fields[str(part)].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+@lru_cache(maxsize=None)
+def titan_configs(module: str) -> dict[str, dict[str, int]] | None:
+    """TorchTitan's config names for `module` -> parallelism degrees they set.
+
+    Read from the installed config_registry's source rather than imported:
+    importing it pulls torch and, on CPU machines, fails on missing triton.
+    None when TorchTitan has no such module.
+    """
+    path = _registry_file(module)
+    if path is None:
+        return None
+    tree = ast.parse(path.read_text())
+    configs: dict[str, dict[str, int]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and not node.args.args:
+            degrees = {
+                kw.arg: kw.value.value
+                for call in ast.walk(node)
+                if isinstance(call, ast.Call)
+                for kw in call.keywords
+                if kw.arg in PARALLEL_DEGREES and isinstance(kw.value, ast.Constant)
+            }
+            configs[node.name] = degrees
+    return configs
+
+
+def _registry_file(module: str) -> Path | None:
+    if not re.match(r"^[a-z0-9_]+$", module):
+        return None
+    for prefix in ("torchtitan.models", "torchtitan.experiments"):
+        try:
+            found = importlib.util.find_spec(f"{prefix}.{module}")
+        except (ImportError, ValueError):
+            continue
+        if found and found.submodule_search_locations:
+            candidate = Path(list(found.submodule_search_locations)[0]) / "config_registry.py"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _check_model(spec: JobSpec) -> None:
+    configs = titan_configs(spec.model.module)
+    if configs is None:
+        raise SuperviseError(
+            f"field 'model.module': TorchTitan has no module {spec.model.module!r}; use e.g. llama3"
+        )
+    if spec.model.config not in configs:
+        names = ", ".join(sorted(c for c in configs if c.startswith(spec.model.module))[:12])
+        raise SuperviseError(
+            f"field 'model.config': {spec.model.config!r} is not a TorchTitan {spec.model.module} config; "
+            f"choose one of: {names}"
+        )
+
+
+def parallelism(spec: JobSpec) -> dict[str, int]:
+    """Effective degrees: the TorchTitan config's own, then the recipe's overrides."""
+    degrees = dict((titan_configs(spec.model.module) or {}).get(spec.model.config, {}))
+    for key, value in spec.overrides.items():
+        section, _, leaf = key.partition(".")
+        if section == "parallelism" and leaf in PARALLEL_DEGREES:
+            try:
+                degrees[leaf] = int(value)
+            except (TypeError, ValueError):
+                raise SuperviseError(f"field 'overrides.{key}': {value!r} is not an integer") from None
+    return degrees
+
+
+def _check_parallelism(spec: JobSpec) -> None:
+    degrees = parallelism(spec)
+    fixed = math.prod(d for k, d in degrees.items() if d > 0 and k != "data_parallel_shard_degree")
+    shard = degrees.get("data_parallel_shard_degree", -1)
+    needed = fixed * (shard if shard > 0 else 1)
+    for per_node in sorted(spec.resources.ranks_per_node()):
+        world = spec.resources.num_nodes * per_node
+        ok = world == needed if shard > 0 else world % needed == 0
+        if not ok:
+            desc = " x ".join(f"{k.removesuffix('_degree')}={v}" for k, v in sorted(degrees.items()) if v > 1)
+            field = "resources.accelerators" if spec.resources.accelerators else "resources.procs_per_node"
+            raise SuperviseError(
+                f"field {field!r}: {spec.resources.num_nodes} node(s) x {per_node} = {world} ranks "
+                f"is not divisible by the parallelism ({desc or 'none'} = {needed}); "
+                f"change the accelerator count, resources.num_nodes, or the parallelism overrides"
+            )
+
+
+def _check_secrets(spec: JobSpec) -> None:
+    repo = spec.tokenizer.hf_repo or ""
+    if repo.startswith("meta-llama/") and "HF_TOKEN" not in spec.secrets:
+        raise SuperviseError(
+            f"field 'secrets': tokenizer.hf_repo {repo!r} is gated; add HF_TOKEN to secrets"
+        )
+
+
+def titan_args(spec: JobSpec) -> list[str]:
+    """TorchTitan arguments of the run (without what the node wrapper adds)."""
+    args = ["--module", spec.model.module, "--config", spec.model.config,
+            "--hf_assets_path", spec.tokenizer.path,
+            "--dataloader.dataset", spec.dataset.name]
+    if spec.dataset.path:
+        args += ["--dataloader.dataset_path", spec.dataset.path]
+    args += ["--checkpoint.interval", str(spec.checkpoint.interval)]
+    for key, value in spec.overrides.items():
+        args += _override_args(key, value)
+    return args
+
+
+def _override_args(key: str, value: Any) -> list[str]:
+    """TorchTitan (tyro) syntax: booleans are flags, lists are repeated values."""
+    flag = f"--{key}"
+    if value is True:
+        return [flag]
+    if value is False:
+        section, _, leaf = key.rpartition(".")
+        return [f"--{section + '.' if section else ''}no-{leaf}"]
+    if isinstance(value, list):
+        return [flag, *(str(v) for v in value)]
+    return [flag, str(value)]
+
+
+def node_argv(spec: JobSpec) -> list[str]:
+    """The command every node runs on every (re)start, as an argv list.
+
+    The catalog is always read through the bucket URL (`--checkpoints`). With a
+    mount, TorchTitan writes to the mount path (`--checkpoint-mount`) and the
+    wrapper waits up to `--commit-wait` seconds for the upload to land before
+    committing.
+    """
+    argv = ["supervise", "node", "--checkpoints", spec.checkpoints_url]
+    if spec.checkpoint.mode != "DIRECT":
+        argv += ["--checkpoint-mount", spec.checkpoint_dir,
+                 "--commit-wait", f"{spec.checkpoint.commit_wait_s:g}"]
+    if not spec.resources.accelerators and spec.resources.procs_per_node:
+        argv += ["--nproc-per-node", str(spec.resources.procs_per_node)]
+    return argv + ["--", *titan_args(spec)]
+
+
+def node_command(spec: JobSpec) -> str:
+    """`node_argv` as one shell line, every value quoted."""
+    return shlex.join(node_argv(spec))
