@@ -1,0 +1,170 @@
+"""The run ledger: an append-only event journal stored next to the checkpoints.
+
+Layout: `<ledger_url>/<incarnation>/<writer>.<token>.<segment>.jsonl`, one JSON
+event per line. Each Journal (one process, one writer, one incarnation) owns its
+objects alone — the random token keeps two processes that share a writer name
+apart — so writers never contend and no conditional append is needed. Every
+emit() rewrites the current segment object in full (an S3 PUT is atomic; local
+files are written to a temp file, fsynced and renamed), so an event that emit()
+returned for is stored even if the node dies right after. A segment is closed
+after `SEGMENT_EVENTS` events, which bounds the rewrite to a few hundred KB.
+
+emit() never raises on store trouble: the event stays in memory and goes out
+with the next successful write (a warning is logged). Readers tolerate a missing
+ledger and corrupt lines or objects, and say what they skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from supervisor.ledger.events import Event, parse_line
+
+log = logging.getLogger(__name__)
+
+SEGMENT_EVENTS = 1000
+_WRITE_ATTEMPTS = 3  # emit() is on the training path: a few quick tries, then keep in memory
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_KIND = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _filesystem(url: str):
+    """(fsspec filesystem, path) for a URL or a plain path; AWS_* env configures s3://."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url)
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Atomic, durable replace of a local file: a reader or a crash sees old or new, never half."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _safe(name: str) -> str:
+    return _SAFE.sub("_", name).strip("._") or "x"
+
+
+class Journal:
+    """Durable event writer for one (writer, incarnation); cheap to create, lazy to connect."""
+
+    def __init__(self, ledger_url: str, writer: str, incarnation: str | None = None):
+        self.ledger_url = ledger_url.rstrip("/")
+        self.writer = writer
+        self.incarnation = incarnation or os.environ.get("SUPERVISE_INCARNATION") or "0"
+        self._token = uuid.uuid4().hex[:8]
+        self._segment = 0
+        self._lines: list[str] = []  # current segment, everything emitted so far in it
+        self._stored = 0  # how many of _lines are known to be in the store
+        self._seq = 0
+        self._fs = None
+        self._host = socket.gethostname()
+
+    @property
+    def pending(self) -> int:
+        """Events emitted but not yet known to be stored."""
+        return len(self._lines) - self._stored
+
+    def _object_path(self, root: str) -> str:
+        name = f"{_safe(self.writer)}.{self._token}.{self._segment:05d}.jsonl"
+        return f"{root}/{_safe(self.incarnation)}/{name}"
+
+    def emit(self, kind: str, **fields: Any) -> Event:
+        """Record one event; returns it. Stored durably unless the store failed (then retried next emit)."""
+        if not _KIND.match(kind):
+            raise ValueError(f"event kind must be lower_snake_case, got {kind!r}")
+        now = time.time()
+        self._seq += 1
+        event = Event(kind=kind, t=now, time=datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                      writer=self.writer, incarnation=self.incarnation, mono=time.monotonic(), seq=self._seq,
+                      host=self._host, fields=fields)
+        self._lines.append(event.to_line())
+        self.flush()
+        return event
+
+    def flush(self) -> bool:
+        """Write the current segment; True when everything emitted is stored."""
+        if not self.pending:
+            return True
+        data = ("\n".join(self._lines) + "\n").encode()
+        error: Exception | None = None
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                if self._fs is None:
+                    self._fs, self._root = _filesystem(self.ledger_url)
+                path = self._object_path(self._root)
+                if _is_local(self._fs):
+                    _write_local(path, data)
+                else:
+                    self._fs.pipe_file(path, data)
+                break
+            except Exception as err:  # store trouble of any kind must not stop training
+                error = err
+                time.sleep(0.2 * (attempt + 1))
+        else:
+            log.warning("ledger: could not store %d event(s) at %s (%s); will retry on the next event",
+                        self.pending, self.ledger_url, error)
+            return False
+        self._stored = len(self._lines)
+        if self._stored >= SEGMENT_EVENTS:
+            self._segment += 1
+            self._lines, self._stored = [], 0
+        return True
+
+
+def read_events(ledger_url: str) -> tuple[list[Event], list[str]]:
+    """All events under `ledger_url`, sorted by time, and a list of what could not be read.
+
+    A missing ledger is not an error: it gives ([], ["no journal at ..."]).
+    """
+    problems: list[str] = []
+    try:
+        fs, root = _filesystem(ledger_url.rstrip("/"))
+        paths = sorted(p for p in fs.find(root) if p.endswith(".jsonl"))
+    except FileNotFoundError:
+        paths = []
+    except Exception as err:
+        return [], [f"cannot list the journal at {ledger_url}: {err}"]
+    if not paths:
+        return [], [f"no journal at {ledger_url}"]
+    events: list[Event] = []
+    for path in paths:
+        short = path[len(root.rstrip("/")) + 1:] if path.startswith(root) else path
+        try:
+            text = fs.cat_file(path).decode("utf-8", errors="replace")
+        except Exception as err:
+            problems.append(f"{short}: unreadable ({err})")
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                events.append(parse_line(line))
+            except ValueError as err:
+                problems.append(f"{short}:{number}: skipped corrupt event ({err})")
+    events.sort(key=lambda e: (e.t, e.writer, e.seq))
+    return events, problems
