@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supervisor import __version__
 from supervisor.errors import SuperviseError
+from supervisor.exitcodes import RECOVER_ON
 
 # Keys of TorchTitan's own config that the node wrapper sets on every start
 # (catalog decides what to load; retention is ours). A recipe setting them
@@ -34,6 +35,7 @@ WRAPPER_OWNED = {
     "checkpoint.load_step": "the node wrapper picks the newest committed step",
     "checkpoint.keep_latest_k": "retention is supervise's (supervise checkpoints prune)",
     "checkpoint.interval": "set checkpoint.interval instead",
+    "dump_folder": "checkpoints go to checkpoint.bucket",
     "job.dump_folder": "checkpoints go to checkpoint.bucket",
     "dataloader.dataset": "set dataset.name instead",
     "dataloader.dataset_path": "set dataset.path instead",
@@ -48,7 +50,10 @@ PARALLEL_DEGREES = (
     "pipeline_parallel_degree",
     "context_parallel_degree",
 )
-BUCKET_SCHEMES = ("s3", "gs", "r2")
+BUCKET_SCHEMES = ("s3", "gs", "r2", "nebius")
+# S3-compatible stores SkyPilot mounts under their own scheme; the catalog reads
+# them through the S3 API (AWS_ENDPOINT_URL + AWS_* credentials on the node).
+S3_COMPATIBLE = ("r2", "nebius")
 _BUCKET_RE = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<bucket>[^/]+)(?P<prefix>(/[^/]+)*)/?$")
 _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -151,6 +156,11 @@ class Recovery(_Strict):
     strategy: Literal["FAILOVER", "EAGER_NEXT_REGION"] | None = None  # None: SkyPilot's default
     max_restarts_on_errors: int = Field(3, ge=0)
 
+    @property
+    def recover_on_exit_codes(self) -> list[int]:
+        """The node wrapper's retry codes; never USER_ERROR (a bad config must not loop)."""
+        return [int(c) for c in RECOVER_ON]
+
     @field_validator("strategy", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
@@ -208,9 +218,27 @@ class JobSpec(_Strict):
         return v
 
     @property
+    def num_nodes(self) -> int:
+        return self.resources.num_nodes
+
+    @property
+    def gpus_per_node(self) -> int:
+        """Ranks per node: the smallest any-of accelerator count, or procs_per_node on CPU."""
+        return min(self.resources.ranks_per_node())
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.envs)
+
+    @property
     def checkpoints_url(self) -> str:
-        """The catalog URL: the bucket folder that holds this run's step-N folders."""
-        return f"{self.checkpoint.bucket}/{self.name}"
+        """The catalog URL: the bucket folder that holds this run's step-N folders.
+
+        Always an fsspec URL (r2:// and nebius:// are read as s3:// through the endpoint).
+        """
+        scheme, rest = self.checkpoint.bucket.split("://", 1)
+        scheme = "s3" if scheme in S3_COMPATIBLE else scheme
+        return f"{scheme}://{rest}/{self.name}"
 
     @property
     def checkpoint_dir(self) -> str:
