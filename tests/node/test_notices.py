@@ -1,0 +1,56 @@
+"""Preemption notices from a file and from loopback fakes of each cloud's metadata service."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from supervisor.node.notices import NoticeWatcher, detect, parse_aws, parse_azure, parse_gcp, parse_notice_file
+from tests.node.fake_metadata import FakeMetadata, urls_for
+
+
+def test_parsers():
+    now = 1000.0
+    assert parse_aws(404, "", now) is None
+    assert parse_aws(200, json.dumps({"action": "terminate", "time": "2017-09-18T08:22:00Z"}), now).deadline == 1505722920.0
+    assert parse_gcp(200, "FALSE", now) is None
+    assert parse_gcp(200, "TRUE", now).deadline == now + 30
+    assert parse_azure(200, json.dumps({"Events": [{"EventType": "Reboot"}]}), now) is None
+    ev = {"Events": [{"EventType": "Preempt", "NotBefore": "Mon, 19 Sep 2016 18:29:47 GMT"}]}
+    assert parse_azure(200, json.dumps(ev), now).deadline == 1474309787.0
+    assert parse_notice_file("", now).deadline is None
+    assert parse_notice_file('{"deadline_s": 5}', now).deadline == now + 5
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_each_cloud_is_detected_and_its_notice_delivered(cloud):
+    got: list = []
+    done = threading.Event()
+    with FakeMetadata(cloud) as fake:
+        watcher = NoticeWatcher(lambda n: (got.append(n), done.set()), urls=urls_for(fake), poll_s=0.05)
+        watcher.start()
+        time.sleep(0.3)
+        assert not got and watcher.poller is not None and watcher.poller.cloud == cloud
+        fake.preempt(in_s=30)  # GCP states no time; its documented notice is 30 s
+        assert done.wait(10)
+        watcher.stop()
+    assert got[0].source == cloud
+    assert abs(got[0].deadline - fake.deadline) < 1.5  # AWS/Azure carry whole seconds; GCP 30 s is close
+
+
+def test_no_metadata_server_is_quiet_and_the_file_still_works(tmp_path, caplog):
+    got: list = []
+    notice_file = tmp_path / "preempt"
+    assert detect(urls_for(None), timeout=0.2) is None
+    watcher = NoticeWatcher(got.append, notice_file=notice_file, urls=urls_for(None), poll_s=0.05)
+    watcher.start()
+    notice_file.write_text('{"deadline_s": 60}')
+    for _ in range(100):
+        if got:
+            break
+        time.sleep(0.05)
+    watcher.stop()
+    assert got and got[0].source == "file" and got[0].deadline is not None
+    assert not notice_file.exists()  # consumed, so the restart does not stop at once
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
