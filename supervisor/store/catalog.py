@@ -1,0 +1,337 @@
+"""The verified checkpoint catalog: commit, list, latest-with-fallback, verify, quarantine, prune.
+
+A checkpoint is resumable only when it provably is: `step-N/_COMMIT.json` was
+created (conditionally: one writer wins) after every file `.metadata` names was
+seen through the store API with its full size, and it still matches. See
+DESIGN.md, "The checkpoint commit protocol"; the pure rules live in manifest.py.
+
+The `LATEST` pointer is written *before* each commit marker and only ever
+raised, so a committed step is never above it: when the pointer's step
+verifies, `latest` is done in O(1) requests; otherwise it scans.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import pickle
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from supervisor.store import manifest as mf
+from supervisor.store.errors import (  # re-exported: the catalog's error vocabulary
+    AlreadyCommitted,
+    CheckpointInvalid,
+    IncompleteCheckpoint,
+    StoreInputError,
+    StoreUnreachable,
+)
+from supervisor.store.fs import Store
+
+__all__ = [
+    "Catalog", "StepInfo", "Latest", "PruneResult",
+    "AlreadyCommitted", "CheckpointInvalid", "IncompleteCheckpoint", "StoreInputError", "StoreUnreachable",
+]  # fmt: skip
+
+log = logging.getLogger("supervisor.store")
+
+
+@dataclass
+class StepInfo:
+    step: int
+    path: str
+    state: str
+    reason: str = ""
+    manifest: dict | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.state in (mf.COMMITTED, mf.LEGACY)
+
+    def to_json(self) -> dict:
+        out = {"step": self.step, "path": self.path, "state": self.state, "reason": self.reason}
+        if self.manifest:
+            out["committed_at"] = self.manifest.get("created")
+            out["bytes"] = sum(int(o["size"]) for o in self.manifest["objects"].values())
+        return out
+
+
+@dataclass
+class Latest:
+    step: int | None
+    path: str | None = None
+    state: str | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        skipped = "; ".join(f"step {s} {r}" for s, r in self.skipped)
+        head = f"resuming from step {self.step}" if self.step is not None else "no valid checkpoint"
+        if self.state == mf.LEGACY:
+            head += " (legacy: no commit manifest, structurally complete)"
+        return f"{head}; {skipped}" if skipped else head
+
+    def to_json(self) -> dict:
+        if self.step is None:
+            return {"step": None, "skipped": [{"step": s, "reason": r} for s, r in self.skipped]}
+        return {"step": self.step, "path": self.path, "state": self.state,
+                "skipped": [{"step": s, "reason": r} for s, r in self.skipped]}  # fmt: skip
+
+
+@dataclass
+class PruneResult:
+    anchor: int | None
+    delete: list[int]
+    reason: str
+    dry_run: bool
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("torch", "torchtitan", "supervise"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _load_metadata(data: bytes):
+    """DCP `.metadata` is a pickled `torch.distributed.checkpoint.Metadata` (as FileSystemReader reads it)."""
+    import torch.distributed.checkpoint  # noqa: F401  (classes the pickle refers to)
+
+    try:
+        metadata = pickle.loads(data)
+    except Exception as err:
+        raise ValueError(f"unreadable {mf.METADATA} ({type(err).__name__})") from err
+    if getattr(metadata, "storage_data", None) is None:
+        raise ValueError(f"{mf.METADATA} has no storage_data (not a file-system DCP save)")
+    return metadata
+
+
+class Catalog:
+    """The `step-N` folders under one URL (e.g. `s3://bucket/run1/checkpoint`)."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        self.store = Store(self.url)
+
+    # -- discovery ------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Step numbers of folders named exactly `step-<int>` (anything else is ignored)."""
+        listing = self.store.listdir()
+        if not listing:
+            self.store.check_container()
+        return sorted(
+            s for name, e in listing.items() if (s := mf.parse_step(name)) is not None and e.get("type") == "directory"
+        )
+
+    def path(self, step: int) -> str:
+        return self.store.url_of(mf.step_dir(step))
+
+    def _pointer(self) -> int | None:
+        try:
+            data = json.loads(self.store.cat(mf.POINTER))
+            return int(data["step"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable %s pointer in %s", mf.POINTER, self.url)
+            return None
+
+    def _raise_pointer(self, step: int) -> None:
+        current = self._pointer()
+        if current is None or current < step:
+            self.store.put(json.dumps({"step": step, "updated": _now()}).encode(), mf.POINTER)
+
+    # -- inspection -----------------------------------------------------------
+    def inspect(self, step: int, deep: bool = False) -> StepInfo:
+        """The state of one step folder, with a one-line reason when it is not usable."""
+        d = mf.step_dir(step)
+        listing = self.store.listdir(d)
+        info = StepInfo(step, self.path(step), mf.INCOMPLETE)
+        if not listing:
+            info.reason = "empty or missing folder"
+            return info
+        if mf.QUARANTINE in listing:
+            info.state, info.reason = mf.QUARANTINED, self._quarantine_reason(step)
+            return info
+        if mf.COMMIT in listing:
+            try:
+                info.manifest = mf.parse_manifest(self.store.cat(d, mf.COMMIT), step)
+            except ValueError as err:
+                info.state, info.reason = mf.CORRUPT, str(err)
+                return info
+            problems = mf.manifest_problems(info.manifest, listing)
+            if not problems and deep:
+                problems = self._deep_problems(d, info.manifest["objects"])
+            info.state = mf.CORRUPT if problems else mf.COMMITTED
+            info.reason = "; ".join(problems)
+            return info
+        problems = self._structural(d, listing)
+        if not problems and deep:
+            records = {n: {"size": int(e.get("size") or 0), **({"etag": mf.etag_of(e)} if mf.etag_of(e) else {})}
+                       for n, e in mf.checkpoint_files(listing).items()}  # fmt: skip
+            problems = self._deep_problems(d, records)
+        info.state = mf.INCOMPLETE if problems else mf.LEGACY
+        info.reason = "; ".join(problems) or "no commit manifest"
+        return info
+
+    def _structural(self, d: str, listing: dict) -> list[str]:
+        if mf.METADATA not in listing:
+            return [f"{mf.METADATA} missing"]
+        try:
+            metadata = _load_metadata(self.store.cat(d, mf.METADATA))
+        except ValueError as err:
+            return [str(err)]
+        return mf.structural_problems(mf.required_sizes(metadata), listing)
+
+    def _deep_problems(self, d: str, records: dict[str, dict]) -> list[str]:
+        problems = []
+        for name, record in sorted(records.items()):
+            check = mf.ContentCheck(name, record)
+            try:
+                for chunk in self.store.iter_bytes(d, name):
+                    check.update(chunk)
+            except FileNotFoundError:
+                problems.append(f"{name} missing")
+                continue
+            problems += check.problems()
+        return problems
+
+    def _quarantine_reason(self, step: int) -> str:
+        try:
+            return json.loads(self.store.cat(mf.step_dir(step), mf.QUARANTINE)).get("reason", "quarantined")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return "quarantined"
+
+    def list(self) -> list[StepInfo]:
+        steps = self.steps()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(self.inspect, steps))
+
+    def verify(self, step: int, deep: bool = False) -> StepInfo:
+        return self.inspect(step, deep=deep)
+
+    # -- commit ---------------------------------------------------------------
+    def commit(self, step: int, *, world_size: int | None = None, writer: str | None = None, wait_s: float = 0.0) -> dict:
+        """Write `step-N/_COMMIT.json` once every file `.metadata` names is complete.
+
+        `wait_s` bounds a poll for objects that are not visible yet (a cached
+        mount uploads after `save` returns). Raises IncompleteCheckpoint with
+        the reason, or AlreadyCommitted if another writer won.
+        """
+        d = mf.step_dir(step)
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            listing = self.store.listdir(d)
+            if mf.COMMIT in listing:
+                raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)})")
+            if mf.QUARANTINE in listing:
+                raise CheckpointInvalid(f"step {step} is quarantined: {self._quarantine_reason(step)}")
+            problems = self._structural(d, listing) if listing else ["folder missing"]
+            if not problems or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if problems:
+            raise IncompleteCheckpoint(f"step {step} is incomplete, not committed: {'; '.join(problems)}")
+        files = mf.checkpoint_files(listing)
+        md5s = None if self.store.remote else {n: _local_md5(self.store.path(d, n)) for n in files}
+        manifest = mf.build_manifest(
+            step, listing,
+            world_size=world_size or mf.infer_world_size(files),
+            writer=writer or f"{socket.gethostname()}:{os.getpid()}",
+            versions=_versions(), created=_now(), md5s=md5s,
+        )  # fmt: skip
+        self._raise_pointer(step)  # before the marker: no committed step is ever above the pointer
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        if not self.store.create_exclusive(data, d, mf.COMMIT):
+            raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)}): another writer won")
+        log.info("committed step %d (%d objects) at %s", step, len(manifest["objects"]), self.path(step))
+        return manifest
+
+    # -- latest ---------------------------------------------------------------
+    def latest(self, deep: bool = False) -> Latest:
+        """The highest step that verifies; failing committed steps are quarantined and skipped.
+
+        With a `LATEST` pointer (a supervised run) only committed steps count;
+        without one (plain TorchTitan output) structurally complete legacy
+        saves are accepted too.
+        """
+        pointer = self._pointer()
+        skipped: list[tuple[int, str]] = []
+        seen = set()
+        if pointer is not None:
+            info = self._consider(pointer, deep, skipped, supervised=True)
+            if info is not None:
+                return Latest(info.step, info.path, info.state, skipped)
+            seen.add(pointer)
+        for step in reversed(self.steps()):
+            if step in seen:
+                continue
+            info = self._consider(step, deep, skipped, supervised=pointer is not None)
+            if info is not None:
+                return Latest(info.step, info.path, info.state, skipped)
+        return Latest(None, skipped=skipped)
+
+    def _consider(self, step: int, deep: bool, skipped: list, *, supervised: bool) -> StepInfo | None:
+        info = self.inspect(step, deep=deep)
+        if info.state == mf.COMMITTED or (info.state == mf.LEGACY and not supervised):
+            return info
+        if info.state == mf.CORRUPT:
+            self.quarantine(step, info.reason)
+            skipped.append((step, f"quarantined: {info.reason}"))
+        elif info.state == mf.LEGACY:
+            skipped.append((step, "not committed (this run commits its checkpoints)"))
+        else:
+            skipped.append((step, f"{info.state}: {info.reason}"))
+        return None
+
+    def quarantine(self, step: int, reason: str) -> None:
+        """Mark a step unusable (a marker object next to it); nothing is deleted."""
+        body = json.dumps({"step": step, "reason": reason, "time": _now(), "by": socket.gethostname()}).encode()
+        self.store.put(body, mf.step_dir(step), mf.QUARANTINE)
+        log.warning("quarantined step %d: %s", step, reason)
+
+    # -- retention ------------------------------------------------------------
+    def prune(self, keep: int, pinned=(), dry_run: bool = True) -> PruneResult:
+        """Delete old committed checkpoints beyond the newest `keep` (see manifest.prune_plan)."""
+        infos = {i.step: i for i in self.list()}
+        retainable = (mf.COMMITTED,) if self._pointer() is not None else (mf.COMMITTED, mf.LEGACY)
+        anchor, delete, reason = mf.prune_plan({s: i.state for s, i in infos.items()}, keep, pinned, retainable=retainable)
+        if anchor is not None and not dry_run:
+            # The anchor was verified by list() just now; re-check before deleting anything older.
+            fresh = self.inspect(anchor)
+            if not fresh.ok:
+                return PruneResult(None, [], f"newest checkpoint step {anchor} no longer verifies: nothing deleted", dry_run)
+            for step in delete:
+                self._delete_step(step)
+        return PruneResult(anchor, delete, reason, dry_run)
+
+    def _delete_step(self, step: int) -> None:
+        """Marker first, so a crash mid-delete leaves an *uncommitted* folder, never a torn committed one."""
+        d = mf.step_dir(step)
+        listing = self.store.listdir(d)
+        first = [n for n in (mf.COMMIT, mf.METADATA) if n in listing]
+        rest = [n for n, e in listing.items() if n not in first and e.get("type") != "directory"]
+        self.store.rm([self.store.path(d, n) for n in first + rest])
+        self.store.rmdir_if_empty(d)
+        log.info("pruned step %d", step)
+
+
+def _local_md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,188 @@
+"""The catalog's only door to storage: fsspec + one retry policy + clear errors.
+
+`s3://`, `file://` and plain paths work alike. The S3 endpoint and credentials
+come from the standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+...), which botocore reads by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+from typing import Callable, Iterator
+
+from supervisor.store import retry
+from supervisor.store.errors import StoreInputError, StoreUnreachable
+
+CHUNK = 8 * 2**20
+
+
+def _options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        # Own instance (no shared cache, listings always fresh), and the retry
+        # policy in retry.py is the only one: botocore and s3fs retries off.
+        return {
+            "skip_instance_cache": True,
+            "use_listings_cache": False,
+            "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
+        }
+    return {}
+
+
+class Store:
+    """A folder in an object store or file system, seen through fsspec."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        url = str(url)
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **_options(protocol))
+        except (ValueError, ImportError) as err:
+            raise StoreInputError(f"cannot open {url!r}: {err}") from err
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = 1
+        self.url = url.rstrip("/")
+        self.root = root.rstrip("/") or root
+        self.remote = protocol not in ("file", "local")
+
+    # -- paths --------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    # -- calls (all retried, all errors translated) -------------------------------
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        try:
+            return retry.call(fn, *args, **kwargs)
+        except Exception as err:
+            raise self._translate(what, err) from err
+
+    def _translate(self, what: str, err: Exception) -> Exception:
+        if isinstance(err, FileNotFoundError):
+            return err  # callers decide what "missing" means
+        if retry.is_transient(err):
+            return StoreUnreachable(
+                f"{what} {self.url}: store unreachable after retrying {retry.deadline_s():.0f}s "
+                f"({type(err).__name__}: {_one_line(err)}); check AWS_ENDPOINT_URL and the network"
+            )
+        if isinstance(err, PermissionError):
+            return StoreInputError(
+                f"{what} {self.url}: access denied ({_one_line(err)}); check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or your profile) and the bucket policy"
+            )
+        if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return StoreInputError(f"{what} {self.url}: no credentials ({err}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        if isinstance(err, (OSError, ValueError)) or type(err).__module__.startswith("botocore"):
+            return StoreInputError(f"{what} {self.url}: {type(err).__name__}: {_one_line(err)}")
+        return err
+
+    def listdir(self, *parts: str) -> dict[str, dict]:
+        """Basename -> entry (type, size, ETag where the store has one). Missing folder -> {}."""
+        path = self.path(*parts)
+        try:
+            entries = self._call("list", self.fs.ls, path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for entry in entries:
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if entry["name"].rstrip("/") == path.rstrip("/") and entry.get("type") != "directory":
+                raise StoreInputError(f"{self.url_of(*parts)} is a file, not a folder of step-N checkpoints")
+            out[name] = entry
+        return out
+
+    def cat(self, *parts: str) -> bytes:
+        return self._call("read", self.fs.cat_file, self.path(*parts))
+
+    def put(self, data: bytes, *parts: str) -> None:
+        self._call("write", self.fs.pipe_file, self.path(*parts), data)
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Create an object only if it does not exist; False if it already did.
+
+        S3: a conditional PUT (`If-None-Match: *`). Local: write a temp file and
+        hard-link it into place (atomic, fails if the name exists, never half-written).
+        """
+        path = self.path(*parts)
+        if not self.remote:
+            return _local_create_exclusive(path, data)
+        if self.fs.protocol[0] not in ("s3", "s3a") and "s3" not in self.fs.protocol:
+            raise StoreInputError(f"{self.url}: conditional create is only implemented for s3:// and local paths")
+        try:
+            self._call("commit", self.fs.pipe_file, path, data, IfNoneMatch="*")
+            return True
+        except StoreInputError as err:
+            cause = err.__cause__
+            if isinstance(cause, FileExistsError) or (
+                isinstance(cause, OSError) and cause.errno == errno.EINVAL and "pre-condition" in str(cause)
+            ):
+                return False
+            raise
+
+    def rm(self, paths: list[str]) -> None:
+        for p in paths:
+            try:
+                self._call("delete", self.fs.rm_file, p)
+            except FileNotFoundError:
+                pass
+
+    def rmdir_if_empty(self, *parts: str) -> None:
+        if not self.remote:
+            try:
+                os.rmdir(self.path(*parts))
+            except OSError:
+                pass
+
+    def check_container(self) -> None:
+        """A missing bucket / a root that is a file is an input error, not an empty catalog."""
+        if not self.remote:
+            if os.path.isfile(self.root):
+                raise StoreInputError(f"{self.url} is a file, not a folder of step-N checkpoints")
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self._call("open", self.fs.ls, bucket)
+        except FileNotFoundError as err:
+            raise StoreInputError(f"bucket {bucket!r} does not exist ({self.url})") from err
+        except StoreInputError as err:
+            if "NoSuchBucket" in str(err) or "does not exist" in str(err):
+                raise StoreInputError(f"bucket {bucket!r} does not exist ({self.url})") from err
+            raise
+
+    def iter_bytes(self, *parts: str) -> Iterator[bytes]:
+        """Stream an object in chunks (for deep verification); each chunk read retried."""
+        path = self.path(*parts)
+        size = self._call("stat", self.fs.size, path)
+        offset = 0
+        while offset < size:
+            chunk = self._call("read", self.fs.cat_file, path, start=offset, end=min(size, offset + CHUNK))
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
+
+
+def _local_create_exclusive(path: str, data: bytes) -> bool:
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

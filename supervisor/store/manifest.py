@@ -1,0 +1,228 @@
+"""Pure logic of the commit protocol: names, manifests, checks, retention.
+
+No I/O here: every function takes listings / parsed objects and returns data,
+so the rules that decide what is safe to resume from are tested without a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+STEP_RE = re.compile(r"^step-(\d+)$")  # exactly; TorchTitan's r"step-(\d+)" also matches bad-step-12
+METADATA = ".metadata"
+COMMIT = "_COMMIT.json"
+QUARANTINE = "_QUARANTINE.json"
+POINTER = "LATEST"
+FORMAT = "supervise.commit/1"
+
+COMMITTED, LEGACY, INCOMPLETE, CORRUPT, QUARANTINED = "committed", "legacy", "incomplete", "corrupt", "quarantined"
+
+
+def parse_step(name: str) -> int | None:
+    m = STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step}"
+
+
+def _label(name: str) -> str:
+    return f"shard {name}" if name.endswith(".distcp") else name
+
+
+def required_sizes(metadata) -> dict[str, int]:
+    """File -> minimum size implied by a DCP `Metadata` (max offset+length of its entries)."""
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), end)
+    return sizes
+
+
+def structural_problems(required: dict[str, int], listing: dict[str, dict]) -> list[str]:
+    """What keeps a DCP save from being loadable: a named file missing or too short."""
+    problems = []
+    for name, need in sorted(required.items()):
+        entry = listing.get(name)
+        if entry is None:
+            problems.append(f"{_label(name)} missing")
+        elif int(entry.get("size") or 0) < need:
+            problems.append(f"{_label(name)} truncated ({entry.get('size')} of {need} bytes)")
+    return problems
+
+
+def etag_of(entry: dict) -> str | None:
+    tag = entry.get("ETag") or entry.get("etag")
+    return tag.strip('"') if tag else None
+
+
+def checkpoint_files(listing: dict[str, dict]) -> dict[str, dict]:
+    """The objects a manifest covers: every file of the step folder but our own markers/temp files."""
+    return {
+        name: entry
+        for name, entry in listing.items()
+        if entry.get("type") != "directory"
+        and name not in (COMMIT, QUARANTINE)
+        and not (name.startswith(f".{COMMIT}.") and name.endswith(".tmp"))
+    }
+
+
+def build_manifest(
+    step: int,
+    listing: dict[str, dict],
+    *,
+    world_size: int | None,
+    writer: str | None,
+    versions: dict[str, str],
+    created: str,
+    md5s: dict[str, str] | None = None,
+) -> dict:
+    objects = {}
+    for name, entry in sorted(checkpoint_files(listing).items()):
+        record = {"size": int(entry.get("size") or 0)}
+        if etag_of(entry):
+            record["etag"] = etag_of(entry)
+        if md5s and name in md5s:
+            record["md5"] = md5s[name]
+        objects[name] = record
+    return {
+        "format": FORMAT,
+        "step": step,
+        "world_size": world_size,
+        "writer": writer,
+        "created": created,
+        "versions": versions,
+        "objects": objects,
+    }
+
+
+def infer_world_size(names) -> int | None:
+    ranks = [int(m.group(1)) for n in names if (m := re.match(r"^__(\d+)_\d+\.distcp$", n))]
+    return max(ranks) + 1 if ranks else None
+
+
+def parse_manifest(data: bytes, step: int) -> dict:
+    """Raises ValueError with a one-line reason if the manifest cannot be trusted."""
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"unreadable {COMMIT} ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"unknown {COMMIT} format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
+    if manifest.get("step") != step:
+        raise ValueError(f"{COMMIT} names step {manifest.get('step')}, folder is step {step}")
+    if not isinstance(manifest.get("objects"), dict) or METADATA not in manifest["objects"]:
+        raise ValueError(f"{COMMIT} lists no {METADATA}")
+    return manifest
+
+
+def manifest_problems(manifest: dict, listing: dict[str, dict]) -> list[str]:
+    """Shallow verification: every object still there with the recorded size and ETag."""
+    problems = []
+    for name, record in sorted(manifest["objects"].items()):
+        entry = listing.get(name)
+        if entry is None:
+            problems.append(f"{_label(name)} missing")
+            continue
+        size, want = int(entry.get("size") or 0), int(record["size"])
+        if size < want:
+            problems.append(f"{_label(name)} truncated ({size} of {want} bytes)")
+        elif size != want:
+            problems.append(f"{_label(name)} size changed ({size}, committed {want} bytes)")
+        elif record.get("etag") and etag_of(entry) and etag_of(entry) != record["etag"]:
+            problems.append(f"{_label(name)} changed since commit (ETag {etag_of(entry)}, committed {record['etag']})")
+    return problems
+
+
+_PART_SIZES_MIB = (5, 8, 10, 16, 25, 32, 50, 64, 100, 128, 256, 512, 1024)
+
+
+@dataclass
+class ContentCheck:
+    """Deep verification of one object: re-hash its bytes and compare with the record.
+
+    Compares with the manifest's md5 when present, else with the ETag: a plain
+    MD5 for single-part uploads, or an S3 multipart ETag ("<md5 of part md5s>-N")
+    recomputed for each common part size that gives N parts.
+    """
+
+    name: str
+    record: dict
+    _md5: "hashlib._Hash" = field(default_factory=hashlib.md5)
+    _seen: int = 0
+    _parts: dict = field(default_factory=dict)  # part size -> [current hasher, bytes in part, digests]
+
+    def __post_init__(self):
+        etag = self.record.get("etag") or ""
+        if "-" in etag and not self.record.get("md5"):
+            n = int(etag.rsplit("-", 1)[1])
+            size = int(self.record["size"])
+            for mib in _PART_SIZES_MIB:
+                ps = mib * 2**20
+                if math.ceil(size / ps) == n:
+                    self._parts[ps] = [hashlib.md5(), 0, []]
+
+    def update(self, chunk: bytes) -> None:
+        self._seen += len(chunk)
+        self._md5.update(chunk)
+        for ps, state in self._parts.items():
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), ps - state[1])
+                state[0].update(view[:take])
+                state[1] += take
+                view = view[take:]
+                if state[1] == ps:
+                    state[2].append(state[0].digest())
+                    state[0], state[1] = hashlib.md5(), 0
+
+    def problems(self) -> list[str]:
+        want = int(self.record["size"])
+        if self._seen != want:
+            return [f"{_label(self.name)} read {self._seen} of {want} bytes"]
+        digest = self._md5.hexdigest()
+        if self.record.get("md5"):
+            ok = digest == self.record["md5"]
+        else:
+            etag = self.record.get("etag") or ""
+            if not etag:
+                return []  # nothing recorded to compare with: length checked only
+            if "-" not in etag:
+                ok = digest == etag
+            else:
+                ok = any(self._multipart(state) == etag for state in self._parts.values())
+                if not self._parts:
+                    return []  # unknown part size: length checked only
+        return [] if ok else [f"{_label(self.name)} content differs from commit (hash mismatch)"]
+
+    @staticmethod
+    def _multipart(state) -> str:
+        digests = list(state[2]) + ([state[0].digest()] if state[1] else [])
+        return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def prune_plan(states: dict[int, str], keep: int, pinned=(), *, retainable=(COMMITTED,)) -> tuple[int | None, list[int], str]:
+    """(anchor, steps to delete, reason). Deletes only retainable steps older than the anchor.
+
+    The anchor is the newest checkpoint that carries a commit (or, for plain
+    TorchTitan output, the newest legacy save); if it does not verify, nothing
+    is deleted. The newest `max(keep, 1)` retainable steps, the anchor and
+    pinned steps are always kept; incomplete/corrupt/quarantined folders are
+    never deleted (they are evidence, or a save in progress).
+    """
+    candidates = {COMMITTED, CORRUPT, QUARANTINED} | set(retainable)
+    marked = sorted((s for s, st in states.items() if st in candidates), reverse=True)
+    if not marked:
+        return None, [], "no committed checkpoint: nothing to prune"
+    anchor = marked[0]
+    if states[anchor] not in retainable:
+        return None, [], f"newest checkpoint step {anchor} is {states[anchor]}: nothing deleted"
+    good = sorted((s for s, st in states.items() if st in retainable), reverse=True)
+    kept = set(good[: max(keep, 1)]) | {anchor} | {int(p) for p in pinned}
+    delete = sorted(s for s in good if s not in kept and s < anchor)
+    return anchor, delete, f"keeping {len(good) - len(delete)} of {len(good)} checkpoints (newest: step {anchor})"

@@ -1,0 +1,80 @@
+"""The one retry policy for every object-store call.
+
+s3fs and botocore each retry on their own; the catalog turns both off (see
+`fs.open_store`) so that this policy is the only one: exponential backoff with
+jitter on throttling, 5xx, timeouts and connection resets, never on auth or
+validation errors, bounded in total time, every attempt logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+import tenacity
+
+log = logging.getLogger("supervisor.store")
+
+_TRANSIENT_ERRNO = {
+    errno.EBUSY,  # s3fs: 503 SlowDown / ServiceUnavailable, 409
+    errno.EREMOTEIO,  # s3fs: 500 InternalError
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
+_TRANSIENT_WORDS = ("slowdown", "throttl", "reduce your request rate", "requesttimeout", "internalerror",
+                    "service unavailable", "serviceunavailable", "bad gateway", "gateway timeout")  # fmt: skip
+
+
+def deadline_s() -> float:
+    """Total time one call may spend retrying (env SUPERVISE_STORE_RETRY_S, default 60)."""
+    return float(os.environ.get("SUPERVISE_STORE_RETRY_S", "60"))
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors that a later attempt can fix; False for auth/validation/not-found."""
+    if isinstance(err, (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError, socket.timeout)):
+        return True
+    name = type(err).__name__
+    module = type(err).__module__ or ""
+    if module.startswith(("botocore", "aiohttp", "aiobotocore", "urllib3", "http.client")) and name not in (
+        "ClientError", "NoCredentialsError", "PartialCredentialsError", "ParamValidationError",
+    ):  # fmt: skip
+        # connection closed/refused, read/connect timeouts, payload errors, parser errors
+        return True
+    if name in ("FSTimeoutError", "IncompleteRead"):
+        return True
+    if isinstance(err, OSError):
+        if err.errno in _TRANSIENT_ERRNO:
+            return True
+        text = str(err).lower()
+        return err.errno in (errno.EIO, None) and any(w in text for w in _TRANSIENT_WORDS)
+    return False
+
+
+def _log_attempt(state: tenacity.RetryCallState) -> None:
+    err = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "store call %s failed (attempt %d, %.1fs so far): %s: %s; retrying",
+        getattr(state.fn, "__name__", "?"), state.attempt_number, state.seconds_since_start,
+        type(err).__name__, err,
+    )  # fmt: skip
+
+
+def call(fn, *args, **kwargs):
+    """Run one store call under the policy; the last error is re-raised as is."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        stop=tenacity.stop_after_delay(deadline_s()),
+        before_sleep=_log_attempt,
+        reraise=True,
+    )
+    return retrying(fn, *args, **kwargs)
