@@ -1,0 +1,162 @@
+"""Chaos for the local backend: what to break, when, and how.
+
+Planning is pure (a seed and a few numbers in, a list of `ChaosEvent` out) so
+the same seed always gives the same plan and tests need no processes. The
+actions at the bottom do the breaking; the local controller calls them when
+the training step it reads from the heartbeats reaches an event's step.
+
+Kinds:
+    notice   preempt a node with notice (SIGTERM to its node wrapper, which
+             tells the trainer to save at the next step and exit 75)
+    kill     preempt a node without notice (SIGKILL its whole process tree at
+             once, torchrun workers in their own sessions included)
+    stall    SIGSTOP one worker of a node (the wrapper's hang watchdog must notice)
+    corrupt  truncate a shard of the newest committed checkpoint; runs while the
+             nodes are down between two incarnations, so the next start must
+             quarantine it and fall back (a corruption nobody reads is no test)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+from dataclasses import asdict, dataclass
+
+KINDS = ("notice", "kill", "stall", "corrupt")
+LIVE_KINDS = ("notice", "kill", "stall")  # fired while the nodes run
+
+
+@dataclass(frozen=True)
+class ChaosEvent:
+    kind: str
+    at_step: int  # fires once the job's training step reaches this
+    node: int = 0
+    deadline_s: float | None = None  # notice only: seconds the "cloud" grants
+
+    def describe(self) -> str:
+        what = {
+            "notice": "preempt with notice",
+            "kill": "preempt without notice (SIGKILL)",
+            "stall": "stall a rank (SIGSTOP)",
+            "corrupt": "corrupt newest checkpoint",
+        }[self.kind]
+        where = "" if self.kind == "corrupt" else f" node {self.node}"
+        return f"{what}{where} at step {self.at_step}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_EVENT_RE = re.compile(r"^(?P<kind>[a-z]+)@(?P<step>\d+)(?::node(?P<node>\d+))?$")
+
+
+def parse_event(text: str) -> ChaosEvent:
+    """`kind@step[:nodeN]`, e.g. `notice@5:node1`, `kill@9`, `corrupt@9`."""
+    m = _EVENT_RE.match(text.strip())
+    if not m or m["kind"] not in KINDS:
+        from supervisor.errors import SuperviseError
+
+        raise SuperviseError(f"bad chaos event {text!r}: expected KIND@STEP[:nodeN] with KIND in {', '.join(KINDS)}")
+    return ChaosEvent(m["kind"], int(m["step"]), int(m["node"] or 0))
+
+
+def demo_plan(*, steps: int, interval: int, num_nodes: int, seed: int) -> list[ChaosEvent]:
+    """One preemption with notice, then one without notice whose restart finds the
+    newest checkpoint corrupt. The seed picks the steps and the nodes.
+
+    The kill lands mid-interval after at least two commits since the notice, so the
+    corrupt checkpoint has an older committed one to fall back to and some work
+    is genuinely lost and recomputed.
+    """
+    if steps < 4 * interval or interval < 1:
+        raise ValueError(f"the demo plan needs steps >= 4 x interval (got steps={steps}, interval={interval})")
+    rng = random.Random(seed)
+    notice_step = rng.randint(interval + 1, max(interval + 1, steps // 2 - interval))
+    first_commit_after = (notice_step // interval + 1) * interval
+    kill_lo = first_commit_after + interval + 1
+    kill_hi = max(kill_lo, steps - 2)
+    kill_step = rng.randint(kill_lo, kill_hi)
+    if kill_step % interval == 0:
+        kill_step = min(kill_step + 1, steps - 1)
+    nodes = list(range(num_nodes))
+    return [
+        ChaosEvent("notice", notice_step, rng.choice(nodes)),
+        ChaosEvent("kill", kill_step, rng.choice(nodes)),
+        ChaosEvent("corrupt", kill_step),
+    ]
+
+
+def random_plan(*, steps: int, num_nodes: int, seed: int, count: int = 3, kinds: tuple[str, ...] = ("notice", "kill")) -> list[ChaosEvent]:
+    """`count` events of the given kinds at seeded random steps in [2, steps - 1]."""
+    rng = random.Random(seed)
+    picks = sorted(rng.sample(range(2, max(3, steps)), min(count, max(1, steps - 2))))
+    return [ChaosEvent(rng.choice(kinds), s, rng.randrange(num_nodes)) for s in picks]
+
+
+def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool) -> list[int]:
+    """Indices of plan events whose step has been reached and that have not fired,
+    in plan order; `live` picks the kinds fired while nodes run, else `corrupt`."""
+    if step is None:
+        return []
+    return [
+        i
+        for i, ev in enumerate(plan)
+        if i not in fired and step >= ev.at_step and (ev.kind in LIVE_KINDS) == live
+    ]
+
+
+# ---- actions -----------------------------------------------------------------
+
+
+def preempt_with_notice(wrapper_pid: int) -> None:
+    """What SkyPilot/torchrun do before a VM goes: SIGTERM to the node wrapper only
+    (not its group, so the workers live to save)."""
+    import os
+
+    os.kill(wrapper_pid, signal.SIGTERM)
+
+
+def preempt_without_notice(node_tag: str) -> int:
+    """The VM vanishes: SIGKILL every process of the node at once."""
+    from supervisor.launch.procs import kill_tagged
+
+    return kill_tagged(node_tag)
+
+
+def stall_rank(node_tag: str) -> int | None:
+    """SIGSTOP the first trainer worker (a process with a RANK variable) of the node."""
+    from supervisor.launch.procs import tagged
+
+    workers = []
+    for proc in tagged(node_tag):
+        try:
+            env = proc.environ()
+        except Exception:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env:
+            workers.append((int(env["RANK"]), proc))
+    if not workers:
+        return None
+    rank, proc = min(workers, key=lambda rp: rp[0])
+    proc.send_signal(signal.SIGSTOP)
+    return rank
+
+
+def corrupt_newest(checkpoints_url: str) -> str:
+    """Truncate the first shard of the newest committed checkpoint to half its size."""
+    from supervisor.store.catalog import Catalog
+
+    latest = Catalog(checkpoints_url).latest()
+    if latest.step is None:
+        return "no committed checkpoint to corrupt"
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(latest.path))
+    shards = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".distcp"))
+    if not shards:
+        return f"step {latest.step} has no shard to corrupt"
+    data = fs.cat_file(shards[0])
+    fs.pipe_file(shards[0], data[: len(data) // 2])
+    name = shards[0].rsplit("/", 1)[-1]
+    return f"truncated {name} of step {latest.step} from {len(data)} to {len(data) // 2} bytes"

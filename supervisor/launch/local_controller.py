@@ -1,0 +1,258 @@
+"""The detached process that runs one local job like a SkyPilot managed job.
+
+`python -m supervisor.launch.local_controller JOB_DIR` (started by
+LocalLauncher.launch_job). Loop: start all nodes on a fresh rendezvous port,
+watch them (exit codes, heartbeats, stop requests, chaos), tear everything
+down, then finish, fail or recover according to `local.decide`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.launch import chaos, procs
+from supervisor.launch.local import LocalJob, decide, node_env
+from supervisor.runtime import HEARTBEAT_DIR, read_json, write_json_atomic
+
+POLL_S = 0.2
+HEARTBEAT_EVERY_S = 0.5
+FAILURE_GRACE_S = 3.0  # after a node fails, time for its peers' own exits to be seen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+    """`supervise ...` runs this installation's entry point even when its venv is not on PATH."""
+    if argv and argv[0] == "supervise" and not shutil.which("supervise"):
+        beside = Path(sys.executable).parent / "supervise"
+        head = [str(beside)] if beside.exists() else [sys.executable, "-c", "from supervisor.cli import main; main()"]
+        return [*head, *argv[1:]]
+    return argv
+
+
+@dataclass
+class Node:
+    rank: int
+    proc: subprocess.Popen
+    run_dir: Path
+    code: int | None = None
+    exited_at: float | None = None
+
+
+class Controller:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.job = LocalJob(**read_json(folder / "job.json"))
+        self.state = read_json(folder / "state.json") or {}
+        self.plan = [chaos.ChaosEvent(**e) for e in self.job.chaos]
+        self.fired: set[int] = set()
+        self.stop_requested: dict | None = None
+        self.journal = None
+        self.log_file = open(folder / "job.log", "a", buffering=1)
+
+    # ---- bookkeeping ----
+
+    def log(self, msg: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.log_file.write(f"{stamp} {msg}\n")
+
+    def save(self, **changes) -> None:
+        self.state.update(changes, updated_at=time.time())
+        write_json_atomic(self.folder / "state.json", self.state)
+
+    def emit(self, kind: str, incarnation: int, **fields) -> None:
+        """Record a ledger event as writer "controller" (one journal per incarnation)."""
+        if not self.job.ledger_url:
+            return
+        from supervisor.ledger.journal import Journal
+
+        if self.journal is None or self.journal.incarnation != str(incarnation):
+            self.journal = Journal(self.job.ledger_url, writer="controller", incarnation=str(incarnation))
+        self.journal.emit(kind, **fields)
+
+    # ---- one incarnation ----
+
+    def start_nodes(self, inc: int) -> list[Node]:
+        port = free_port()
+        task_id = f"sky-managed-{time.strftime('%Y-%m-%d-%H-%M-%S', time.gmtime(self.job.submitted_at))}_{self.job.name}_1"
+        nodes = []
+        for rank in range(self.job.num_nodes):
+            run_dir = self.folder / "run" / str(inc) / f"node-{rank}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, **self.job.env}
+            env.setdefault("OMP_NUM_THREADS", "1")
+            env.update(node_env(self.job, rank=rank, incarnation=inc, master_port=port, run_dir=run_dir, task_id=task_id))
+            out = open(self.folder / f"node-{rank}.log", "ab")
+            out.write(f"=== incarnation {inc}, node {rank}/{self.job.num_nodes}, master port {port} ===\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                resolve_argv(self.job.node_argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=env.get("SUPERVISE_CWD") or None,
+            )
+            out.close()
+            nodes.append(Node(rank, proc, run_dir))
+        self.log(f"incarnation {inc}: started {len(nodes)} node(s) (pids {[n.proc.pid for n in nodes]}), master port {port}")
+        self.save(state="STARTING" if inc == 0 else "RECOVERING", incarnation=inc, master_port=port,
+                  nodes=[{"rank": n.rank, "pid": n.proc.pid} for n in nodes])
+        return nodes
+
+    def step(self, nodes: list[Node]) -> int | None:
+        """The highest training step any rank of this incarnation reported."""
+        best = None
+        for node in nodes:
+            for hb in (node.run_dir / HEARTBEAT_DIR).glob("rank-*.json"):
+                data = read_json(hb)
+                if data and isinstance(data.get("step"), int):
+                    best = data["step"] if best is None else max(best, data["step"])
+        return best
+
+    def fire(self, i: int, inc: int, nodes: list[Node], step: int | None) -> None:
+        ev = self.plan[i]
+        self.fired.add(i)
+        t = time.time()
+        node_tag = procs.tag(self.job.name, inc, ev.node)
+        if ev.kind == "notice":
+            chaos.preempt_with_notice(nodes[ev.node].proc.pid)
+            detail = "SIGTERM sent to the node wrapper"
+        elif ev.kind == "kill":
+            detail = f"SIGKILLed {chaos.preempt_without_notice(node_tag)} process(es)"
+        elif ev.kind == "stall":
+            rank = chaos.stall_rank(node_tag)
+            detail = f"SIGSTOPped rank {rank}" if rank is not None else "no worker to stall yet"
+        else:
+            detail = chaos.corrupt_newest(self.job.checkpoints_url)
+        self.log(f"chaos: {ev.describe()} (observed step {step}): {detail}")
+        self.emit("chaos", inc, action=ev.kind, node=ev.node, planned_step=ev.at_step, step=step, detail=detail)
+        fired = self.state.get("chaos_fired", [])
+        fired.append({**ev.to_dict(), "index": i, "observed_step": step, "incarnation": inc, "time": t, "detail": detail})
+        self.save(chaos_fired=fired)
+
+    def watch(self, nodes: list[Node], inc: int) -> bool:
+        """Until the incarnation is over; returns True when a stop was requested."""
+        last_hb = 0.0
+        first_exit = None
+        while True:
+            procs.reap_orphans({n.proc.pid for n in nodes})
+            for node in nodes:
+                if node.code is None and (code := node.proc.poll()) is not None:
+                    node.code, node.exited_at = code, time.time()
+                    first_exit = first_exit or time.monotonic()
+                    self.log(f"incarnation {inc}: node {node.rank} exited {code}")
+                    if code < 0:
+                        self.emit("preempted", inc, with_notice=False, saved_step=None, node=node.rank)
+            if all(n.code is not None for n in nodes):
+                return False
+            if first_exit is not None:
+                codes = [n.code for n in nodes if n.code is not None]
+                if any(c < 0 for c in codes):
+                    return False  # a node is gone: its peers can only hang in collectives
+                grace = self.job.peer_grace_s if all(c in (0, 75) for c in codes) else FAILURE_GRACE_S
+                if time.monotonic() - first_exit > grace:
+                    return False
+            if self.stop_requested is None:
+                req = read_json(self.folder / "cancel.json")
+                if req is not None:
+                    self.stop_requested = req
+            if self.stop_requested is not None:
+                self.stop(nodes, graceful=bool(self.stop_requested.get("graceful", True)))
+                return True
+            if time.monotonic() - last_hb > HEARTBEAT_EVERY_S:
+                last_hb = time.monotonic()
+                step = self.step(nodes)
+                if step is not None and step != self.state.get("step"):
+                    self.save(step=step, state="RUNNING")
+                for i in chaos.due(self.plan, self.fired, step, live=True):
+                    self.fire(i, inc, nodes, step)
+            time.sleep(POLL_S)
+
+    def stop(self, nodes: list[Node], *, graceful: bool) -> None:
+        """SIGTERM the wrappers (they save and commit), wait, then kill whatever is left."""
+        if graceful:
+            self.log("stop requested: SIGTERM to every node wrapper, waiting for them to save")
+            for node in nodes:
+                if node.proc.poll() is None:
+                    try:
+                        node.proc.send_signal(signal.SIGTERM)
+                    except OSError:
+                        pass
+            deadline = time.monotonic() + self.job.graceful_timeout_s
+            while time.monotonic() < deadline and any(n.proc.poll() is None for n in nodes):
+                time.sleep(POLL_S)
+        for node in nodes:
+            node.code = node.proc.poll()
+        self.log(f"stop: node exit codes {[n.code for n in nodes]}")
+
+    def teardown(self, inc: int, nodes: list[Node]) -> None:
+        n = procs.kill_tagged(procs.tag(self.job.name, inc, 0).rsplit("/", 1)[0] + "/")
+        for node in nodes:
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        procs.reap_orphans(set())
+        if n:
+            self.log(f"incarnation {inc}: killed {n} leftover process(es)")
+
+    # ---- the managed job ----
+
+    def run(self) -> int:
+        procs.become_subreaper()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.save(controller_pid=os.getpid(), state="STARTING", recoveries=0, errors=0, reason=None, chaos_fired=[])
+        self.log(f"controller {os.getpid()} for job {self.job.name!r}: {self.job.num_nodes} node(s), command {self.job.node_argv}")
+        for ev in self.plan:
+            self.log(f"chaos plan: {ev.describe()}")
+        self.emit("launch", 0, backend="local", name=self.job.name, nodes=self.job.num_nodes, submitted_at=self.job.submitted_at)
+        inc, errors, recoveries = 0, 0, 0
+        while True:
+            nodes = self.start_nodes(inc)
+            stopped = self.watch(nodes, inc)
+            codes = {n.rank: n.code for n in nodes}
+            self.teardown(inc, nodes)
+            if stopped:
+                return self.finish(inc, "CANCELLED", "stopped by the user")
+            d = decide(codes, num_nodes=self.job.num_nodes, errors_so_far=errors,
+                       max_restarts_on_errors=self.job.max_restarts_on_errors,
+                       recover_on_exit_codes=self.job.recover_on_exit_codes)
+            self.log(f"incarnation {inc}: exit codes {codes} -> {d.action}: {d.reason}")
+            if d.action == "finish":
+                return self.finish(inc, "SUCCEEDED", None)
+            if d.action == "fail":
+                return self.finish(inc, "FAILED", d.reason)
+            errors += d.counts
+            recoveries += 1
+            self.save(state="RECOVERING", recoveries=recoveries, errors=errors, last_recovery_reason=d.reason)
+            self.emit("recovery_started", inc, reason=d.reason)
+            for i in chaos.due(self.plan, self.fired, self.state.get("step"), live=False):
+                self.fire(i, inc, nodes, self.state.get("step"))
+            inc += 1
+
+    def finish(self, inc: int, state: str, reason: str | None) -> int:
+        self.save(state=state, reason=reason, nodes=[], finished_at=time.time())
+        self.emit("job_finished", inc, state=state, **({"reason": reason} if reason else {}))
+        self.log(f"job {state}" + (f": {reason}" if reason else ""))
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = {"graceful": True, "signal": signum}
+
+
+def main() -> int:
+    return Controller(Path(sys.argv[1])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

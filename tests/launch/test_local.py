@@ -1,0 +1,142 @@
+"""Local backend: recovery policy and process handling, with a stand-in node
+command (tests/launch/standin_node.py) so each test takes seconds. The real
+node wrapper and trainer run in test_local_training.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor import registry
+from supervisor.exitcodes import ExitCode
+from supervisor.launch.local import LocalJob, LocalLauncher, decide, read_state
+from supervisor.launch.procs import tagged
+
+STANDIN = str(Path(__file__).with_name("standin_node.py"))
+
+
+@pytest.fixture
+def launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
+    lau = LocalLauncher()
+    yield lau
+    for st in lau.status():
+        if st.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            lau.cancel(st.name, graceful=False)
+        assert not tagged(f"{st.name}/"), "processes left behind"
+
+
+def job(tmp_path, name, *args, **kw) -> LocalJob:
+    return LocalJob(name=name, node_argv=[sys.executable, STANDIN, *args],
+                    env={"STANDIN_DIR": str(tmp_path / "standin")}, **kw)
+
+
+def starts(tmp_path, rank) -> list[dict]:
+    path = tmp_path / "standin" / f"starts-{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ---- pure policy ----
+
+POLICY = dict(num_nodes=2, max_restarts_on_errors=2, recover_on_exit_codes=[75, 69])
+
+
+def test_decide_finish_only_when_every_node_finished():
+    assert decide({0: 0, 1: 0}, errors_so_far=0, **POLICY).action == "finish"
+    d = decide({0: 0, 1: None}, errors_so_far=0, **POLICY)
+    assert (d.action, d.counts) == ("recover", True) and "did not exit" in d.reason
+
+
+def test_decide_user_error_fails_fast_even_with_budget_left():
+    d = decide({0: 78, 1: -9}, errors_so_far=0, **POLICY)
+    assert d.action == "fail" and "user/config error" in d.reason and "not retried" in d.reason
+
+
+def test_decide_node_loss_and_saved_preemption_are_free():
+    lost = decide({0: None, 1: -9}, errors_so_far=2, **POLICY)
+    assert (lost.action, lost.counts) == ("recover", False) and "SIGKILL" in lost.reason
+    saved = decide({0: 75, 1: 75}, errors_so_far=2, **POLICY)
+    assert (saved.action, saved.counts) == ("recover", False) and "preempted, state saved" in saved.reason
+
+
+def test_decide_retryable_spends_the_budget_even_when_listed():
+    assert decide({0: 69, 1: None}, errors_so_far=1, **POLICY) == decide(
+        {0: 69}, errors_so_far=1, **POLICY)
+    d = decide({0: 69, 1: None}, errors_so_far=1, **POLICY)
+    assert (d.action, d.counts) == ("recover", True) and "restart 2 of 2" in d.reason
+    d = decide({0: 69, 1: None}, errors_so_far=2, **POLICY)
+    assert d.action == "fail" and "max_restarts_on_errors=2" in d.reason and "exited 69" in d.reason
+
+
+def test_decide_other_codes_spend_the_budget():
+    d = decide({0: 1, 1: 0}, errors_so_far=0, num_nodes=2, max_restarts_on_errors=0, recover_on_exit_codes=[75])
+    assert d.action == "fail" and "node 0 exited 1" in d.reason
+
+
+# ---- real processes ----
+
+
+def test_user_error_is_not_retried(launcher, tmp_path):
+    launcher.launch_job(job(tmp_path, "usererr", "--exit", str(int(ExitCode.USER_ERROR)), max_restarts_on_errors=3))
+    st = launcher.wait("usererr", timeout_s=60)
+    assert st.state == "FAILED" and st.recoveries == 0
+    assert "user/config error" in st.reason
+    assert len(starts(tmp_path, 0)) == 1
+    assert registry.lookup("usererr")["backend"] == "local"
+
+
+def test_retryable_is_retried_up_to_the_limit_then_failed(launcher, tmp_path):
+    launcher.launch_job(job(tmp_path, "flaky", "--exit", "69", num_nodes=2, max_restarts_on_errors=2))
+    st = launcher.wait("flaky", timeout_s=90)
+    assert st.state == "FAILED" and st.recoveries == 2
+    assert "exited 69" in st.reason and "max_restarts_on_errors=2" in st.reason
+    for rank in (0, 1):
+        assert [s["SUPERVISE_INCARNATION"] for s in starts(tmp_path, rank)] == ["0", "1", "2"]
+
+
+def test_killed_node_restarts_all_nodes_with_skypilot_env(launcher, tmp_path):
+    j = job(tmp_path, "twonodes", "--steps", "14", num_nodes=2, gpus_per_node=1,
+            chaos=[{"kind": "kill", "at_step": 5, "node": 1}])
+    launcher.launch_job(j)
+    st = launcher.wait("twonodes", timeout_s=90)
+    assert st.state == "SUCCEEDED" and st.recoveries == 1
+    s0, s1 = starts(tmp_path, 0), starts(tmp_path, 1)
+    assert len(s0) == len(s1) == 2, "both nodes restarted"
+    assert s0[0]["pid"] != s0[1]["pid"]
+    for rank, runs in ((0, s0), (1, s1)):
+        for inc, env in enumerate(runs):
+            assert env["SKYPILOT_NUM_NODES"] == "2" and env["SKYPILOT_NODE_RANK"] == str(rank)
+            assert env["SKYPILOT_NODE_IPS"] == "127.0.0.1\n127.0.0.1"
+            assert env["SKYPILOT_NUM_GPUS_PER_NODE"] == "1"
+            assert env["SUPERVISE_INCARNATION"] == str(inc)
+    assert s0[0]["SUPERVISE_MASTER_PORT"] == s1[0]["SUPERVISE_MASTER_PORT"]
+    assert s0[1]["SUPERVISE_MASTER_PORT"] == s1[1]["SUPERVISE_MASTER_PORT"]
+    assert s0[0]["SKYPILOT_TASK_ID"] == s0[1]["SKYPILOT_TASK_ID"]
+    # the killed node's worker (own session) died with it, not left as an orphan
+    worker_pids = [int((tmp_path / "standin" / f"worker-{r}.pid").read_text()) for r in (0, 1)]
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in worker_pids)
+    state = read_state("twonodes")
+    assert state["chaos_fired"][0]["kind"] == "kill"
+    assert "lost (SIGKILL)" in state["last_recovery_reason"]
+
+
+def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
+    launcher.launch_job(job(tmp_path, "stopme", "--steps", "1000", num_nodes=2))
+    import time
+
+    deadline = time.monotonic() + 30
+    while (read_state("stopme") or {}).get("state") != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    st = launcher.cancel("stopme")
+    assert st.state == "CANCELLED" and st.reason == "stopped by the user"
+    assert not tagged("stopme/")
+    # SIGTERM reached the wrappers, which saved (committed) before exiting 75
+    assert int((tmp_path / "standin" / "committed").read_text()) >= 1
+    launcher.logs("stopme")
+    out = capsys.readouterr().out
+    assert "node exit codes [75, 75]" in out and "(node-0) === incarnation 0" in out
