@@ -171,8 +171,8 @@ class Install(_Strict):
     """What setup installs on the node; `pip: false` when the image already has it."""
 
     pip: bool = True
-    torch: str = "2.13.0"
-    torchtitan: str = "0.3.0"
+    torch: str | None = None  # None: the launching machine's version
+    torchtitan: str | None = None  # None: the launching machine's version
     supervise: str = __version__  # a version, or a pip requirement / wheel URL / path
     index_url: str | None = None  # e.g. https://download.pytorch.org/whl/cu128 for torch
     extra: list[str] = []

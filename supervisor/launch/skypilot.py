@@ -1,0 +1,375 @@
+"""JobSpec -> SkyPilot managed job (`sky jobs launch`), and views over it.
+
+The task is built from SkyPilot's own objects (sky.Task, sky.Resources,
+sky.data.Storage) so SkyPilot validates it; `render_yaml` prints what
+SkyPilot would receive, with secret values redacted by SkyPilot's own
+redaction. `sky` is imported inside functions: `supervise --help` stays fast.
+
+How checkpoints reach the bucket:
+- MOUNT_CACHED (default) / MOUNT: the bucket (with its prefix) is mounted at
+  `checkpoint.mount_path`; TorchTitan writes to `<mount>/<name>` and the node
+  wrapper commits only after every object is visible through the bucket API
+  (`--checkpoints <bucket URL>`, bounded by `--commit-wait`).
+- DIRECT: TorchTitan writes `s3://...` itself through fsspec. This is the mode
+  for generic S3-compatible endpoints (MinIO, SeaweedFS, ...) set by
+  AWS_ENDPOINT_URL: SkyPilot 0.14 mounts s3:// from AWS only, and R2/Nebius
+  under their own r2:// / nebius:// schemes.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from importlib import metadata
+from typing import Any, Mapping
+
+from supervisor import registry
+from supervisor.errors import SuperviseError
+from supervisor.launch.base import JobStatus
+from supervisor.spec import S3_COMPATIBLE, JobSpec, node_command
+
+BACKEND = "skypilot"
+VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
+# Store credentials forwarded as secrets when set in the launching shell
+# (on AWS/GCP with instance roles they are not needed).
+STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+GRACEFUL_TIMEOUT_S = 900  # stop: time for the final save + MOUNT_CACHED upload
+
+
+class SkyPilotUnavailable(SuperviseError):
+    """SkyPilot is missing or not set up; the message names the fixing command."""
+
+    exit_code = 1
+
+
+def _sky():
+    try:
+        import sky
+    except ImportError:
+        raise SkyPilotUnavailable(
+            "SkyPilot is not installed; install the cloud extra: pip install -e '.[cloud]' (then run `sky check`)"
+        ) from None
+    return sky
+
+
+def _pinned(dist: str) -> str:
+    """The launching machine's version of `dist`, without a local tag (+cpu)."""
+    try:
+        return metadata.version(dist).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def setup_script(spec: JobSpec) -> str:
+    """Install pinned torch/TorchTitan/supervise into a venv and fetch the tokenizer."""
+    inst = spec.install
+    lines = ["set -euo pipefail"]
+    if inst.pip:
+        torch = inst.torch or _pinned("torch")
+        titan = inst.torchtitan or _pinned("torchtitan")
+        torch_req = f"torch=={torch}" if torch else "torch"
+        index = ["--index-url", inst.index_url] if inst.index_url else []
+        lines += [
+            f"python3 -m venv {VENV} || ~/.local/bin/uv venv --seed {VENV}",
+            f". {VENV}/bin/activate",
+            "pip install --upgrade pip",
+            shlex.join(["pip", "install", torch_req, *index]),
+            shlex.join(["pip", "install", f"torchtitan=={titan}" if titan else "torchtitan",
+                        _requirement("supervise", inst.supervise), *_store_packages(spec), *inst.extra]),
+        ]
+    else:
+        lines.append(f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi")
+    tok = spec.tokenizer
+    if tok.tiny:
+        lines.append(shlex.join([
+            "python", "-c",
+            "import sys; from supervisor.titan.tinydata import build_assets; build_assets(sys.argv[1])",
+            _tiny_root(spec)]))
+    elif tok.hf_repo:
+        lines.append(shlex.join([
+            "hf", "download", tok.hf_repo, "--local-dir", tok.path,
+            "--include", "tokenizer*", "special_tokens_map.json", "original/tokenizer.model"]))
+    return "\n".join(lines) + "\n"
+
+
+def _tiny_root(spec: JobSpec) -> str:
+    """build_assets(root) makes root/hf_assets; the recipe names that folder as tokenizer.path."""
+    return spec.tokenizer.path.rstrip("/").rsplit("/", 1)[0] or "."
+
+
+def _requirement(dist: str, pin: str) -> str:
+    """`1.2.3` -> `dist==1.2.3`; a URL, path or full requirement is used as given."""
+    return f"{dist}=={pin}" if pin and pin[0].isdigit() else pin or dist
+
+
+def _store_packages(spec: JobSpec) -> list[str]:
+    return ["gcsfs"] if spec.checkpoints_url.startswith("gs://") else []
+
+
+def run_script(spec: JobSpec) -> str:
+    """The node command, exec'd so its exit code (75/69/78) is the job's and SIGTERM reaches it."""
+    return (
+        "set -euo pipefail\n"
+        f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi\n"
+        f"exec {node_command(spec)}\n"
+    )
+
+
+def task_envs(spec: JobSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    envs = {"PYTHONUNBUFFERED": "1"}
+    envs.update({k: environ[k] for k in STORE_ENVS if environ.get(k)})
+    envs.update(spec.envs)
+    return envs
+
+
+def task_secrets(spec: JobSpec, environ: Mapping[str, str], *, placeholder: str | None) -> dict[str, str]:
+    """Secret values from the launching shell; missing ones get `placeholder`, or fail when None."""
+    secrets = {}
+    for key in spec.secrets:
+        if environ.get(key):
+            secrets[key] = environ[key]
+        elif placeholder is None:
+            raise SuperviseError(
+                f"field 'secrets': {key} is not set in this shell; export {key}=... "
+                f"(or drop it with --set secrets=[...])"
+            )
+        else:
+            secrets[key] = placeholder
+    secrets.update({k: environ[k] for k in STORE_SECRETS if environ.get(k) and k not in secrets})
+    return secrets
+
+
+def check_store(spec: JobSpec, environ: Mapping[str, str]) -> None:
+    """Bucket rules that depend on the launching environment."""
+    scheme = spec.checkpoint.bucket.split("://", 1)[0]
+    endpoint = environ.get("AWS_ENDPOINT_URL")
+    if scheme == "s3" and endpoint and spec.checkpoint.mode != "DIRECT":
+        raise SuperviseError(
+            f"field 'checkpoint.mode': SkyPilot 0.14 mounts s3:// buckets from AWS only, but AWS_ENDPOINT_URL="
+            f"{endpoint} points elsewhere; use --set checkpoint.mode=DIRECT (TorchTitan writes through the endpoint), "
+            f"or an r2:// / nebius:// bucket for those stores"
+        )
+    if scheme in S3_COMPATIBLE and not endpoint:
+        raise SuperviseError(
+            f"field 'checkpoint.bucket': {scheme}:// checkpoints are verified through the S3 API; "
+            f"export AWS_ENDPOINT_URL (and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) for that store"
+        )
+
+
+def build_task(spec: JobSpec, environ: Mapping[str, str] | None = None, *, placeholder: str | None = None):
+    """The sky.Task for `spec`. `placeholder` stands in for unset secrets (dry runs)."""
+    sky = _sky()
+    from sky import exceptions
+
+    environ = os.environ if environ is None else environ
+    check_store(spec, environ)
+    res = spec.resources
+    common: dict[str, Any] = {
+        "use_spot": res.spot,
+        "disk_size": res.disk_size,
+        "job_recovery": {
+            "strategy": spec.recovery.strategy,
+            "max_restarts_on_errors": spec.recovery.max_restarts_on_errors,
+            "recover_on_exit_codes": spec.recovery.recover_on_exit_codes,
+        },
+    }
+    for key in ("infra", "cpus", "memory", "image_id"):
+        if getattr(res, key) is not None:
+            common[key] = getattr(res, key)
+    choices = [{name: n} for name, n in sorted(res.accelerators.items())] if res.accelerators else [None]
+    try:
+        resources = {sky.Resources(accelerators=acc, **common) for acc in choices}
+    except (ValueError, exceptions.InvalidCloudConfigs, exceptions.NotSupportedError) as err:
+        field = "resources.infra" if res.infra and "infra" in str(err).lower() or "cloud" in str(err).lower() else "resources"
+        raise SuperviseError(f"field {field!r}: SkyPilot rejects it: {_first_line(err)}") from None
+    task = sky.Task(
+        name=spec.name,
+        setup=setup_script(spec),
+        run=run_script(spec),
+        num_nodes=res.num_nodes,
+        envs=task_envs(spec, environ),
+        secrets=task_secrets(spec, environ, placeholder=placeholder),
+    )
+    task.set_resources(resources)
+    if spec.checkpoint.mode != "DIRECT":
+        storage = sky.data.Storage(source=spec.checkpoint.bucket, mode=sky.data.StorageMode[spec.checkpoint.mode])
+        task.set_storage_mounts({spec.checkpoint.mount_path: storage})
+    return task
+
+
+def task_config(task) -> dict[str, Any]:
+    """The task as SkyPilot's YAML dict, secrets redacted, any-of in a stable order."""
+    from sky.task import redact_task_yaml_dict
+
+    config = task.to_yaml_config()
+    redact_task_yaml_dict(config)
+    any_of = config.get("resources", {}).get("any_of")
+    if any_of:
+        any_of.sort(key=lambda r: sorted((r.get("accelerators") or {}).items()))
+    return config
+
+
+def render_yaml(spec: JobSpec, environ: Mapping[str, str] | None = None) -> str:
+    """What `start --dry-run` prints: the exact task YAML, secrets redacted."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    task = build_task(spec, environ, placeholder="<unset>")
+    return yaml.dump(task_config(task), Dumper=Dumper, sort_keys=False, width=1000)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- SkyPilot calls
+
+
+def explain_sky_error(err: BaseException) -> SuperviseError:
+    """A SkyPilot failure as one line that names the `sky` command that fixes it."""
+    from sky import exceptions
+
+    text = _first_line(err)
+    if isinstance(err, exceptions.ApiServerConnectionError):
+        return SkyPilotUnavailable(
+            f"the SkyPilot API server is unreachable ({text}); start it with `sky api start` "
+            f"or point at yours with `sky api login -e URL`"
+        )
+    if isinstance(err, exceptions.ApiServerAuthenticationError):
+        return SkyPilotUnavailable(f"SkyPilot API server login failed ({text}); run `sky api login`")
+    if isinstance(err, (exceptions.NoCloudAccessError, exceptions.InvalidCloudCredentials,
+                        exceptions.InvalidCloudConfigs)) or "sky check" in str(err) or "No cloud" in str(err):
+        return SkyPilotUnavailable(f"no usable cloud in SkyPilot ({text}); run `sky check` and follow its hints")
+    if isinstance(err, exceptions.ResourcesUnavailableError):
+        return SkyPilotUnavailable(
+            f"no capacity for this job ({text}); try another --infra, other accelerators, "
+            f"or see `sky show-gpus`"
+        )
+    if isinstance(err, exceptions.ClusterNotUpError):
+        return SkyPilotUnavailable(f"the jobs controller is not up ({text}); see `sky status` and `sky jobs queue`")
+    return SkyPilotUnavailable(f"SkyPilot failed: {text} (see `sky api logs` for details)")
+
+
+def _call(fn, *args, **kwargs):
+    """Run a SkyPilot SDK call to completion, turning its errors into one clear line."""
+    sky = _sky()
+    try:
+        return sky.stream_and_get(fn(*args, **kwargs))
+    except SuperviseError:
+        raise
+    except Exception as err:  # SkyPilot raises many unrelated types; all become one line
+        raise explain_sky_error(err) from err
+
+
+def summary(spec: JobSpec) -> list[tuple[str, str]]:
+    """What `start` shows before launching."""
+    res, ck, rec = spec.resources, spec.checkpoint, spec.recovery
+    accel = " or ".join(f"{k}:{v}" for k, v in sorted(res.accelerators.items())) if res.accelerators else "CPU"
+    rows = [
+        ("job", spec.name),
+        ("model", f"{spec.model.module} / {spec.model.config}"),
+        ("nodes", str(res.num_nodes)),
+        ("accelerators", f"{accel} per node"),
+        ("capacity", "spot" if res.spot else "on-demand"),
+        ("infra", res.infra or "any enabled (SkyPilot chooses)"),
+        ("checkpoints", f"{spec.checkpoints_url} ({ck.mode}, every {ck.interval} steps)"),
+        ("recovery", f"{rec.strategy or 'SkyPilot default'}; restart on exit codes "
+                     f"{rec.recover_on_exit_codes}, up to {rec.max_restarts_on_errors} restarts on errors"),
+    ]
+    price = estimate_hourly(spec)
+    rows.append(("estimated cost", f"${price:.2f}/h" if price is not None else "unknown"))
+    return rows
+
+
+def estimate_hourly(spec: JobSpec) -> float | None:
+    """Cheapest $/h for the whole job from SkyPilot's local catalog; None when unknown."""
+    res = spec.resources
+    if not res.accelerators:
+        return None
+    try:
+        from sky import catalog
+
+        best = None
+        for name, count in res.accelerators.items():
+            offers = catalog.list_accelerators(gpus_only=True, name_filter=name, quantity_filter=count,
+                                               case_sensitive=False, require_price=True)
+            for infos in offers.values():
+                for info in infos:
+                    price = info.spot_price if res.spot else info.price
+                    if price and price == price and (best is None or price < best):
+                        best = price
+        return None if best is None else best * res.num_nodes
+    except Exception:  # the catalog may be absent offline; the estimate is optional
+        return None
+
+
+class SkyPilotLauncher:
+    """Launcher over SkyPilot managed jobs."""
+
+    backend = BACKEND
+
+    def launch(self, spec: JobSpec, *, name: str) -> str:
+        sky = _sky()
+        if name != spec.name:
+            spec = spec.model_copy(update={"name": name})
+        task = build_task(spec)
+        job_ids, _handle = _call(sky.jobs.launch, task, name=name)
+        job_id = str(job_ids[0]) if job_ids else ""
+        registry.record(name, backend=BACKEND, checkpoints_url=spec.checkpoints_url, job_id=job_id)
+        return job_id
+
+    def status(self, name: str | None = None) -> list[JobStatus]:
+        sky = _sky()
+        result = _call(sky.jobs.queue_v2, refresh=False, skip_finished=False)
+        records = result[0] if isinstance(result, tuple) else result
+        latest: dict[str, Any] = {}
+        for rec in records:  # newest job of each name wins
+            rec = rec if isinstance(rec, dict) else rec.model_dump()
+            job_name = rec.get("job_name") or rec.get("task_name")
+            if name is not None and job_name != name:
+                continue
+            if job_name not in latest or (rec.get("job_id") or 0) > (latest[job_name].get("job_id") or 0):
+                latest[job_name] = rec
+        out = []
+        for job_name, rec in sorted(latest.items()):
+            known = registry.lookup(job_name) or {}
+            state = rec.get("status")
+            out.append(JobStatus(
+                name=job_name, backend=BACKEND,
+                state=getattr(state, "value", str(state)),
+                recoveries=int(rec.get("recovery_count") or 0),
+                job_id=str(rec.get("job_id")),
+                reason=rec.get("failure_reason"),
+                checkpoints_url=known.get("checkpoints_url"),
+            ))
+        return out
+
+    def logs(self, name: str, *, follow: bool = False) -> None:
+        sky = _sky()
+        try:
+            code = sky.jobs.tail_logs(name=name, follow=follow, output_stream=sys.stdout)
+        except Exception as err:
+            raise explain_sky_error(err) from err
+        if code:
+            sys.exit(code)
+
+    def cancel(self, name: str, *, graceful: bool = True, graceful_timeout: int = GRACEFUL_TIMEOUT_S) -> None:
+        sky = _sky()
+        if graceful:
+            _call(sky.jobs.cancel, name=name, graceful=True, graceful_timeout=graceful_timeout)
+        else:
+            _call(sky.jobs.cancel, name=name)
