@@ -76,10 +76,10 @@ class Latest:
         return f"{head}; {skipped}" if skipped else head
 
     def to_json(self) -> dict:
+        """Exactly the CLI contract: {"step": N, "path": ..., "state": ...} or {"step": null}."""
         if self.step is None:
-            return {"step": None, "skipped": [{"step": s, "reason": r} for s, r in self.skipped]}
-        return {"step": self.step, "path": self.path, "state": self.state,
-                "skipped": [{"step": s, "reason": r} for s, r in self.skipped]}  # fmt: skip
+            return {"step": None}
+        return {"step": self.step, "path": self.path, "state": self.state}
 
 
 @dataclass
