@@ -44,6 +44,15 @@ def _register() -> None:
     from supervisor.store.cli import app as checkpoints_app
 
     app.add_typer(checkpoints_app, name="checkpoints", help="Inspect and manage the verified checkpoint catalog.")
+    from supervisor.node.cli import node
+
+    app.command("node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(node)
+    from supervisor.launch.cli import register as register_launch
+
+    register_launch(app)
+    from supervisor.ledger.cli import report_command
+
+    app.command("report")(report_command)
 
 
 _register()

@@ -277,7 +277,7 @@ def _explain(err: ValidationError) -> str:
             lines.append(f"field {field!r}: {msg.removeprefix('Value error, ')}")
         else:
             got = e.get("input")
-            lines.append(f"field {field!r}: {msg.lower()} (got {got!r}); fix the value in the recipe or with --set")
+            lines.append(f"field {field!r}: {msg[:1].lower() + msg[1:]} (got {got!r}); fix the value in the recipe or with --set")
     return "; ".join(lines)
 
 

@@ -1,0 +1,163 @@
+"""`supervise start | status | logs | stop`: the front door and the views.
+
+`start` renders a recipe into a SkyPilot managed job. `status`, `logs` and
+`stop` look the name up in the job registry and dispatch to the backend that
+runs it (local emulator or SkyPilot); `status` adds what only the bucket
+knows: the latest committed step, when it was saved, and goodput so far.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any, Optional
+
+import typer
+
+from supervisor import registry
+from supervisor.errors import SuperviseError
+from supervisor.launch.base import JobStatus
+
+
+def start(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or a bundled recipe name (llama3_8b)."),
+    spot: bool = typer.Option(False, "--spot", help="Use spot capacity (recovered by SkyPilot on preemption)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Job name (default: the recipe's)."),
+    sets: list[str] = typer.Option([], "--set", help="Override any recipe field: key=value (nested: a.b=c)."),
+    infra: Optional[str] = typer.Option(None, "--infra", help="Where to run, as SkyPilot's --infra: aws, gcp, k8s, slurm, aws/us-east-1..."),
+    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Number of nodes."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the task YAML SkyPilot would receive; launch nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Validate RECIPE and launch it as a SkyPilot managed job."""
+    from supervisor.launch import skypilot
+    from supervisor.recipes import build_spec
+
+    spec = build_spec(recipe, sets=sets, name=name, infra=infra, num_nodes=num_nodes, spot=spot or None)
+    if dry_run:
+        typer.echo(skypilot.render_yaml(spec), nl=False)
+        return
+    skypilot.build_task(spec)  # every check that needs no cloud, before asking anything
+    for key, value in skypilot.summary(spec):
+        typer.echo(f"{key:>15}: {value}")
+    if not yes and not typer.confirm("Launch this managed job?", default=True):
+        raise typer.Exit(1)
+    job_id = skypilot.SkyPilotLauncher().launch(spec, name=spec.name)
+    typer.echo(f"launched managed job {job_id} ({spec.name})")
+    typer.echo(f"  watch:  supervise status {spec.name}    logs: supervise logs {spec.name} --follow")
+    typer.echo(f"  stop:   supervise stop {spec.name}      (saves and commits a final checkpoint first)")
+
+
+def _launcher(backend: str):
+    if backend == "local":
+        from supervisor.launch.local import LocalLauncher
+
+        return LocalLauncher()
+    from supervisor.launch.skypilot import SkyPilotLauncher
+
+    return SkyPilotLauncher()
+
+
+def _backend_of(name: str) -> str:
+    job = registry.lookup(name)
+    return job["backend"] if job else "skypilot"
+
+
+def _bucket_view(url: str | None) -> dict[str, Any]:
+    """Latest committed step and its time (read-only listing), and goodput so far."""
+    view: dict[str, Any] = {"step": None, "checkpoint_time": None, "goodput": None}
+    if not url:
+        return view
+    try:
+        from supervisor.store.catalog import Catalog
+
+        committed = [s for s in Catalog(url).list() if s.state == "committed"]
+        if committed:
+            top = max(committed, key=lambda s: s.step)
+            view["step"] = top.step
+            view["checkpoint_time"] = (top.manifest or {}).get("created")
+    except (ImportError, SuperviseError, OSError):
+        pass
+    view["goodput"] = _goodput(url)
+    return view
+
+
+def _goodput(url: str) -> float | None:
+    try:
+        from supervisor.ledger.journal import read_events
+        from supervisor.ledger.report import summarize
+    except ImportError:
+        return None
+    try:
+        events, problems = read_events(f"{url}/_ledger")
+        value = summarize(events, problems).get("goodput") if events else None
+    except Exception:  # a status view must not fail on a partial or missing journal
+        return None
+    return float(value) if value is not None else None
+
+
+def _row(st: JobStatus) -> dict[str, Any]:
+    return {**asdict(st), **_bucket_view(st.checkpoints_url)}
+
+
+def _collect(name: str | None) -> list[JobStatus]:
+    if name is not None:
+        found = _launcher(_backend_of(name)).status(name)
+        if not found:
+            raise SuperviseError(f"no job called {name!r}; `supervise status` lists them", exit_code=1)
+        return found
+    jobs: list[JobStatus] = []
+    backends = {j.get("backend", "skypilot") for j in registry.all_jobs()}
+    for backend in sorted(backends | {"local"}):
+        try:
+            jobs += _launcher(backend).status(None)
+        except ImportError:
+            continue
+        except SuperviseError as err:  # one backend down must not hide the other's jobs
+            typer.secho(f"warning: {backend}: {err}", fg="yellow", err=True)
+    return jobs
+
+
+def status(
+    name: Optional[str] = typer.Argument(None, help="Job name (default: all jobs of both backends)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects."),
+) -> None:
+    """State, recoveries, latest committed step, last checkpoint time and goodput of jobs."""
+    rows = [_row(st) for st in _collect(name)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("NAME", "BACKEND", "STATE", "RECOVERIES", "STEP", "LAST CHECKPOINT", "GOODPUT", "REASON")
+    for r in rows:
+        goodput = f"{r['goodput']:.1%}" if r["goodput"] is not None else "-"
+        table.add_row(r["name"], r["backend"], r["state"], str(r["recoveries"]),
+                      "-" if r["step"] is None else str(r["step"]), r["checkpoint_time"] or "-",
+                      goodput, r["reason"] or "")
+    Console().print(table)
+
+
+def logs(
+    name: str = typer.Argument(..., help="Job name."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new output."),
+) -> None:
+    """Print the job's output."""
+    _launcher(_backend_of(name)).logs(name, follow=follow)
+
+
+def stop(
+    name: str = typer.Argument(..., help="Job name."),
+    now: bool = typer.Option(False, "--now", help="Hard cancel: no final checkpoint."),
+) -> None:
+    """Stop a job; by default the wrapper saves and commits a final checkpoint first."""
+    _launcher(_backend_of(name)).cancel(name, graceful=not now)
+    typer.echo(f"stopped {name}" + ("" if now else " (final checkpoint saved and committed where possible)"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(start)
+    app.command()(status)
+    app.command()(logs)
+    app.command()(stop)
