@@ -64,7 +64,7 @@ def topology_from_env(
     node_rank = _int_env(env, "SKYPILOT_NODE_RANK", 0)
     gpus = local_gpu_count() if gpus is None else gpus
     sky_gpus = _int_env(env, "SKYPILOT_NUM_GPUS_PER_NODE", 0)
-    accelerator = "gpu" if (sky_gpus or gpus) else "cpu"
+    accelerator = "gpu" if gpus else "cpu"  # CPU-only nodes run several gloo ranks
     if nproc_per_node is None:
         nproc_per_node = sky_gpus or gpus or 1
     ips = [line.strip() for line in env.get("SKYPILOT_NODE_IPS", "").splitlines() if line.strip()]

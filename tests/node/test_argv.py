@@ -17,7 +17,7 @@ def test_skypilot_env_builds_the_example_command():
         "SKYPILOT_NODE_RANK": "1",
         "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6\n",
     }
-    topo = topology_from_env(env, gpus=0)
+    topo = topology_from_env(env, gpus=8)
     argv = torchrun_argv(topo, TT, executable=["torchrun"])
     assert argv == [
         "torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--node_rank", "1",

@@ -1,0 +1,74 @@
+"""`supervise node [options] -- <TorchTitan args>`: the command SkyPilot runs on every node."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
+
+
+def node(
+    ctx: typer.Context,
+    checkpoints: str = typer.Option(
+        None, "--checkpoints", envvar="SUPERVISE_CHECKPOINTS", metavar="URL",
+        help="Checkpoint URL (s3://..., gs://..., or a path); default: TorchTitan's --dump_folder + --checkpoint.folder.",
+    ),
+    checkpoint_mount: str = typer.Option(
+        None, "--checkpoint-mount", metavar="PATH",
+        help="Where TorchTitan writes when the bucket is mounted; the catalog still reads --checkpoints.",
+    ),
+    commit_wait: float = typer.Option(0.0, "--commit-wait", help="Seconds a commit waits for a mount's upload to land."),
+    nproc_per_node: int = typer.Option(
+        None, "--nproc-per-node", help="Ranks on this node (default: SKYPILOT_NUM_GPUS_PER_NODE, local GPUs, or 1 on CPU)."
+    ),
+    master_port: int = typer.Option(DEFAULT_MASTER_PORT, "--master-port", envvar="SUPERVISE_MASTER_PORT"),
+    trainer_module: str = typer.Option(DEFAULT_TRAINER_MODULE, "--trainer-module", help="Python module torchrun runs."),
+    run_dir: str = typer.Option(None, "--run-dir", help="Node-local folder shared with the ranks (default: a fresh temp folder)."),
+    notice_file: str = typer.Option(
+        None, "--notice-file", envvar="SUPERVISE_NOTICE_FILE", help="A file whose appearance is a preemption notice."
+    ),
+    cloud: str = typer.Option("auto", "--cloud", help="Metadata service to poll for notices: auto, aws, gcp, azure, none."),
+    aws_metadata_url: str = typer.Option(None, "--aws-metadata-url", envvar="SUPERVISE_AWS_METADATA_URL"),
+    gcp_metadata_url: str = typer.Option(None, "--gcp-metadata-url", envvar="SUPERVISE_GCP_METADATA_URL"),
+    azure_metadata_url: str = typer.Option(None, "--azure-metadata-url", envvar="SUPERVISE_AZURE_METADATA_URL"),
+    notice_poll: float = typer.Option(5.0, "--notice-poll", help="Seconds between metadata polls."),
+    grace: float = typer.Option(300.0, "--grace", help="After a notice without deadline, seconds to wait for the save."),
+    hang_timeout: float = typer.Option(1800.0, "--hang-timeout", help="Seconds without any rank advancing = hang."),
+    startup_timeout: float = typer.Option(1800.0, "--startup-timeout", help="Seconds allowed before the first heartbeat."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resume decision and the torchrun command; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: one JSON object (command, resume_step, ...)."),
+) -> None:
+    """Resume from the newest verified checkpoint, run torchrun, save on preemption notices.
+
+    Exit codes: 0 finished, 75 preempted and saved, 69 retryable failure, 78 bad input.
+    """
+    from supervisor.errors import SuperviseError
+    from supervisor.exitcodes import ExitCode
+    from supervisor.node.notices import CLOUDS
+    from supervisor.node.wrapper import NodeOptions, make_plan, run
+
+    if cloud not in (*CLOUDS, "auto", "none"):
+        raise SuperviseError(f"--cloud {cloud!r}: use auto, aws, gcp, azure or none", ExitCode.USER_ERROR)
+    opts = NodeOptions(
+        checkpoints=checkpoints, checkpoint_mount=checkpoint_mount, commit_wait_s=commit_wait,
+        nproc_per_node=nproc_per_node, master_port=master_port, trainer_module=trainer_module, run_dir=run_dir,
+        notice_file=notice_file, cloud=cloud,
+        metadata_urls={"aws": aws_metadata_url, "gcp": gcp_metadata_url, "azure": azure_metadata_url},
+        notice_poll_s=notice_poll, grace_s=grace, hang_timeout_s=hang_timeout, startup_timeout_s=startup_timeout,
+    )  # fmt: skip
+    trainer_args = list(ctx.args)
+    if dry_run:
+        plan = make_plan(opts, trainer_args)
+        if as_json:
+            print(f"supervise node: {plan.describe()}", file=sys.stderr)
+            typer.echo(json.dumps(plan.as_json()))
+        else:
+            import shlex
+
+            typer.echo(plan.describe())
+            typer.echo(shlex.join(plan.command))
+        return
+    raise typer.Exit(run(opts, trainer_args))
