@@ -1,0 +1,145 @@
+"""`supervise report NAME|URL`: goodput, badput and cost of a run across its recoveries.
+
+Exit codes: 0 report shown (possibly partial: skipped lines are listed), 1 nothing
+to report (no journal, no events), 2 bad input (unknown name, unreadable price file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from supervisor.errors import SuperviseError
+
+LEDGER_DIR = "_ledger"
+
+
+def ledger_url_of(target: str) -> str:
+    """NAME (from the job registry), checkpoint URL or path, or the ledger URL itself -> ledger URL."""
+    from supervisor import registry
+
+    if "://" not in target and not Path(target).exists():
+        job = registry.lookup(target)
+        if not job or not job.get("checkpoints_url"):
+            raise SuperviseError(f"no job named {target!r} and no such path: pass a job name from "
+                                 "`supervise status` or the run's checkpoint URL (s3://bucket/run)")
+        target = job["checkpoints_url"]
+    target = target.rstrip("/")
+    return target if target.endswith("/" + LEDGER_DIR) or target == LEDGER_DIR else f"{target}/{LEDGER_DIR}"
+
+
+def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file: str | Path | None = None,
+                 spot_price: float | None = None, on_demand_price: float | None = None) -> dict[str, Any]:
+    """Read the journal and compute the report object (plus the PNG when `plot` is given).
+
+    For other commands (demo, status): `build_report(url)["goodput"]`. Never raises on a
+    bad or missing journal; `report["events"] == 0` means there was nothing to report.
+    """
+    from supervisor.ledger.journal import read_events
+    from supervisor.ledger.prices import price_for
+    from supervisor.ledger.report import accelerators_of, build_timeline, summarize
+
+    events, problems = read_events(ledger_url)
+    cloud = next((e.get("cloud") for e in events if e.kind == "launch" and e.get("cloud")), None)
+    price = price_for(accelerators_of(events), cloud=cloud, price_file=price_file, spot=spot_price,
+                      on_demand=on_demand_price)
+    report = summarize(events, problems, price=price) if events else {"events": 0, "problems": problems}
+    report["ledger"] = ledger_url
+    report["plot"] = None
+    if plot is not None and events:
+        from supervisor.ledger.plot import plot_timeline
+
+        report["plot"] = str(plot_timeline(events, report, plot, timeline=build_timeline(events)))
+    return report
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.2f} s"
+
+
+def render(report: dict[str, Any]):
+    """A rich renderable of the report, for `report` and the end of `demo`."""
+    from rich.console import Group
+    from rich.table import Table
+
+    wall = report["wall_s"] or 0.0
+    gp = report.get("goodput")
+    time_table = Table(title=f"run ledger · goodput {gp * 100:.1f}% · {report.get('state')}" if gp is not None
+                       else "run ledger", title_justify="left")
+    time_table.add_column("where the wall time went")
+    time_table.add_column("time", justify="right")
+    time_table.add_column("share", justify="right")
+    b = report["breakdown"]
+    rows = [
+        ("productive training", report["productive_s"], ""),
+        ("checkpoint save + commit", report["checkpoint_s"], ""),
+        ("lost work (recomputed)", report["lost_s"], f"{report['steps']['recomputed']} steps"),
+        ("recovery", report["recovery_s"], f"detect {_fmt_s(b['detection_s'])}, restart {_fmt_s(b['restart_s'])}"),
+        ("queue / provisioning / start-up", report["queue_s"],
+         f"queue {_fmt_s(b['queue_s'])}, start-up {_fmt_s(b['startup_s'])}, re-provision {_fmt_s(b['provisioning_s'])}"),
+    ]
+    for label, value, note in rows:
+        share = f"{value / wall * 100:.1f}%" if wall else "-"
+        time_table.add_row(label + (f"  [dim]{note}[/]" if note else ""), _fmt_s(value), share)
+    time_table.add_row("[bold]wall[/]", f"[bold]{_fmt_s(wall)}[/]", "100%")
+
+    facts = Table(show_header=False, box=None)
+    facts.add_column(style="bold")
+    facts.add_column()
+    pre = report["preemptions"]
+    facts.add_row("preemptions", f"{pre['notice']} with notice, {pre['no_notice']} without; "
+                  f"{report['failures']} other failure(s); {report['recoveries']} recoveries")
+    st = report["steps"]
+    facts.add_row("steps", f"{st['first']} → {st['last']}, {st['productive']} kept, {st['recomputed']} recomputed"
+                  + (f", {st['mean_step_s']:.3f} s/step" if st.get("mean_step_s") else ""))
+    ck = report["checkpoints"]
+    if ck["mean_cost_s"] is not None:
+        facts.add_row("checkpoints", f"{ck['saved']} saved, {ck['committed']} committed, "
+                      f"{ck['mean_cost_s']:.2f} s each (save + commit)")
+    cost = report.get("cost")
+    if cost:
+        facts.add_row("cost", f"{report['nodes']} × {report['accelerators']} for {cost['node_hours']:.3f} node-h: "
+                      f"${cost['spot_usd']:.2f} spot vs ${cost['on_demand_usd']:.2f} on demand "
+                      f"(saved ${cost['savings_usd']:.2f}; badput ${cost['badput_spot_usd']:.2f})")
+        facts.add_row("prices", f"${cost['spot_usd_per_node_hour']:.3f}/h spot, "
+                      f"${cost['on_demand_usd_per_node_hour']:.3f}/h on demand — {cost['price_source']}")
+    facts.add_row("advice", report["advice"]["message"])
+    if report.get("plot"):
+        facts.add_row("plot", report["plot"])
+    return Group(time_table, facts)
+
+
+def report_command(
+    target: str = typer.Argument(..., metavar="NAME|URL", help="Job name, or the run's checkpoint URL/path."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a timeline PNG to this file."),
+    prices: Optional[Path] = typer.Option(None, "--prices", help="YAML/JSON price file (see docs/ledger.md)."),
+    spot_price: Optional[float] = typer.Option(None, "--spot-price", help="Spot USD per node-hour."),
+    on_demand_price: Optional[float] = typer.Option(None, "--on-demand-price", help="On-demand USD per node-hour."),
+) -> None:
+    """Goodput, badput and cost of a run across all its recoveries, from its ledger."""
+    from rich.console import Console
+
+    if prices is not None and not prices.is_file():
+        raise SuperviseError(f"price file {prices} does not exist")
+    report = build_report(ledger_url_of(target), plot=plot, price_file=prices, spot_price=spot_price,
+                          on_demand_price=on_demand_price)
+    err = Console(stderr=True)
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+    elif report["events"]:
+        Console().print(render(report))
+    for problem in report["problems"]:
+        err.print(f"[yellow]warning:[/] {problem}", highlight=False)
+    if not report["events"]:
+        err.print(f"nothing to report: no readable events at {report['ledger']}", highlight=False)
+        raise typer.Exit(1)

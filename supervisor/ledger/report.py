@@ -1,0 +1,461 @@
+"""Where the wall time of a run went, computed from its ledger events (pure functions).
+
+The wall interval (launch -> job_finished, or the last event while the job
+runs) is cut into consecutive segments, each with exactly one phase, by walking
+the time-ordered events through a small state machine:
+
+    queue         launch -> first node_start                 (waiting for machines)
+    startup       first node_start -> first first_step        (initial trainer start-up)
+    training      first_step -> loss (preempted / exit != 0 / recovery_started / finished)
+      checkpoint    inside training: [t - duration_s, t] of checkpoint_saved / _committed
+      lost          inside training: after the step that a later incarnation resumed from
+    detection     loss -> recovery_started                    (the backend noticing)
+    provisioning  recovery_started -> node_start              (waiting for machines again)
+    restart       node_start -> first_step                     (restart, catalog, load, first step)
+
+The report's five numbers are sums of segment lengths (queue_s = queue + startup
++ provisioning; recovery_s = detection + restart), so they add up to wall_s by
+construction: every measured instant belongs to one segment. `residual_s` shows
+the floating-point remainder. Productive time is measured the same way as the
+others — training segments that are neither checkpoint nor later recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.ledger.events import ACTIVITY_KINDS, Event
+
+CATEGORY = {
+    "queue": "queue", "startup": "queue", "provisioning": "queue",
+    "detection": "recovery", "restart": "recovery",
+    "training": "productive", "checkpoint": "checkpoint", "lost": "lost",
+}
+KEYS = ("productive", "checkpoint", "lost", "recovery", "queue")
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    phase: str
+
+    @property
+    def length(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class Window:
+    """One stretch of training by one incarnation, from its first step to its loss."""
+
+    incarnation: str
+    start: float
+    first_step: int
+    resume_step: int  # the step it loaded (0 = fresh)
+    end: float = math.nan
+    anchors: list[tuple[float, int]] = field(default_factory=list)  # (time a step completed, step)
+    checkpoints: list[tuple[float, float]] = field(default_factory=list)  # save/commit intervals
+    keep_step: float = math.inf  # steps above this were recomputed later
+    lost_s: float = 0.0
+
+    @property
+    def last_step(self) -> int:
+        return max((s for _, s in self.anchors), default=self.first_step)
+
+
+@dataclass
+class Interruption:
+    """One loss of the job and its way back."""
+
+    t_loss: float
+    cause: str = "failure"  # notice | no_notice | failure
+    reason: str = ""
+    saved_step: int | None = None
+    t_recovery_started: float | None = None
+    t_node_start: float | None = None
+    t_back: float | None = None  # first_step again
+    resumed_step: int | None = None
+    lost_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        back = None if self.t_back is None else self.t_back - self.t_loss
+        return {"t_loss": self.t_loss, "cause": self.cause, "reason": self.reason, "saved_step": self.saved_step,
+                "resumed_step": self.resumed_step, "lost_s": self.lost_s, "loss_to_first_step_s": back}
+
+
+@dataclass
+class Timeline:
+    t0: float
+    tend: float
+    state: str  # the job's final state, or "running"
+    segments: list[Segment]
+    windows: list[Window]
+    interruptions: list[Interruption]
+    notices: list[float]
+    problems: list[str]
+
+
+def _is_loss(e: Event) -> bool:
+    """The trainer stopped here: a preemption, a failed exit, or a chaos kill (its exact moment)."""
+    return (e.kind == "preempted" or (e.kind == "exit" and e.get("code", 0) != 0)
+            or (e.kind == "chaos" and e.get("action") == "kill"))
+
+
+class _Walker:
+    """The state machine of the module docstring; feeds on events in time order."""
+
+    def __init__(self, t0: float):
+        self.phase, self.since = "queue", t0
+        self.segments: list[Segment] = []
+        self.windows: list[Window] = []
+        self.interruptions: list[Interruption] = []
+        self.window: Window | None = None
+        self.pending_loss: float | None = None  # a loss seen during training, maybe premature
+        self.evidence: list[Event] = []
+        self.resume: int | None = None
+        self.episode: Interruption | None = None  # the interruption being recovered from
+        self.ended: set[str] = set()  # incarnations whose training is over
+
+    def _switch(self, t: float, phase: str) -> None:
+        if t > self.since:
+            self.segments.append(Segment(self.since, t, self.phase))
+        self.phase, self.since = phase, max(t, self.since)
+
+    def _close_window(self, t: float, phase: str) -> float:
+        """End training (or start-up) at the pending loss, or at t; open a new interruption."""
+        end = min(self.pending_loss, t) if self.pending_loss is not None else t
+        if self.window is not None:
+            self.window.end = end
+            self.ended.add(self.window.incarnation)
+            self.windows.append(self.window)
+            self.window = None
+        self._switch(end, phase)
+        return end
+
+    def _open_episode(self, t_loss: float) -> None:
+        self.episode = Interruption(t_loss=t_loss)
+        self.interruptions.append(self.episode)
+        self._absorb(self.evidence)
+        self.evidence, self.pending_loss = [], None
+
+    def _absorb(self, events: list[Event]) -> None:
+        ep = self.episode
+        for e in events:  # the first preemption signal decides the cause; later ones are teardown echoes
+            if e.kind == "preempted":
+                if ep.cause == "failure":
+                    ep.cause = "notice" if e.get("with_notice") else "no_notice"
+                if ep.cause == "notice" and e.get("saved_step") is not None:
+                    ep.saved_step = e.get("saved_step")
+            elif e.kind == "chaos" and ep.cause == "failure":
+                ep.cause = "no_notice"
+            if not ep.reason:
+                ep.reason = str(e.get("reason") or (f"exit code {e.get('code')}" if e.kind == "exit" else e.kind))
+
+    def feed(self, e: Event) -> None:
+        k, t = e.kind, e.t
+        in_run = self.phase in ("training", "startup", "restart")
+        if in_run and _is_loss(e) and e.incarnation not in self.ended:
+            if self.pending_loss is None:
+                self.pending_loss = t
+            self.evidence.append(e)
+        elif self.phase == "detection" and _is_loss(e):
+            self._absorb([e])
+        elif k == "recovery_started":
+            if in_run:
+                self._open_episode(self._close_window(t, "detection"))
+            if self.phase == "detection":
+                self._switch(t, "provisioning")
+                self.episode.t_recovery_started = t
+                if not self.episode.reason:
+                    self.episode.reason = str(e.get("reason") or "")
+        elif k == "node_start":
+            if self.phase == "queue":
+                self._switch(t, "startup")
+            elif self.phase in ("detection", "provisioning"):
+                self._switch(t, "restart")
+                self.episode.t_node_start, self.resume = t, None
+            elif self.phase == "training" and self.window and e.incarnation not in (self.window.incarnation,):
+                # a new incarnation started without a recovery_started event
+                self._open_episode(self._close_window(t, "detection"))
+                self._switch(t, "restart")
+                self.episode.t_node_start, self.resume = t, None
+        elif k == "resume" and self.phase != "training" and e.incarnation not in self.ended:
+            self.resume = int(e.get("step", 0))
+        elif k == "first_step" and self.phase != "training" and e.incarnation not in self.ended:
+            step = int(e.get("step"))
+            resume = self.resume if self.resume is not None else step - 1
+            self.window = Window(e.incarnation, t, step, resume, anchors=[(t, step)])
+            self.pending_loss, self.evidence = None, []
+            if self.episode is not None and self.phase != "queue" and self.phase != "startup":
+                self.episode.t_back, self.episode.resumed_step = t, resume
+            self._switch(t, "training")
+        elif self.phase == "training" and k in ACTIVITY_KINDS and e.incarnation == self.window.incarnation:
+            self.pending_loss = None  # still training: the earlier loss signal was premature
+            step = int(e.get("step"))
+            if k == "progress":
+                self.window.anchors.append((t, step))
+            else:
+                start = t - max(0.0, float(e.get("duration_s")))
+                self.window.checkpoints.append((start, t))
+                if k == "checkpoint_saved":
+                    self.window.anchors.append((start, step))
+
+    def finish(self, tend: float) -> None:
+        if self.phase in ("training", "startup", "restart"):
+            if self.pending_loss is not None:
+                self._open_episode(self._close_window(tend, "detection"))
+            elif self.window is not None:
+                self.window.end = tend
+                self.windows.append(self.window)
+                self.window = None
+        self._switch(tend, self.phase)
+
+
+def _step_time(window: Window, step: float) -> float | None:
+    """When `step` had completed in this window (linear between anchors); None if never."""
+    anchors = sorted(window.anchors)
+    if step < window.first_step:
+        return window.start
+    exact = [t for t, s in anchors if s == step]
+    if exact:
+        return min(exact)
+    before = [(t, s) for t, s in anchors if s < step]
+    after = [(t, s) for t, s in anchors if s > step]
+    if not after:
+        return None
+    (ta, sa), (tb, sb) = before[-1], after[0]
+    return ta + (step - sa) / (sb - sa) * (tb - ta)
+
+
+def _union(intervals: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals):
+        if b <= a:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _split_training(window: Window) -> list[Segment]:
+    """Training window -> training / checkpoint / lost segments that tile it exactly."""
+    lo, hi = window.start, window.end
+    ckpts = _union(window.checkpoints, lo, hi)
+    t_keep = hi
+    if window.keep_step < math.inf:
+        found = _step_time(window, window.keep_step)
+        t_keep = hi if found is None else min(max(found, lo), hi)
+    cuts = sorted({lo, hi, t_keep, *(x for c in ckpts for x in c)})
+    out: list[Segment] = []
+    for a, b in zip(cuts, cuts[1:]):
+        mid = (a + b) / 2
+        phase = ("checkpoint" if any(ca <= mid <= cb for ca, cb in ckpts)
+                 else "lost" if mid >= t_keep else "training")
+        if out and out[-1].phase == phase:
+            out[-1].end = b
+        else:
+            out.append(Segment(a, b, phase))
+    window.lost_s = sum(s.length for s in out if s.phase == "lost")
+    return out
+
+
+def build_timeline(events: list[Event]) -> Timeline:
+    """Events (any order) -> the segments that tile the run's wall time."""
+    problems: list[str] = []
+    events = sorted(events, key=lambda e: (e.t, e.writer, e.seq))
+    if not events:
+        return Timeline(0.0, 0.0, "unknown", [], [], [], [], ["no events"])
+    launches = [e for e in events if e.kind == "launch"]
+    if launches:
+        t0 = launches[0].t
+    else:
+        t0 = events[0].t
+        problems.append("no launch event: wall time starts at the first event")
+    finished = [e for e in events if e.kind == "job_finished" and e.t >= t0]
+    tend = finished[0].t if finished else events[-1].t
+    state = str(finished[0].get("state", "finished")) if finished else "running"
+    if finished and finished[-1].t < events[-1].t:
+        problems.append(f"{sum(e.t > tend for e in events)} event(s) after job_finished were ignored")
+
+    walker = _Walker(t0)
+    for e in events:
+        if t0 <= e.t <= tend:
+            walker.feed(e)
+    walker.finish(tend)
+
+    # A step computed in window j was wasted if any later incarnation resumed below it.
+    windows = walker.windows
+    for j, w in enumerate(windows):
+        later = [v.resume_step for v in windows[j + 1:]]
+        w.keep_step = min(later, default=math.inf)
+    segments: list[Segment] = []
+    for seg in walker.segments:
+        if seg.phase != "training":
+            segments.append(seg)
+            continue
+        for w in windows:
+            if w.start <= seg.start < w.end or (w.start == seg.start == w.end):
+                w_clip = Window(w.incarnation, seg.start, w.first_step, w.resume_step, min(seg.end, w.end),
+                                w.anchors, w.checkpoints, w.keep_step)
+                segments.extend(_split_training(w_clip))
+                w.lost_s = w_clip.lost_s
+                break
+        else:
+            segments.append(seg)
+    for ep in walker.interruptions:
+        before = [w for w in windows if w.end <= ep.t_loss + 1e-9]
+        ep.lost_s = before[-1].lost_s if before else 0.0
+    notices = [e.t for e in events if e.kind == "notice" and t0 <= e.t <= tend]
+    return Timeline(t0, tend, state, segments, windows, walker.interruptions, notices, problems)
+
+
+def _checkpoint_stats(events: list[Event]) -> dict[str, Any]:
+    """Per checkpoint step: the longest save and commit any writer measured."""
+    saves: dict[int, float] = {}
+    commits: dict[int, float] = {}
+    for e in events:
+        if e.kind in ("checkpoint_saved", "checkpoint_committed"):
+            table = saves if e.kind == "checkpoint_saved" else commits
+            step = int(e.get("step"))
+            table[step] = max(table.get(step, 0.0), float(e.get("duration_s")))
+    steps = sorted(set(saves) | set(commits))
+    costs = [saves.get(s, 0.0) + commits.get(s, 0.0) for s in steps]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"saved": len(saves), "committed": len(commits), "mean_save_s": mean(list(saves.values())),
+            "mean_commit_s": mean(list(commits.values())), "mean_cost_s": mean(costs)}
+
+
+def young_daly(save_cost_s: float | None, mtbf_s: float | None) -> float | None:
+    """Optimal checkpoint interval sqrt(2 * C * MTBF) (Young 1974; Daly 2006, first order)."""
+    if not save_cost_s or not mtbf_s:
+        return None
+    return math.sqrt(2.0 * save_cost_s * mtbf_s)
+
+
+def _advice(tl: Timeline, totals: dict[str, float], ckpt: dict[str, Any], steps: dict[str, Any],
+            events: list[Event]) -> dict[str, Any]:
+    """Checkpoint interval advice. Only interruptions that lost work count toward the MTBF:
+    a preemption saved on notice costs no recomputation, whatever the interval."""
+    unsaved = [ep for ep in tl.interruptions if not (ep.cause == "notice" and ep.saved_step is not None)]
+    held = tl.tend - tl.t0 - totals["queue_wait"]
+    mean_step = steps["mean_step_s"]
+    commits = sorted({(e.t, int(e.get("step"))) for e in events if e.kind == "checkpoint_committed"})
+    gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(commits, commits[1:]) if b[1] > a[1]]
+    current_s = sum(g[0] for g in gaps) / len(gaps) if gaps else None
+    current_steps = sum(g[1] for g in gaps) / len(gaps) if gaps else None
+    out: dict[str, Any] = {"mtbf_s": None, "interruptions_counted": len(unsaved), "save_cost_s": ckpt["mean_cost_s"],
+                           "interval_s": None, "interval_steps": None, "current_interval_s": current_s,
+                           "current_interval_steps": current_steps}
+    if not unsaved:
+        saved = len(tl.interruptions)
+        out["message"] = "not enough preemptions observed" + (
+            f" (all {saved} interruption(s) were saved on notice and lost no work)" if saved else "")
+        return out
+    if not ckpt["mean_cost_s"]:
+        out["message"] = "no checkpoint save was measured"
+        return out
+    out["mtbf_s"] = held / len(unsaved)
+    out["interval_s"] = young_daly(ckpt["mean_cost_s"], out["mtbf_s"])
+    if mean_step:
+        out["interval_steps"] = max(1, round(out["interval_s"] / mean_step))
+    now = f"; now every {current_steps:.0f} steps (~{current_s:.0f} s)" if current_s else ""
+    steps_txt = f"~{out['interval_steps']} steps " if out["interval_steps"] else ""
+    out["message"] = (f"checkpoint every {steps_txt}(~{out['interval_s']:.0f} s): save cost "
+                      f"{ckpt['mean_cost_s']:.2f} s, MTBF {out['mtbf_s']:.0f} s over {len(unsaved)} "
+                      f"work-losing interruption(s){now}")
+    return out
+
+
+def _nodes(events: list[Event]) -> int:
+    for e in events:
+        if e.kind == "launch" and e.get("nodes"):
+            return int(e.get("nodes"))
+    counts = [int(e.get("num_nodes") or e.get("nnodes")) for e in events
+              if e.kind == "node_start" and (e.get("num_nodes") or e.get("nnodes"))]
+    if counts:
+        return max(counts)
+    per_inc: dict[str, set] = {}
+    for e in events:
+        if e.kind == "node_start":
+            per_inc.setdefault(e.incarnation, set()).add(e.get("node_rank", e.writer))
+    return max((len(v) for v in per_inc.values()), default=1)
+
+
+def accelerators_of(events: list[Event]) -> str:
+    for e in events:
+        if e.kind == "launch" and e.get("accelerators"):
+            return str(e.get("accelerators"))
+    return "CPU"
+
+
+def cost(node_hours: float, spot_price: float, on_demand_price: float, badput_hours: float,
+         source: str) -> dict[str, Any]:
+    """Spot cost of the node-hours the run held vs the same hours on demand."""
+    spot, on_demand = node_hours * spot_price, node_hours * on_demand_price
+    return {"node_hours": node_hours, "price_source": source, "spot_usd_per_node_hour": spot_price,
+            "on_demand_usd_per_node_hour": on_demand_price, "spot_usd": spot, "on_demand_usd": on_demand,
+            "savings_usd": on_demand - spot, "badput_spot_usd": badput_hours * spot_price}
+
+
+def summarize(events: list[Event], problems: list[str] | None = None, price=None) -> dict[str, Any]:
+    """The report object (JSON-ready). `price`: an object with .spot, .on_demand, .source (prices.Price)."""
+    tl = build_timeline(events)
+    by_phase: dict[str, float] = {}
+    for s in tl.segments:
+        by_phase[s.phase] = by_phase.get(s.phase, 0.0) + s.length
+    totals = {k: 0.0 for k in KEYS}
+    for phase, length in by_phase.items():
+        totals[CATEGORY[phase]] += length
+    wall = tl.tend - tl.t0
+    totals["queue_wait"] = by_phase.get("queue", 0.0) + by_phase.get("provisioning", 0.0)
+
+    productive_steps = sum(max(0, min(w.last_step, w.keep_step) - w.resume_step) for w in tl.windows)
+    recomputed = sum(max(0, w.last_step - max(w.keep_step, w.resume_step)) for w in tl.windows
+                     if w.keep_step < math.inf)
+    steps = {"first": tl.windows[0].first_step if tl.windows else None,
+             "last": max((w.last_step for w in tl.windows), default=None),
+             "productive": productive_steps, "recomputed": recomputed,
+             "mean_step_s": totals["productive"] / productive_steps if productive_steps else None}
+    events = [e for e in events if tl.t0 <= e.t <= tl.tend]
+    ckpt = _checkpoint_stats(events)
+    nodes = _nodes(events)
+    accelerators = accelerators_of(events)
+    node_hours = nodes * (wall - totals["queue_wait"]) / 3600.0
+    badput_hours = nodes * (totals["lost"] + totals["recovery"] + totals["checkpoint"]) / 3600.0
+    spot_flags = [e.get("spot") for e in events if e.kind == "launch" and e.get("spot") is not None]
+
+    report: dict[str, Any] = {
+        "state": tl.state,
+        "start": tl.t0, "end": tl.tend,
+        "wall_s": wall,
+        "productive_s": totals["productive"],
+        "checkpoint_s": totals["checkpoint"],
+        "lost_s": totals["lost"],
+        "recovery_s": totals["recovery"],
+        "queue_s": totals["queue"],
+        "residual_s": wall - sum(totals[k] for k in KEYS),
+        "goodput": totals["productive"] / wall if wall > 0 else None,
+        "breakdown": {f"{p}_s": by_phase.get(p, 0.0) for p in CATEGORY},
+        "preemptions": {"notice": sum(ep.cause == "notice" for ep in tl.interruptions),
+                        "no_notice": sum(ep.cause == "no_notice" for ep in tl.interruptions)},
+        "failures": sum(ep.cause == "failure" for ep in tl.interruptions),
+        "recoveries": sum(ep.t_back is not None for ep in tl.interruptions),
+        "interruptions": [ep.to_dict() for ep in tl.interruptions],
+        "steps": steps,
+        "checkpoints": ckpt,
+        "nodes": nodes,
+        "accelerators": accelerators,
+        "spot": spot_flags[0] if spot_flags else None,
+        "advice": _advice(tl, totals, ckpt, steps, events),
+        "cost": None,
+        "events": len(events),
+        "problems": list(problems or []) + tl.problems,
+    }
+    if price is not None:
+        report["cost"] = cost(node_hours, price.spot, price.on_demand, badput_hours, price.source)
+    return report
