@@ -109,12 +109,20 @@ def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool
 # ---- actions -----------------------------------------------------------------
 
 
-def preempt_with_notice(wrapper_pid: int) -> None:
-    """What SkyPilot/torchrun do before a VM goes: SIGTERM to the node wrapper only
-    (not its group, so the workers live to save)."""
+def preempt_with_notice(wrapper_pid: int, notice_file, deadline_s: float | None) -> str:
+    """A cloud's notice with a deadline goes through the node's notice file (like a
+    metadata server); without one it is what SkyPilot/torchrun send before a VM
+    goes: SIGTERM to the node wrapper only (not its group, so the workers live to
+    save)."""
     import os
 
+    if deadline_s is not None:
+        from supervisor.runtime import write_json_atomic
+
+        write_json_atomic(notice_file, {"deadline_s": deadline_s})
+        return f"notice file with a {deadline_s:g} s deadline"
     os.kill(wrapper_pid, signal.SIGTERM)
+    return "SIGTERM to the node wrapper"
 
 
 def preempt_without_notice(node_tag: str) -> int:

@@ -34,6 +34,7 @@ from supervisor.runtime import read_json, write_json_atomic
 
 BACKEND = "local"
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+NOTICE_IN = "chaos-notice.json"  # in a node's run dir; handed to `supervise node --notice-file`
 
 
 @dataclass
@@ -122,7 +123,18 @@ def decide(
     return Decision("fail", True, f"{what}; max_restarts_on_errors={max_restarts_on_errors} used up")
 
 
-def node_env(job: LocalJob, *, rank: int, incarnation: int, master_port: int, run_dir: Path, task_id: str) -> dict[str, str]:
+def node_argv_for(argv: list[str], *, master_port: int, notice_file: Path) -> list[str]:
+    """The job's node command with two local-only options after `node`: a fresh
+    rendezvous port (jobs and incarnations share one loopback; SkyPilot's nodes
+    each have their own) and the notice file chaos writes (the stand-in for a
+    cloud's metadata server)."""
+    if "node" not in argv:
+        return list(argv)
+    i = argv.index("node") + 1
+    return [*argv[:i], "--master-port", str(master_port), "--notice-file", str(notice_file), *argv[i:]]
+
+
+def node_env(job: LocalJob, *, rank: int, incarnation: int, run_dir: Path, task_id: str) -> dict[str, str]:
     """The environment SkyPilot gives node `rank`, plus the supervise runtime names."""
     from supervisor.launch.procs import ENV_TAG, tag
     from supervisor.runtime import ENV_CHECKPOINTS, ENV_INCARNATION, ENV_LEDGER, ENV_RUN_DIR
@@ -133,7 +145,6 @@ def node_env(job: LocalJob, *, rank: int, incarnation: int, master_port: int, ru
         "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * job.num_nodes),
         "SKYPILOT_NUM_GPUS_PER_NODE": str(job.gpus_per_node),
         "SKYPILOT_TASK_ID": task_id,
-        "SUPERVISE_MASTER_PORT": str(master_port),
         ENV_RUN_DIR: str(run_dir),
         ENV_INCARNATION: str(incarnation),
         ENV_TAG: tag(job.name, incarnation, rank),
@@ -176,19 +187,24 @@ def _load_job(name: str) -> LocalJob:
 
 
 def job_from_spec(spec, *, name: str) -> LocalJob:
-    """A JobSpec, run the way SkyPilot would run it, as a LocalJob."""
-    from supervisor.exitcodes import RECOVER_ON
+    """A JobSpec, run the way SkyPilot would run it, as a LocalJob.
+
+    There are no bucket mounts here, so the nodes write checkpoints straight
+    through the S3 API (checkpoint mode DIRECT)."""
     from supervisor.spec import node_argv
 
+    if spec.checkpoint.mode != "DIRECT":
+        spec = spec.model_copy(deep=True)
+        spec.checkpoint.mode = "DIRECT"
     return LocalJob(
         name=name,
         node_argv=node_argv(spec),
-        num_nodes=spec.resources.num_nodes,
-        gpus_per_node=max(spec.resources.ranks_per_node()),
+        num_nodes=spec.num_nodes,
+        gpus_per_node=spec.gpus_per_node,
         checkpoints_url=spec.checkpoints_url,
         max_restarts_on_errors=spec.recovery.max_restarts_on_errors,
-        recover_on_exit_codes=[int(c) for c in RECOVER_ON],
-        env=dict(spec.envs),
+        recover_on_exit_codes=list(spec.recovery.recover_on_exit_codes),
+        env=spec.env,
     )
 
 

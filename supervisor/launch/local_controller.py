@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.launch import chaos, procs
-from supervisor.launch.local import LocalJob, decide, node_env
+from supervisor.launch.local import NOTICE_IN, LocalJob, decide, node_argv_for, node_env
 from supervisor.runtime import HEARTBEAT_DIR, read_json, write_json_atomic
 
 POLL_S = 0.2
@@ -93,12 +93,13 @@ class Controller:
             run_dir.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, **self.job.env}
             env.setdefault("OMP_NUM_THREADS", "1")
-            env.update(node_env(self.job, rank=rank, incarnation=inc, master_port=port, run_dir=run_dir, task_id=task_id))
+            env.update(node_env(self.job, rank=rank, incarnation=inc, run_dir=run_dir, task_id=task_id))
+            argv = node_argv_for(resolve_argv(self.job.node_argv), master_port=port, notice_file=run_dir / NOTICE_IN)
             out = open(self.folder / f"node-{rank}.log", "ab")
             out.write(f"=== incarnation {inc}, node {rank}/{self.job.num_nodes}, master port {port} ===\n".encode())
             out.flush()
             proc = subprocess.Popen(
-                resolve_argv(self.job.node_argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=env.get("SUPERVISE_CWD") or None,
             )
             out.close()
@@ -124,8 +125,7 @@ class Controller:
         t = time.time()
         node_tag = procs.tag(self.job.name, inc, ev.node)
         if ev.kind == "notice":
-            chaos.preempt_with_notice(nodes[ev.node].proc.pid)
-            detail = "SIGTERM sent to the node wrapper"
+            detail = chaos.preempt_with_notice(nodes[ev.node].proc.pid, nodes[ev.node].run_dir / NOTICE_IN, ev.deadline_s)
         elif ev.kind == "kill":
             detail = f"SIGKILLed {chaos.preempt_without_notice(node_tag)} process(es)"
         elif ev.kind == "stall":
@@ -173,8 +173,9 @@ class Controller:
                 step = self.step(nodes)
                 if step is not None and step != self.state.get("step"):
                     self.save(step=step, state="RUNNING")
-                for i in chaos.due(self.plan, self.fired, step, live=True):
-                    self.fire(i, inc, nodes, step)
+                if first_exit is None:  # a node is already leaving: let the incarnation end as it is
+                    for i in chaos.due(self.plan, self.fired, step, live=True):
+                        self.fire(i, inc, nodes, step)
             time.sleep(POLL_S)
 
     def stop(self, nodes: list[Node], *, graceful: bool) -> None:

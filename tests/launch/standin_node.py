@@ -6,7 +6,7 @@ It "trains" by counting steps, "commits" a step every 3 steps to
 $STANDIN_DIR/committed, resumes from there, and keeps one child process in its
 own session (like a torchrun worker) so the kill-the-whole-tree paths are real.
 
-    standin_node.py [--exit CODE] [--steps N] [--step-s S]
+    standin_node.py node [--master-port P] [--notice-file F] [--exit CODE] [--steps N] [--step-s S]
 """
 
 import argparse
@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 p = argparse.ArgumentParser()
+p.add_argument("node")
+p.add_argument("--master-port", type=int, required=True)
+p.add_argument("--notice-file", type=Path, required=True)
 p.add_argument("--exit", type=int, default=None)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--step-s", type=float, default=0.15)
@@ -30,8 +33,8 @@ run_dir = Path(os.environ["SUPERVISE_RUN_DIR"])
 state.mkdir(parents=True, exist_ok=True)
 with open(state / f"starts-{rank}.jsonl", "a") as f:
     keys = ["SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE",
-            "SKYPILOT_TASK_ID", "SUPERVISE_MASTER_PORT", "SUPERVISE_INCARNATION"]
-    f.write(json.dumps({"pid": os.getpid(), **{k: os.environ.get(k) for k in keys}}) + "\n")
+            "SKYPILOT_TASK_ID", "SUPERVISE_INCARNATION"]
+    f.write(json.dumps({"pid": os.getpid(), "port": args.master_port, **{k: os.environ.get(k) for k in keys}}) + "\n")
 if args.exit is not None:
     sys.exit(args.exit)
 
@@ -71,7 +74,9 @@ while step < args.steps:
     os.replace(tmp, hb)
     if step % 3 == 0:
         commit(step)
-    if noticed:
+    agreed = state / f"agree-{os.environ['SUPERVISE_INCARNATION']}"  # all ranks agree, like the trainer's collective
+    if noticed or args.notice_file.exists() or agreed.exists():
+        agreed.touch()
         commit(step)
         worker.kill()
         sys.exit(75)

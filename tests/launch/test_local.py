@@ -13,7 +13,7 @@ import pytest
 
 from supervisor import registry
 from supervisor.exitcodes import ExitCode
-from supervisor.launch.local import LocalJob, LocalLauncher, decide, read_state
+from supervisor.launch.local import LocalJob, LocalLauncher, decide, node_argv_for, read_state
 from supervisor.launch.procs import tagged
 
 STANDIN = str(Path(__file__).with_name("standin_node.py"))
@@ -31,7 +31,7 @@ def launcher(tmp_path, monkeypatch):
 
 
 def job(tmp_path, name, *args, **kw) -> LocalJob:
-    return LocalJob(name=name, node_argv=[sys.executable, STANDIN, *args],
+    return LocalJob(name=name, node_argv=[sys.executable, STANDIN, "node", *args],
                     env={"STANDIN_DIR": str(tmp_path / "standin")}, **kw)
 
 
@@ -98,30 +98,39 @@ def test_retryable_is_retried_up_to_the_limit_then_failed(launcher, tmp_path):
         assert [s["SUPERVISE_INCARNATION"] for s in starts(tmp_path, rank)] == ["0", "1", "2"]
 
 
-def test_killed_node_restarts_all_nodes_with_skypilot_env(launcher, tmp_path):
-    j = job(tmp_path, "twonodes", "--steps", "14", num_nodes=2, gpus_per_node=1,
-            chaos=[{"kind": "kill", "at_step": 5, "node": 1}])
+def test_node_argv_gets_local_options_after_node():
+    argv = ["supervise", "node", "--checkpoints", "s3://b/r", "--", "--module", "llama3"]
+    assert node_argv_for(argv, master_port=1234, notice_file=Path("/r/n.json")) == [
+        "supervise", "node", "--master-port", "1234", "--notice-file", "/r/n.json",
+        "--checkpoints", "s3://b/r", "--", "--module", "llama3"]
+
+
+def test_preemptions_restart_all_nodes_with_skypilot_env(launcher, tmp_path):
+    j = job(tmp_path, "twonodes", "--steps", "16", num_nodes=2, gpus_per_node=1, max_restarts_on_errors=0,
+            chaos=[{"kind": "notice", "at_step": 3, "node": 0, "deadline_s": 30.0},
+                   {"kind": "kill", "at_step": 8, "node": 1}])
     launcher.launch_job(j)
     st = launcher.wait("twonodes", timeout_s=90)
-    assert st.state == "SUCCEEDED" and st.recoveries == 1
+    assert st.state == "SUCCEEDED" and st.recoveries == 2, "preemptions do not spend the error budget"
     s0, s1 = starts(tmp_path, 0), starts(tmp_path, 1)
-    assert len(s0) == len(s1) == 2, "both nodes restarted"
-    assert s0[0]["pid"] != s0[1]["pid"]
+    assert len(s0) == len(s1) == 3, "every node restarted after each preemption"
+    assert len({s["pid"] for s in s0 + s1}) == 6
     for rank, runs in ((0, s0), (1, s1)):
         for inc, env in enumerate(runs):
             assert env["SKYPILOT_NUM_NODES"] == "2" and env["SKYPILOT_NODE_RANK"] == str(rank)
             assert env["SKYPILOT_NODE_IPS"] == "127.0.0.1\n127.0.0.1"
             assert env["SKYPILOT_NUM_GPUS_PER_NODE"] == "1"
             assert env["SUPERVISE_INCARNATION"] == str(inc)
-    assert s0[0]["SUPERVISE_MASTER_PORT"] == s1[0]["SUPERVISE_MASTER_PORT"]
-    assert s0[1]["SUPERVISE_MASTER_PORT"] == s1[1]["SUPERVISE_MASTER_PORT"]
+    assert [a["port"] for a in s0] == [b["port"] for b in s1], "one rendezvous per incarnation"
     assert s0[0]["SKYPILOT_TASK_ID"] == s0[1]["SKYPILOT_TASK_ID"]
     # the killed node's worker (own session) died with it, not left as an orphan
     worker_pids = [int((tmp_path / "standin" / f"worker-{r}.pid").read_text()) for r in (0, 1)]
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in worker_pids)
     state = read_state("twonodes")
-    assert state["chaos_fired"][0]["kind"] == "kill"
-    assert "lost (SIGKILL)" in state["last_recovery_reason"]
+    assert [c["kind"] for c in state["chaos_fired"]] == ["notice", "kill"]
+    assert state["errors"] == 0 and "lost (SIGKILL)" in state["last_recovery_reason"]
+    log = (tmp_path / "home" / "local" / "twonodes" / "job.log").read_text()
+    assert "exited 75 (preempted, state saved)" in log
 
 
 def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
