@@ -53,6 +53,9 @@ def _register() -> None:
     from supervisor.ledger.cli import report_command
 
     app.command("report")(report_command)
+    from supervisor.demo import demo_command
+
+    app.command("demo")(demo_command)
 
 
 _register()
