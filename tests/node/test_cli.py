@@ -1,0 +1,90 @@
+"""`supervise node` as users call it: bad input -> one line + exit 78; --dry-run --json
+with a real catalog (a real DCP save, committed, then corrupted)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from supervisor.exitcodes import ExitCode
+
+SUPERVISE = str(Path(sys.executable).parent / "supervise")
+TT = ["--module", "llama3", "--config", "llama3_debugmodel"]
+
+
+def node(*args, env=None):
+    full = {**os.environ, **(env or {})}
+    for k in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SUPERVISE_CHECKPOINTS"):
+        full.pop(k, None) if k not in (env or {}) else None
+    return subprocess.run([SUPERVISE, "node", *args], capture_output=True, text=True, env=full, timeout=120)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["--dry-run", "--"], {}, "no trainer arguments"),
+        (["--"], {}, "no trainer arguments"),
+        (["--dry-run", "--", "--module", "llama9", "--config", "x"], {}, "unknown TorchTitan module"),
+        (["--dry-run", "--", "--module", "llama3", "--config", "llama3_tiny"], {}, "unknown TorchTitan config"),
+        (["--dry-run", "--", *TT], {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "2",
+                                    "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1"}, "out of range"),
+        (["--dry-run", "--checkpoints", "s3://bucket/run", "--", *TT],
+         {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "x",
+          "AWS_SECRET_ACCESS_KEY": "y", "SUPERVISE_STORE_RETRY_S": "1"}, "unreachable"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_78(args, env, words):
+    res = node(*args, env=env)
+    assert res.returncode == ExitCode.USER_ERROR, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]  # retry warnings may precede it
+    assert len(errors) == 1 and lines[-1] == errors[0] and words in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def _dcp_save(path: Path, step: int) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group: intended
+        dcp.save({"w": torch.randn(4096)}, checkpoint_id=str(path / f"step-{step}"))
+
+
+def test_dry_run_json_resumes_from_newest_verified_step(tmp_path):
+    from supervisor.store.catalog import Catalog
+
+    ck = tmp_path / "ck"
+    for step in (2, 4):
+        _dcp_save(ck, step)
+        Catalog(str(ck)).commit(step, world_size=1, writer="test")
+    env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.1.0.1\n10.1.0.2",
+           "SKYPILOT_NUM_GPUS_PER_NODE": "2"}  # fmt: skip
+    res = node("--dry-run", "--json", "--", *TT, "--dump_folder", str(tmp_path), "--checkpoint.folder", "ck", env=env)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert plan["resume_step"] == 4
+    cmd = plan["command"]
+    assert cmd[cmd.index("--checkpoint.load_step") + 1] == "4"
+    assert cmd[cmd.index("--checkpoint.folder") + 1] == str(ck)
+    assert cmd[cmd.index("--node_rank") + 1] == "1" and "--master_addr=10.1.0.1" in cmd
+
+    shard = next((ck / "step-4").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # newest checkpoint truncated
+    res = node("--dry-run", "--", *TT, "--dump_folder", str(tmp_path), "--checkpoint.folder", "ck")
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("resuming from step 2") and "step 4" in first, first
+    assert "--checkpoint.load_step 2" in res.stdout
