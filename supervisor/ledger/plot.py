@@ -33,7 +33,7 @@ def plot_timeline(events: list[Event], report: dict[str, Any], path: str | Path,
 
     tl = timeline or build_timeline(events)
     t0 = tl.t0
-    fig, ax = plt.subplots(figsize=(12, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
     for seg in tl.segments:
         colour, _ = COLOURS.get(seg.phase, ("#ffffff", None))
         ax.axvspan(seg.start - t0, seg.end - t0, color=colour, hatch=_HATCH.get(seg.phase), lw=0,
@@ -57,8 +57,8 @@ def plot_timeline(events: list[Event], report: dict[str, Any], path: str | Path,
         x = ep.t_loss - t0
         style = {"notice": ("#e67e00", "--"), "no_notice": ("#c0392b", "-"), "failure": ("#7b2cbf", ":")}[ep.cause]
         ax.axvline(x, color=style[0], ls=style[1], lw=2, zorder=5)
-        label = {"notice": "preempted (notice)", "no_notice": "preempted (no notice)", "failure": "failure"}[ep.cause]
-        ax.text(x, top * 1.02, " " + label, rotation=90, va="bottom", ha="right", fontsize=8, color=style[0])
+        label = {"notice": "preempted\n(notice)", "no_notice": "preempted\n(no notice)", "failure": "failure"}[ep.cause]
+        ax.text(x, top * 1.22, " " + label, va="top", ha="left", fontsize=7, color=style[0], zorder=6)
     for t in tl.notices:
         ax.axvline(t - t0, color="#e67e00", ls=":", lw=1, zorder=5)
 
@@ -77,9 +77,10 @@ def plot_timeline(events: list[Event], report: dict[str, Any], path: str | Path,
         Line2D([], [], color="#1f4e9c", marker="D", ls="", label="checkpoint committed"),
         Line2D([], [], color="#e67e00", ls="--", label="preempted with notice (dotted: notice)"),
         Line2D([], [], color="#c0392b", ls="-", label="preempted without notice"),
+        Line2D([], [], color="#7b2cbf", ls=":", label="failure (crash, hang)"),
     ]
-    ax.legend(handles=handles, loc="upper left", fontsize=7, ncol=3, framealpha=0.9)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", fontsize=8, ncol=5, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from supervisor.ledger.events import ACTIVITY_KINDS, Event
@@ -402,6 +403,10 @@ def cost(node_hours: float, spot_price: float, on_demand_price: float, badput_ho
             "savings_usd": on_demand - spot, "badput_spot_usd": badput_hours * spot_price}
 
 
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
 def summarize(events: list[Event], problems: list[str] | None = None, price=None) -> dict[str, Any]:
     """The report object (JSON-ready). `price`: an object with .spot, .on_demand, .source (prices.Price)."""
     tl = build_timeline(events)
@@ -431,7 +436,7 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
 
     report: dict[str, Any] = {
         "state": tl.state,
-        "start": tl.t0, "end": tl.tend,
+        "start": tl.t0, "end": tl.tend, "started_at": _iso(tl.t0), "ended_at": _iso(tl.tend),
         "wall_s": wall,
         "productive_s": totals["productive"],
         "checkpoint_s": totals["checkpoint"],
