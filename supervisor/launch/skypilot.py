@@ -35,6 +35,7 @@ VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervi
 # (on AWS/GCP with instance roles they are not needed).
 STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+PRICED_CLOUDS = ("aws", "gcp", "azure", "lambda", "nebius", "runpod")
 GRACEFUL_TIMEOUT_S = 900  # stop: time for the final save + MOUNT_CACHED upload
 
 
@@ -302,11 +303,18 @@ def estimate_hourly(spec: JobSpec) -> float | None:
         return None
     try:
         from sky import catalog
+        from sky.catalog import common
 
+        # Only catalogs already on disk: a launch summary must not wait on downloads.
+        clouds = [c for c in PRICED_CLOUDS if os.path.exists(common.get_catalog_path(f"{c}/vms.csv"))]
+        if res.infra:
+            clouds = [c for c in clouds if c == res.infra.split("/")[0]]
         best = None
         for name, count in res.accelerators.items():
+            if not clouds:
+                break
             offers = catalog.list_accelerators(gpus_only=True, name_filter=name, quantity_filter=count,
-                                               case_sensitive=False, require_price=True)
+                                               clouds=clouds, case_sensitive=False, require_price=True)
             for infos in offers.values():
                 for info in infos:
                     price = info.spot_price if res.spot else info.price
