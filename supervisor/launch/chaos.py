@@ -61,9 +61,10 @@ def parse_event(text: str) -> ChaosEvent:
     return ChaosEvent(m["kind"], int(m["step"]), int(m["node"] or 0))
 
 
-def demo_plan(*, steps: int, interval: int, num_nodes: int, seed: int) -> list[ChaosEvent]:
-    """One preemption with notice, then one without notice whose restart finds the
-    newest checkpoint corrupt. The seed picks the steps and the nodes.
+def demo_plan(*, steps: int, interval: int, num_nodes: int, seed: int, deadline_s: float = 60.0) -> list[ChaosEvent]:
+    """One preemption with notice (a `deadline_s` notice, like a cloud's), then one
+    without notice whose restart finds the newest checkpoint corrupt. The seed
+    picks the steps and the nodes.
 
     The kill lands mid-interval after at least two commits since the notice, so the
     corrupt checkpoint has an older committed one to fall back to and some work
@@ -77,11 +78,11 @@ def demo_plan(*, steps: int, interval: int, num_nodes: int, seed: int) -> list[C
     kill_lo = first_commit_after + interval + 1
     kill_hi = max(kill_lo, steps - 2)
     kill_step = rng.randint(kill_lo, kill_hi)
-    if kill_step % interval == 0:
+    if interval > 1 and kill_step % interval == 0:
         kill_step = min(kill_step + 1, steps - 1)
     nodes = list(range(num_nodes))
     return [
-        ChaosEvent("notice", notice_step, rng.choice(nodes)),
+        ChaosEvent("notice", notice_step, rng.choice(nodes), deadline_s),
         ChaosEvent("kill", kill_step, rng.choice(nodes)),
         ChaosEvent("corrupt", kill_step),
     ]

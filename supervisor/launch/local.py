@@ -332,6 +332,14 @@ class LocalLauncher:
             write_json_atomic(job_dir(name) / "state.json", state)
         return self.status(name)[0]
 
+    def forget(self, name: str) -> None:
+        """Remove a finished job's folder and registry entry (the demo cleans up after itself)."""
+        state = read_state(name)
+        if state and state.get("state") not in TERMINAL and controller_alive(state):
+            raise SuperviseError(f"local job {name!r} is still {state['state']}; stop it first")
+        shutil.rmtree(job_dir(name), ignore_errors=True)
+        (registry.home() / "jobs" / f"{name}.json").unlink(missing_ok=True)
+
     def wait(self, name: str, *, timeout_s: float = 3600.0, poll_s: float = 0.5) -> JobStatus:
         """Block until the job is over (for the demo and tests)."""
         deadline = time.monotonic() + timeout_s

@@ -172,6 +172,8 @@ class Controller:
                 last_hb = time.monotonic()
                 step = self.step(nodes)
                 if step is not None and step != self.state.get("step"):
+                    if self.state.get("state") != "RUNNING" and inc > 0:
+                        self.emit("recovery_finished", inc, step=step)
                     self.save(step=step, state="RUNNING")
                 if first_exit is None:  # a node is already leaving: let the incarnation end as it is
                     for i in chaos.due(self.plan, self.fired, step, live=True):
