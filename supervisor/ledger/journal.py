@@ -31,21 +31,32 @@ from supervisor.ledger.events import Event, parse_line
 log = logging.getLogger(__name__)
 
 SEGMENT_EVENTS = 1000
-_WRITE_ATTEMPTS = 3  # emit() is on the training path: a few quick tries, then keep in memory
+_WRITE_BUDGET_S = 2.0  # then keep the events in memory and try again on the next emit
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KIND = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def _filesystem(url: str):
-    """(fsspec filesystem, path) for a URL or a plain path; AWS_* env configures s3://."""
-    from fsspec.core import url_to_fs
+def _store(url: str):
+    """The store's one door to storage (fsspec options, AWS_* env), shared with the catalog."""
+    from supervisor.store.fs import Store
 
-    return url_to_fs(url)
+    return Store(url)
 
 
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+def _put(store, path: str, data: bytes, budget_s: float) -> None:
+    """Write one object, retrying transient errors briefly: emit() sits on the training path."""
+    import tenacity
+
+    from supervisor.store import retry
+
+    if not store.remote:
+        return _write_local(path, data)
+    tenacity.Retrying(
+        retry=tenacity.retry_if_exception(retry.is_transient),
+        wait=tenacity.wait_exponential_jitter(0.1, max=0.5, jitter=0.1),
+        stop=tenacity.stop_after_delay(budget_s),
+        reraise=True,
+    )(store.fs.pipe_file, path, data)
 
 
 def _write_local(path: str, data: bytes) -> None:
@@ -81,7 +92,8 @@ class Journal:
         self._lines: list[str] = []  # current segment, everything emitted so far in it
         self._stored = 0  # how many of _lines are known to be in the store
         self._seq = 0
-        self._fs = None
+        self._store = None
+        self._healthy = True
         self._host = socket.gethostname()
 
     @property
@@ -111,25 +123,17 @@ class Journal:
         if not self.pending:
             return True
         data = ("\n".join(self._lines) + "\n").encode()
-        error: Exception | None = None
-        for attempt in range(_WRITE_ATTEMPTS):
-            try:
-                if self._fs is None:
-                    self._fs, self._root = _filesystem(self.ledger_url)
-                path = self._object_path(self._root)
-                if _is_local(self._fs):
-                    _write_local(path, data)
-                else:
-                    self._fs.pipe_file(path, data)
-                break
-            except Exception as err:  # store trouble of any kind must not stop training
-                error = err
-                time.sleep(0.2 * (attempt + 1))
-        else:
-            log.warning("ledger: could not store %d event(s) at %s (%s); will retry on the next event",
-                        self.pending, self.ledger_url, error)
+        try:
+            if self._store is None:
+                self._store = _store(self.ledger_url)
+            # while the store is failing, one attempt per emit, so training is not slowed down
+            _put(self._store, self._object_path(self._store.root), data, _WRITE_BUDGET_S if self._healthy else 0.0)
+        except Exception as err:  # store trouble of any kind must not stop training
+            self._healthy = False
+            log.warning("ledger: could not store %d event(s) at %s (%s: %s); will retry on the next event",
+                        self.pending, self.ledger_url, type(err).__name__, err)
             return False
-        self._stored = len(self._lines)
+        self._stored, self._healthy = len(self._lines), True
         if self._stored >= SEGMENT_EVENTS:
             self._segment += 1
             self._lines, self._stored = [], 0
@@ -141,21 +145,24 @@ def read_events(ledger_url: str) -> tuple[list[Event], list[str]]:
 
     A missing ledger is not an error: it gives ([], ["no journal at ..."]).
     """
+    from supervisor.store import retry
+
     problems: list[str] = []
     try:
-        fs, root = _filesystem(ledger_url.rstrip("/"))
-        paths = sorted(p for p in fs.find(root) if p.endswith(".jsonl"))
+        store = _store(ledger_url.rstrip("/"))
+        fs, root = store.fs, store.root
+        paths = sorted(p for p in retry.call(fs.find, root) if p.endswith(".jsonl"))
     except FileNotFoundError:
         paths = []
     except Exception as err:
-        return [], [f"cannot list the journal at {ledger_url}: {err}"]
+        return [], [f"cannot list the journal at {ledger_url}: {type(err).__name__}: {err}"]
     if not paths:
         return [], [f"no journal at {ledger_url}"]
     events: list[Event] = []
     for path in paths:
         short = path[len(root.rstrip("/")) + 1:] if path.startswith(root) else path
         try:
-            text = fs.cat_file(path).decode("utf-8", errors="replace")
+            text = retry.call(fs.cat_file, path).decode("utf-8", errors="replace")
         except Exception as err:
             problems.append(f"{short}: unreadable ({err})")
             continue

@@ -134,3 +134,12 @@ def test_sigkill_after_emit_loses_nothing(store, tmp_path, request):
         proc.wait()
     steps = [e.get("step") for e in read_events(url)[0]]
     assert steps[:acknowledged] == list(range(1, acknowledged + 1))
+
+
+@pytest.mark.slow
+def test_unreachable_s3_does_not_raise(s3_url, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    j = Journal(s3_url + "/_ledger", "w", "i0")
+    j.emit("node_start")
+    j.emit("progress", step=1)
+    assert j.pending == 2 and "could not store" in caplog.text
