@@ -90,10 +90,11 @@ class Store:
             return {}
         out = {}
         for entry in entries:
-            name = posixpath.basename(entry["name"].rstrip("/"))
-            if entry["name"].rstrip("/") == path.rstrip("/") and entry.get("type") != "directory":
+            if entry["name"].endswith("/"):
+                continue  # the folder's own marker object (SeaweedFS keeps one for emptied folders)
+            if entry["name"] == path.rstrip("/") and entry.get("type") != "directory":
                 raise StoreInputError(f"{self.url_of(*parts)} is a file, not a folder of step-N checkpoints")
-            out[name] = entry
+            out[posixpath.basename(entry["name"])] = entry
         return out
 
     def cat(self, *parts: str) -> bytes:
@@ -132,10 +133,18 @@ class Store:
                 pass
 
     def rmdir_if_empty(self, *parts: str) -> None:
+        """Drop an emptied folder (locally) or its leftover folder marker object (S3)."""
+        path = self.path(*parts)
         if not self.remote:
             try:
-                os.rmdir(self.path(*parts))
+                os.rmdir(path)
             except OSError:
+                pass
+        elif not self.listdir(*parts):
+            bucket, _, key = path.partition("/")
+            try:
+                self._call("delete", self.fs.call_s3, "delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
+            except FileNotFoundError:
                 pass
 
     def check_container(self) -> None:

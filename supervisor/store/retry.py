@@ -72,7 +72,7 @@ def call(fn, *args, **kwargs):
     """Run one store call under the policy; the last error is re-raised as is."""
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
         stop=tenacity.stop_after_delay(deadline_s()),
         before_sleep=_log_attempt,
         reraise=True,
