@@ -1,0 +1,69 @@
+"""Pure decisions of the trainer hooks: save-time estimate, what to do on a
+notice, when to report progress. No I/O, no torch: tested without processes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+# A save on notice must fit before the deadline with room to spare: the
+# estimate is scaled by SAVE_MARGIN and EXIT_SLACK_S is added for the commit
+# marker, TorchTitan's 2 s end-of-training pause and process teardown.
+SAVE_MARGIN = 1.5
+EXIT_SLACK_S = 3.0
+
+
+class SaveTimer:
+    """Moving average of the last few save+commit durations (seconds)."""
+
+    def __init__(self, window: int = 5):
+        self._samples: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(float(seconds))
+
+    def expected(self) -> float | None:
+        """Mean of the recent durations, or None before the first save."""
+        return sum(self._samples) / len(self._samples) if self._samples else None
+
+
+@dataclass(frozen=True)
+class NoticePlan:
+    save: bool
+    reason: str
+
+
+def notice_plan(now: float, deadline: float | None, expected_save_s: float | None) -> NoticePlan:
+    """Save at this step boundary, or skip and rely on the last committed step.
+
+    Without a deadline, or before any save was measured, saving is the only
+    way not to lose work, so it is tried. With both, the save must fit.
+    """
+    if deadline is None:
+        return NoticePlan(True, "notice without deadline: saving")
+    left = deadline - now
+    if expected_save_s is None:
+        return NoticePlan(True, f"{left:.1f} s to the deadline, save time not measured yet: saving")
+    need = SAVE_MARGIN * expected_save_s + EXIT_SLACK_S
+    if left >= need:
+        return NoticePlan(True, f"{left:.1f} s to the deadline, save needs ~{need:.1f} s: saving")
+    return NoticePlan(
+        False,
+        f"{left:.1f} s to the deadline but a save needs ~{need:.1f} s "
+        f"(measured {expected_save_s:.2f} s): skipping the save, the last committed step stands",
+    )
+
+
+class Throttle:
+    """True at most once per `every_s` seconds or `every_steps` steps."""
+
+    def __init__(self, every_s: float = 10.0, every_steps: int = 100):
+        self.every_s, self.every_steps = every_s, every_steps
+        self._last_t: float | None = None
+        self._last_step = 0
+
+    def due(self, now: float, step: int) -> bool:
+        if self._last_t is None or now - self._last_t >= self.every_s or step - self._last_step >= self.every_steps:
+            self._last_t, self._last_step = now, step
+            return True
+        return False

@@ -1,0 +1,318 @@
+"""TorchTitan 0.3.0 Trainer subclass: commits checkpoints, saves on notice,
+writes heartbeats, checkpoints RNG state. No fork or patch of TorchTitan.
+
+Extension points used (all public or documented in 0.3.0):
+- `Trainer.should_continue_training()` runs at every step boundary (after
+  the step's periodic save): heartbeats, commits, notice agreement, stop.
+- a `CheckpointManager` subclass with its own nested `Config` (TorchTitan's
+  Configurable pattern) times every save, can force one, and reports it.
+- `checkpointer.states` gets one more Stateful ("rng"), saved and loaded by
+  DCP together with TorchTitan's own states.
+
+Import this module only after `cpu_compat.apply()` on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.tools import filesystem
+from torchtitan.trainer import Trainer
+
+from supervisor import runtime
+from supervisor.titan import rng
+from supervisor.titan.policy import SaveTimer, Throttle, notice_plan
+
+from supervisor.titan.trainer_files import METRICS_FILE
+
+log = logging.getLogger("supervisor.titan")
+
+
+class SuperviseCheckpointManager(CheckpointManager):
+    """TorchTitan's DCP checkpoint manager, plus: a forced save, a callback
+    with the duration after each save, and completion of async saves on demand."""
+
+    @dataclasses.dataclass(kw_only=True, slots=True)
+    class Config(CheckpointManager.Config):
+        pass
+
+    # Class-level defaults: a disabled manager returns from __init__ early.
+    force_next: bool = False
+    on_saved: Callable[[int, float], None] | None = None  # (step, seconds): save returned
+    on_complete: Callable[[int, float], None] | None = None  # (step, seconds): on storage
+    pending_async: tuple[int, float] | None = None  # (step, monotonic start) in flight
+
+    def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
+        if self.force_next and self.enable and not self.load_only:
+            return True
+        return super()._should_save(curr_step, last_step)
+
+    def _save(self, curr_step: int, last_step: bool = False) -> bool:
+        self.finish_async()  # an older async save completes (and commits) before a new one
+        begin = time.monotonic()
+        saved = super()._save(curr_step, last_step)
+        if not saved:
+            return False
+        if self.on_saved is not None:
+            self.on_saved(curr_step, time.monotonic() - begin)
+        if self.save_future is None:  # synchronous save (always so for the last step)
+            if self.on_complete is not None:
+                self.on_complete(curr_step, time.monotonic() - begin)
+        else:
+            self.pending_async = (curr_step, begin)
+        return True
+
+    def save_now(self, step: int) -> None:
+        """Save `step` whatever the interval and wait until it is on storage."""
+        self.force_next = True
+        try:
+            self.save(step)
+        finally:
+            self.force_next = False
+        self.finish_async()
+
+    def finish_async(self, block: bool = True) -> None:
+        """Complete the async save in flight (wait for it, or only if it is done)."""
+        if not self.enable or self.pending_async is None:
+            return
+        if self.save_future is not None:
+            if not block and not self.save_future.done():
+                return
+            self.maybe_wait_for_saving()
+        step, begin = self.pending_async
+        self.pending_async = None
+        if self.on_complete is not None:
+            self.on_complete(step, time.monotonic() - begin)
+
+
+def _as_supervise_checkpoint_config(cfg: Any) -> Any:
+    """Same settings, our manager. Other managers (e.g. torchft's) are kept."""
+    if type(cfg) is not CheckpointManager.Config:
+        return cfg
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    return SuperviseCheckpointManager.Config(**values)
+
+
+class SuperviseTrainer(Trainer):
+    """Trainer whose step boundaries talk to the node wrapper and the catalog."""
+
+    def __init__(self, config: Trainer.Config):
+        config.checkpoint = _as_supervise_checkpoint_config(config.checkpoint)
+        super().__init__(config)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        env = os.environ
+        self.run_dir = Path(env[runtime.ENV_RUN_DIR]) if env.get(runtime.ENV_RUN_DIR) else None
+        self.catalog_url = env.get(runtime.ENV_CHECKPOINTS) or None
+        self.ledger_url = env.get(runtime.ENV_LEDGER) or None
+        self.incarnation = env.get(runtime.ENV_INCARNATION) or None
+        self.node_rank = int(env.get("GROUP_RANK", "0"))
+
+        self.outcome: dict[str, Any] = {"outcome": "finished"}
+        self.save_timer = SaveTimer()
+        self.progress = Throttle(every_s=10.0, every_steps=100)
+        self._stop = False
+        self._boundary_step: int | None = None  # step of the last boundary seen
+        self._loaded_step = 0
+        self._last_loss: tuple[int, float] | None = None
+        self._last_saved_step: int | None = None
+        self._last_committed_step: int | None = None
+        self._journal = None
+        self._metrics_path = Path(config.dump_folder) / METRICS_FILE
+
+        ckpt = self.checkpointer
+        self.supervised_checkpoints = isinstance(ckpt, SuperviseCheckpointManager) and ckpt.enable
+        if self.supervised_checkpoints:
+            ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
+            ckpt.on_saved, ckpt.on_complete = self._on_saved, self._on_complete
+        original_log = self.metrics_processor.log
+
+        def log_and_keep_loss(step, global_avg_loss, *args, **kwargs):
+            self._last_loss = (step, float(global_avg_loss))
+            return original_log(step, global_avg_loss, *args, **kwargs)
+
+        self.metrics_processor.log = log_and_keep_loss
+
+    # -- the training loop's step boundary ---------------------------------
+
+    def train(self):
+        if self.supervised_checkpoints:
+            self._skip_rng_if_absent()
+        super().train()
+
+    def should_continue_training(self) -> bool:
+        first = self._boundary_step is None
+        if first:
+            self._loaded_step = self.step
+        if first or self.step != self._boundary_step:
+            self._boundary_step = self.step
+            self._after_step(first)
+        if self.supervised_checkpoints:
+            self.checkpointer.finish_async(block=False)  # commit an async save once done
+        finishing = self.step >= self.config.training.steps
+        if not self._stop and not finishing and self._notice_agreed():
+            self._stop = True
+        return not self._stop and super().should_continue_training()
+
+    def _after_step(self, first: bool) -> None:
+        if self.run_dir is not None:
+            runtime.write_json_atomic(
+                self.run_dir / runtime.HEARTBEAT_DIR / f"rank-{self.rank}.json",
+                {"rank": self.rank, "step": self.step, "time": time.time()},
+            )
+        if first or self.rank != 0:
+            return
+        loss = self._last_loss[1] if self._last_loss and self._last_loss[0] == self.step else None
+        if loss is not None:
+            self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._metrics_path, "a") as f:
+                f.write(json.dumps({"step": self.step, "loss": loss, "time": time.time(),
+                                    "incarnation": self.incarnation, "pid": os.getpid()}) + "\n")
+        if self.step == self._loaded_step + 1:
+            self._emit("first_step", step=self.step)
+        if self.progress.due(time.monotonic(), self.step):
+            self._emit("progress", step=self.step, loss=loss)
+
+    # -- saves and commits ----------------------------------------------------
+
+    def _on_saved(self, step: int, seconds: float) -> None:
+        self._last_saved_step = step
+        self._emit("checkpoint_saved", step=step, duration_s=round(seconds, 3))
+
+    def _on_complete(self, step: int, seconds: float) -> None:
+        # Sync DCP save returns on every rank only after the coordinator wrote
+        # .metadata; an async one's future on rank 0 completes only then too.
+        # Either way rank 0 knows that every rank's shard is written.
+        self.save_timer.add(seconds + self._commit(step))
+
+    def _commit(self, step: int) -> float:
+        """Commit `step` in the catalog from rank 0; seconds taken (0 elsewhere)."""
+        if self.rank != 0 or self.catalog_url is None:
+            return 0.0
+        from supervisor.store.catalog import AlreadyCommitted, Catalog
+
+        begin = time.monotonic()
+        same_place = self.catalog_url.rstrip("/") == str(self.checkpointer.folder).rstrip("/")
+        try:
+            Catalog(self.catalog_url).commit(
+                step, world_size=self.world_size, writer=f"node{self.node_rank}-rank0",
+                # through a mount, objects reach the store after save returns
+                wait_s=0.0 if same_place else 60.0,
+            )
+        except AlreadyCommitted:
+            log.info("supervise: step %d was already committed", step)
+            self._last_committed_step = step
+            return time.monotonic() - begin
+        except Exception as err:  # a failed commit must not stop training: the step stays unusable
+            log.error("supervise: could not commit step %d: %s", step, err)
+            return time.monotonic() - begin
+        seconds = time.monotonic() - begin
+        self._last_committed_step = step
+        log.info("supervise: committed step %d in %.2f s", step, seconds)
+        self._emit("checkpoint_committed", step=step, duration_s=round(seconds, 3))
+        return seconds
+
+    # -- preemption notice ------------------------------------------------------
+
+    def _notice_agreed(self) -> bool:
+        """All ranks agree on a notice (one small all_reduce); act on it. True: stop."""
+        notice = runtime.read_json(self.run_dir / runtime.NOTICE_FILE) if self.run_dir else None
+        deadline = notice.get("deadline") if notice else None
+        flags = torch.tensor([1.0 if notice else 0.0, -float(deadline) if deadline else float("-inf")],
+                             dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item() == 0.0:
+            return False
+        earliest = -flags[1].item() if flags[1].item() != float("-inf") else None
+        source = (notice or {}).get("source", "another node")
+        log.warning("supervise: preemption notice (%s) at step %d", source, self.step)
+        self._act_on_notice(earliest)
+        return True
+
+    def _act_on_notice(self, deadline: float | None) -> None:
+        ckpt = self.checkpointer
+        if not self.supervised_checkpoints:
+            self._preempted(False, "checkpointing is off (--checkpoint.enable)")
+            return
+        if self._last_saved_step == self.step or (self.step == self._loaded_step and self.step > 0):
+            # this step is already on storage (periodic save, or just loaded)
+            ckpt.finish_async()
+            if self._last_committed_step != self.step:
+                self._commit(self.step)
+            self._preempted(True, "step already saved")
+            return
+        if self.step == 0:
+            self._preempted(False, "no training step completed yet")
+            return
+        plan = notice_plan(time.time(), deadline, self.save_timer.expected())
+        skip = torch.tensor([0.0 if plan.save else 1.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(skip, op=dist.ReduceOp.MAX)  # ranks' clocks differ: agree
+        if skip.item() > 0:
+            log.warning("supervise: %s", plan.reason if not plan.save else "another rank cannot save in time")
+            self._preempted(False, plan.reason if not plan.save else "another rank cannot save in time")
+            return
+        log.warning("supervise: %s (step %d)", plan.reason, self.step)
+        ckpt.save_now(self.step)  # on_saved commits it (rank 0)
+        self._preempted(True, plan.reason)
+
+    def _preempted(self, saved: bool, reason: str) -> None:
+        if saved and (self.rank != 0 or self.catalog_url is None or self._last_committed_step == self.step):
+            self.outcome = {"outcome": "preempted_saved", "step": self.step, "reason": reason}
+        else:
+            if saved:
+                reason = f"saved step {self.step} but could not commit it"
+            last = self._last_committed_step if self._last_committed_step is not None else self._loaded_step
+            self.outcome = {"outcome": "preempted_unsaved", "step": last or None, "reason": reason}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self.rank != 0 or self.ledger_url is None:
+            return
+        if self._journal is None:
+            from supervisor.ledger.journal import Journal
+
+            self._journal = Journal(self.ledger_url, writer=f"node{self.node_rank}-rank0",
+                                    incarnation=self.incarnation)
+        self._journal.emit(kind, **fields)
+
+    def _skip_rng_if_absent(self) -> None:
+        """A checkpoint written without our RNG state (plain TorchTitan) still loads."""
+        ckpt = self.checkpointer
+        step = self.config.checkpoint.load_step
+        if step == -1:
+            step = ckpt._find_load_step()
+        if step <= 0:
+            return
+        path = filesystem.join(ckpt.folder, f"step-{step}")
+        try:
+            keys = _checkpoint_keys(path)
+        except Exception:  # unreadable: let TorchTitan's own load report it
+            return
+        if not any(k.startswith(rng.STATE_KEY + ".") for k in keys):
+            log.warning("supervise: %s has no RNG state; resuming with the seeded RNG", path)
+            ckpt.exclude_from_loading = [*ckpt.exclude_from_loading, rng.STATE_KEY]
+
+    def write_outcome(self) -> None:
+        if self.rank == 0 and self.run_dir is not None:
+            runtime.write_json_atomic(self.run_dir / runtime.OUTCOME_FILE,
+                                      {**self.outcome, "host": socket.gethostname()})
+
+
+def _checkpoint_keys(path: str) -> list[str]:
+    """Flattened keys stored in a DCP checkpoint (local path or fsspec URL)."""
+    from supervisor.titan.results import dcp_reader
+
+    return list(dcp_reader(path).read_metadata().state_dict_metadata)
