@@ -119,6 +119,7 @@ class _Walker:
         self.resume: int | None = None
         self.episode: Interruption | None = None  # the interruption being recovered from
         self.ended: set[str] = set()  # incarnations whose training is over
+        self.current: str | None = None  # label of the incarnation now starting or training
 
     def _switch(self, t: float, phase: str) -> None:
         if t > self.since:
@@ -158,7 +159,8 @@ class _Walker:
     def feed(self, e: Event) -> None:
         k, t = e.kind, e.t
         in_run = self.phase in ("training", "startup", "restart")
-        if in_run and _is_loss(e) and e.incarnation not in self.ended:
+        fresh = e.incarnation not in self.ended or e.incarnation == self.current
+        if in_run and _is_loss(e) and fresh:
             if self.pending_loss is None:
                 self.pending_loss = t
             self.evidence.append(e)
@@ -173,6 +175,8 @@ class _Walker:
                 if not self.episode.reason:
                     self.episode.reason = str(e.get("reason") or "")
         elif k == "node_start":
+            if self.phase in ("queue", "detection", "provisioning"):
+                self.current = e.incarnation
             if self.phase == "queue":
                 self._switch(t, "startup")
             elif self.phase in ("detection", "provisioning"):
@@ -181,14 +185,20 @@ class _Walker:
             elif self.phase == "training" and self.window and e.incarnation not in (self.window.incarnation,):
                 # a new incarnation started without a recovery_started event
                 self._open_episode(self._close_window(t, "detection"))
+                self.current = e.incarnation
                 self._switch(t, "restart")
                 self.episode.t_node_start, self.resume = t, None
-        elif k == "resume" and self.phase != "training" and e.incarnation not in self.ended:
+        elif k == "resume" and (self.phase in ("startup", "restart") or
+                                (self.phase != "training" and e.incarnation not in self.ended)):
             self.resume = int(e.get("step", 0))
-        elif k == "first_step" and self.phase != "training" and e.incarnation not in self.ended:
+        elif (k in ("first_step", "progress") and self.phase != "training"
+              and (self.phase in ("queue", "startup", "restart") or e.incarnation not in self.ended)):
+            # after a node_start, even a reused incarnation label is a new start; a missing
+            # first_step is stood in for by the first progress event
             step = int(e.get("step"))
             resume = self.resume if self.resume is not None else step - 1
             self.window = Window(e.incarnation, t, step, resume, anchors=[(t, step)])
+            self.current = e.incarnation
             self.pending_loss, self.evidence = None, []
             if self.episode is not None and self.phase != "queue" and self.phase != "startup":
                 self.episode.t_back, self.episode.resumed_step = t, resume

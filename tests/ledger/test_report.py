@@ -37,6 +37,19 @@ def test_chaos_run_numbers_are_exact():
     assert r["state"] == "SUCCEEDED" and r["problems"] == []
 
 
+def test_reused_incarnation_labels_and_no_first_step_give_the_same_numbers():
+    """A backend that labels every incarnation alike, a trainer that never says first_step."""
+    from dataclasses import replace
+
+    events, expect = chaos_run()
+    same = [replace(e, incarnation="0", kind="progress" if e.kind == "first_step" else e.kind) for e in events]
+    r = summarize(same)
+    _adds_up(r)
+    for key in ("productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s"):
+        assert r[key] == pytest.approx(expect[key], abs=1e-6), key
+    assert r["preemptions"] == {"notice": 1, "no_notice": 1}
+
+
 def test_uninterrupted_run_has_no_lost_or_recovery_time():
     events = [ev(0, "launch", nodes=1), ev(2, "node_start")]
     body, t = steps("i0", 3.0, 1, 8, ckpt_every=4, save_s=0.5, commit_s=0.5)
