@@ -81,12 +81,20 @@ def test_commit_waits_for_every_object_to_land(mounted):
     from supervisor.store.catalog import Catalog
     from supervisor.store.errors import IncompleteCheckpoint
 
-    spec, _ = mounted
+    spec, proc = mounted
     _save(f"{spec.checkpoint_dir}/step-10", seed=0)  # returns before the upload
-    catalog = Catalog(spec.checkpoints_url)
-    with pytest.raises(IncompleteCheckpoint):
-        catalog.commit(10, wait_s=0)  # nothing has landed yet: never commit it
-    assert "_COMMIT.json" not in os.listdir(f"{spec.checkpoint_dir}/step-10")
+    # Freeze rclone the moment save returns, so "not landed yet" does not depend
+    # on how busy the machine is: .metadata was closed microseconds ago and the
+    # write-back waits 1 s after close.
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        catalog = Catalog(spec.checkpoints_url)
+        assert ".metadata" not in catalog.store.listdir("step-10")  # the bucket API does not see it
+        with pytest.raises(IncompleteCheckpoint):
+            catalog.commit(10, wait_s=0)  # never commit what has not landed
+        assert "_COMMIT.json" not in catalog.store.listdir("step-10")
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
 
     manifest = catalog.commit(10, wait_s=60)  # bounded poll through the bucket API
     local = {n: os.path.getsize(f"{spec.checkpoint_dir}/step-10/{n}") for n in (".metadata", "__0_0.distcp")}
