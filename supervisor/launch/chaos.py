@@ -66,26 +66,38 @@ def demo_plan(*, steps: int, interval: int, num_nodes: int, seed: int, deadline_
     without notice whose restart finds the newest checkpoint corrupt. The seed
     picks the steps and the nodes.
 
-    The kill lands mid-interval after at least two commits since the notice, so the
-    corrupt checkpoint has an older committed one to fall back to and some work
-    is genuinely lost and recomputed.
+    The notice comes after the first periodic checkpoint, and at least one more
+    periodic commit lies between it and the kill, so the corrupted newest
+    checkpoint has an older committed one to fall back to; the kill lands
+    mid-interval when it can, so some work is genuinely lost and recomputed.
     """
-    if steps < 4 * interval or interval < 1:
-        raise ValueError(f"the demo plan needs steps >= 4 x interval (got steps={steps}, interval={interval})")
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1 (got {interval})")
     rng = random.Random(seed)
-    notice_step = rng.randint(interval + 1, max(interval + 1, steps // 2 - interval))
-    first_commit_after = (notice_step // interval + 1) * interval
-    kill_lo = first_commit_after + interval + 1
-    kill_hi = max(kill_lo, steps - 2)
-    kill_step = rng.randint(kill_lo, kill_hi)
-    if interval > 1 and kill_step % interval == 0:
-        kill_step = min(kill_step + 1, steps - 1)
+    notice_step = rng.randint(interval + 1, max(interval + 1, steps // 2))
+    next_commit = (notice_step // interval + 1) * interval
+    if next_commit + 1 > steps - 1:
+        raise ValueError(f"{steps} steps with a checkpoint every {interval} leave no room for the demo's chaos plan; "
+                         f"use at least {min_demo_steps(interval)} steps")
+    candidates = list(range(next_commit + 1, steps))
+    mid = [s for s in candidates if s % interval] or candidates
+    kill_step = rng.choice(mid)
     nodes = list(range(num_nodes))
     return [
         ChaosEvent("notice", notice_step, rng.choice(nodes), deadline_s),
         ChaosEvent("kill", kill_step, rng.choice(nodes)),
         ChaosEvent("corrupt", kill_step),
     ]
+
+
+def min_demo_steps(interval: int) -> int:
+    """The fewest steps for which `demo_plan` always fits (worst-case seed)."""
+    steps = interval + 3
+    while True:
+        worst_notice = max(interval + 1, steps // 2)
+        if (worst_notice // interval + 1) * interval + 1 <= steps - 1:
+            return steps
+        steps += 1
 
 
 def random_plan(*, steps: int, num_nodes: int, seed: int, count: int = 3, kinds: tuple[str, ...] = ("notice", "kill")) -> list[ChaosEvent]:

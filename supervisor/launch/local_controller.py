@@ -133,10 +133,13 @@ class Controller:
             detail = f"SIGSTOPped rank {rank}" if rank is not None else "no worker to stall yet"
         else:
             detail = chaos.corrupt_newest(self.job.checkpoints_url)
+        took = round(time.time() - t, 3)
         self.log(f"chaos: {ev.describe()} (observed step {step}): {detail}")
-        self.emit("chaos", inc, action=ev.kind, node=ev.node, planned_step=ev.at_step, step=step, detail=detail)
+        self.emit("chaos", inc, action=ev.kind, node=ev.node, planned_step=ev.at_step, step=step, detail=detail,
+                  at=t, duration_s=took)
         fired = self.state.get("chaos_fired", [])
-        fired.append({**ev.to_dict(), "index": i, "observed_step": step, "incarnation": inc, "time": t, "detail": detail})
+        fired.append({**ev.to_dict(), "index": i, "observed_step": step, "incarnation": inc, "time": t,
+                      "duration_s": took, "detail": detail})
         self.save(chaos_fired=fired)
 
     def watch(self, nodes: list[Node], inc: int) -> bool:

@@ -3,27 +3,34 @@
 import pytest
 
 from supervisor.errors import SuperviseError
-from supervisor.launch.chaos import ChaosEvent, demo_plan, due, parse_event, random_plan
+from supervisor.launch.chaos import ChaosEvent, demo_plan, due, min_demo_steps, parse_event, random_plan
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_demo_plan_is_reproducible_and_well_placed(seed):
-    plan = demo_plan(steps=24, interval=4, num_nodes=2, seed=seed)
-    assert plan == demo_plan(steps=24, interval=4, num_nodes=2, seed=seed)
+@pytest.mark.parametrize("steps,interval", [(6, 1), (8, 2), (12, 3), (24, 6), (40, 4)])
+@pytest.mark.parametrize("seed", range(12))
+def test_demo_plan_is_reproducible_and_well_placed(seed, steps, interval):
+    plan = demo_plan(steps=steps, interval=interval, num_nodes=2, seed=seed)
+    assert plan == demo_plan(steps=steps, interval=interval, num_nodes=2, seed=seed)
     notice, kill, corrupt = plan
     assert (notice.kind, kill.kind, corrupt.kind) == ("notice", "kill", "corrupt")
-    assert 4 < notice.at_step < kill.at_step < 24
-    assert kill.at_step % 4 != 0, "a kill mid-interval loses real work"
-    # two periodic commits between the notice and the kill: the corrupted newest one has a fallback
-    assert (kill.at_step // 4) - (notice.at_step // 4) >= 2
+    assert notice.deadline_s and notice.at_step > interval, "after the first periodic checkpoint"
+    assert notice.at_step < kill.at_step < steps
+    assert any(notice.at_step < s < kill.at_step for s in range(interval, steps, interval)), \
+        "a commit newer than the notice's, so the corrupted newest one has a fallback"
+    if interval > 1:
+        assert kill.at_step % interval != 0, "a kill mid-interval loses real work"
     assert corrupt.at_step == kill.at_step
     assert {notice.node, kill.node} <= {0, 1}
 
 
 def test_demo_plan_differs_across_seeds_and_rejects_short_runs():
     assert len({tuple(demo_plan(steps=40, interval=4, num_nodes=2, seed=s)) for s in range(10)}) > 1
-    with pytest.raises(ValueError):
-        demo_plan(steps=8, interval=4, num_nodes=2, seed=0)
+    for interval in (1, 2, 3, 6):
+        n = min_demo_steps(interval)
+        for seed in range(20):
+            demo_plan(steps=n, interval=interval, num_nodes=2, seed=seed)
+        with pytest.raises(ValueError, match="no room"):
+            demo_plan(steps=n - 1, interval=interval, num_nodes=2, seed=0)
 
 
 def test_random_plan_is_seeded():

@@ -1,0 +1,323 @@
+"""`supervise demo`: the whole product on one machine, no cloud account.
+
+An embedded S3 server (SeaweedFS), a tiny corpus and tokenizer, the llama3
+debug model trained by TorchTitan on CPU as a 2-node job of the local
+managed-job backend, a seeded chaos plan (a preemption with notice, one
+without, and a corrupt newest checkpoint found on the restart), live progress,
+the ledger report and its timeline PNG, and a final check: the weights equal
+those of the same job run without interruption (same data, seed, topology).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from supervisor.errors import SuperviseError
+
+
+@dataclass
+class DemoConfig:
+    steps: int = 24
+    seed: int = 0
+    chaos: bool = True
+    keep: bool = False
+    interval: int = 6  # checkpoint every N steps
+    nodes: int = 2
+    plot: Path | None = None
+    quiet: bool = False  # --json: nothing but the final object on stdout
+
+
+@dataclass
+class DemoRun:
+    name: str
+    url: str
+    state: str = "PENDING"
+    reason: str | None = None
+    wall_s: float = 0.0
+    chaos: list = field(default_factory=list)
+
+
+def node_argv(checkpoints_url: str, trainer_args: list[str]) -> list[str]:
+    """What SkyPilot would run on every node: the wrapper, one gloo rank per node."""
+    return ["supervise", "node", "--checkpoints", checkpoints_url, "--nproc-per-node", "1", "--", *trainer_args]
+
+
+def model_state(checkpoint_path: str) -> dict[str, Any]:
+    """Every tensor of a DCP checkpoint (local path or s3://), loaded without a process group."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FsspecReader(checkpoint_path), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return state
+
+
+def same_weights(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, str]:
+    """Bit-identical tensors under the same keys; says where they first differ."""
+    import torch
+
+    def tensors(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(tensors(v, f"{prefix}{k}."))
+            elif isinstance(v, torch.Tensor):
+                out[f"{prefix}{k}"] = v
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    if not ta:
+        return False, "no tensors in the checkpoint"
+    if ta.keys() != tb.keys():
+        return False, f"different tensors: {sorted(ta.keys() ^ tb.keys())[:3]}"
+    for k in sorted(ta):
+        if not torch.equal(ta[k], tb[k]):
+            diff = (ta[k].float() - tb[k].float()).abs().max().item()
+            return False, f"{k} differs (max abs diff {diff:.3g})"
+    return True, f"{len(ta)} tensors bit-identical"
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig):
+        from rich.console import Console
+
+        self.cfg = cfg
+        self.console = Console(stderr=cfg.quiet, quiet=cfg.quiet)
+        self.id = f"demo-{uuid.uuid4().hex[:6]}"
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"supervise-{self.id}-"))
+        self.store = None
+        self.jobs: list[str] = []
+
+    # ---- set-up ----
+
+    def start_store(self) -> None:
+        from supervisor.store.local_server import LocalObjectStore
+
+        self.store = LocalObjectStore(self.workdir / "s3")
+        self.store.start()
+        os.environ.update(self.store.env)  # the catalog, ledger and report in this process
+        self.console.print(f"[bold]object store[/] SeaweedFS at {self.store.endpoint} (bucket s3://{self.store.bucket})")
+
+    def assets(self):
+        from supervisor.titan.tinydata import build_assets
+
+        assets = build_assets(self.workdir / "assets", seed=self.cfg.seed)
+        self.console.print(f"[bold]data[/] tiny corpus + BPE tokenizer in {self.workdir / 'assets'}")
+        return assets
+
+    # ---- one job ----
+
+    def run_job(self, name: str, trainer_args: list[str], plan: list, title: str) -> DemoRun:
+        from supervisor.launch.local import LocalJob, LocalLauncher
+
+        url = self.store.url(name)
+        job = LocalJob(
+            name=name,
+            node_argv=node_argv(url, trainer_args),
+            num_nodes=self.cfg.nodes,
+            gpus_per_node=1,
+            checkpoints_url=url,
+            max_restarts_on_errors=2,
+            env={**self.store.env, "OMP_NUM_THREADS": "1"},
+            chaos=[ev.to_dict() for ev in plan],
+        )
+        launcher = LocalLauncher()
+        self.jobs.append(name)
+        t0 = time.monotonic()
+        launcher.launch_job(job)
+        if self.cfg.quiet:
+            st = launcher.wait(name)
+        else:
+            st = self.watch(launcher, name, url, plan, title)
+        run = DemoRun(name, url, st.state, st.reason, time.monotonic() - t0, plan)
+        if st.state != "SUCCEEDED":
+            self.console.print(f"[red]job {name} {st.state}[/]: {st.reason} (see `supervise logs {name}`)")
+        return run
+
+    def watch(self, launcher, name: str, url: str, plan: list, title: str):
+        """Live view: state, step, loss and the newest ledger events, until the job ends."""
+        from rich.live import Live
+
+        from supervisor.launch.local import TERMINAL, read_state
+
+        t0 = time.monotonic()
+        events: list = []
+        last_read = 0.0
+        with Live(console=self.console, refresh_per_second=4, transient=False) as live:
+            while True:
+                st = launcher.status(name)[0]
+                if time.monotonic() - last_read > 1.0 or st.state in TERMINAL:
+                    last_read = time.monotonic()
+                    events = self.read_ledger(url)
+                live.update(self.view(title, st, read_state(name) or {}, events, plan, time.monotonic() - t0))
+                if st.state in TERMINAL:
+                    return st
+                time.sleep(0.25)
+
+    @staticmethod
+    def read_ledger(url: str) -> list:
+        from supervisor.ledger.journal import read_events
+
+        try:
+            return read_events(f"{url}/_ledger")[0]
+        except Exception:  # a live view must not die on a half-written journal
+            return []
+
+    def view(self, title: str, st, state: dict, events: list, plan: list, elapsed: float):
+        from rich.console import Group
+        from rich.table import Table
+
+        progress = [e for e in events if e.kind == "progress"]
+        step = max([state.get("step") or 0] + [e.get("step", 0) for e in progress])
+        loss = progress[-1].get("loss") if progress else None
+        head = Table.grid(padding=(0, 2))
+        head.add_row(
+            f"[bold]{title}[/]",
+            f"state [bold]{st.state}[/]",
+            f"step [bold]{step}[/]/{self.cfg.steps}",
+            f"loss [bold]{loss:.4f}[/]" if isinstance(loss, (int, float)) else "loss -",
+            f"recoveries [bold]{st.recoveries}[/]",
+            f"{elapsed:5.0f} s",
+        )
+        fired = {c.get("index") for c in state.get("chaos_fired", [])}
+        rows = [head]
+        if plan:
+            rows.append("chaos: " + "  ".join(
+                f"[{'green' if i in fired else 'dim'}]{'✓' if i in fired else '·'} {ev.describe()}[/]"
+                for i, ev in enumerate(plan)))
+        table = Table(show_header=True, box=None, padding=(0, 1))
+        for col in ("t", "writer", "incarnation", "event", "details"):
+            table.add_column(col)
+        t0 = events[0].t if events else 0.0
+        for e in [e for e in events if e.kind != "progress"][-8:]:
+            details = ", ".join(f"{k}={v}" for k, v in e.fields.items()
+                                if k in ("step", "reason", "with_notice", "saved_step", "code", "duration_s",
+                                         "action", "state", "source", "skipped") and v not in (None, []))
+            table.add_row(f"{e.t - t0:6.1f}", e.writer, e.incarnation, e.kind, details[:90])
+        rows.append(table)
+        return Group(*rows)
+
+    # ---- the whole thing ----
+
+    def run(self) -> dict[str, Any]:
+        from supervisor import registry
+        from supervisor.launch.chaos import demo_plan
+        from supervisor.ledger.cli import build_report, render
+        from supervisor.titan.tinydata import debug_model_args
+
+        cfg = self.cfg
+        plan = demo_plan(steps=cfg.steps, interval=cfg.interval, num_nodes=cfg.nodes, seed=cfg.seed) if cfg.chaos else []
+        self.start_store()
+        assets = self.assets()
+
+        def args(name: str) -> list[str]:
+            return debug_model_args(assets, self.workdir / "dump" / name, steps=cfg.steps,
+                                    checkpoint_interval=cfg.interval, seed=cfg.seed)
+
+        what = f"llama3 debug · {cfg.nodes} nodes × 1 CPU rank (gloo) · {cfg.steps} steps · checkpoint every {cfg.interval}"
+        self.console.print(f"[bold]job[/] {self.id}: {what}")
+        main = self.run_job(self.id, args(self.id), plan, "chaos run" if plan else "run")
+        ref = None
+        if plan and main.state == "SUCCEEDED":
+            self.console.print("[bold]reference[/]: the same job without chaos, for the final weight check")
+            ref = self.run_job(f"{self.id}-ref", args(f"{self.id}-ref"), [], "reference run")
+
+        plot = cfg.plot or registry.home() / "demo" / f"{self.id}.png"
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        report = build_report(f"{main.url}/_ledger", plot=plot)
+        match, why = self.check(main, ref)
+        report.update(weights_match=match, weights_check=why, plot=report.get("plot"), job=self.id,
+                      seed=cfg.seed, steps_planned=cfg.steps, chaos_plan=[ev.describe() for ev in plan],
+                      job_state=main.state, reference_state=ref.state if ref else None)
+        if cfg.keep:
+            report["kept"] = {"endpoint": self.store.endpoint, "store_pid": self.store.pid,
+                              "workdir": str(self.workdir), "env": self.store.env,
+                              "jobs": list(self.jobs)}
+        if report.get("events"):
+            self.console.print(render(report))
+        verdict = "[green]PASS[/]" if match else "[red]FAIL[/]"
+        self.console.print(f"[bold]final check[/] {verdict}: {why}")
+        self.console.print(f"[bold]plot[/] {report.get('plot')}")
+        return report
+
+    def check(self, main: DemoRun, ref: DemoRun | None) -> tuple[bool, str]:
+        """Weights at the last step vs the reference run's (or trivially, without chaos)."""
+        from supervisor.store.catalog import Catalog
+
+        if main.state != "SUCCEEDED":
+            return False, f"the job did not finish ({main.state}: {main.reason})"
+        last = Catalog(main.url).latest()
+        if last.step != self.cfg.steps:
+            return False, f"newest committed checkpoint is step {last.step}, not {self.cfg.steps}"
+        if ref is None:
+            return True, "no chaos: this uninterrupted run is its own reference"
+        if ref.state != "SUCCEEDED":
+            return False, f"the reference run did not finish ({ref.state}: {ref.reason})"
+        ref_last = Catalog(ref.url).latest()
+        ok, why = same_weights(model_state(str(last.path)), model_state(str(ref_last.path)))
+        return ok, f"step {self.cfg.steps} vs uninterrupted reference: {why}"
+
+    def cleanup(self) -> None:
+        from supervisor.launch.local import LocalLauncher
+
+        launcher = LocalLauncher()
+        for name in self.jobs:
+            st = launcher.status(name)[0]
+            if st.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                launcher.cancel(name, graceful=False)
+        if self.cfg.keep:
+            env = " ".join(f"{k}={v}" for k, v in self.store.env.items()) if self.store else ""
+            self.console.print(f"[bold]kept[/] store pid {self.store.pid if self.store else '-'} data {self.workdir}")
+            self.console.print(f"  inspect: {env} supervise report {self.id}")
+            self.console.print(f"  stop the store: kill {self.store.pid if self.store else '-'}")
+            return
+        for name in self.jobs:
+            launcher.forget(name)
+        if self.store is not None:
+            self.store.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    demo = Demo(cfg)
+    try:
+        return demo.run()
+    finally:
+        demo.cleanup()
+
+
+def demo_command(
+    steps: int = typer.Option(24, "--steps", min=1, help="Training steps (with chaos at least 5)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the chaos plan and of the training run."),
+    no_chaos: bool = typer.Option(False, "--no-chaos", help="Run without injected faults."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the object store running and the run's files for inspection."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the final report as one JSON object."),
+    interval: Optional[int] = typer.Option(None, "--interval", min=1, help="Checkpoint interval in steps (default: steps / 4)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the timeline PNG."),
+) -> None:
+    """Train a tiny llama3 on this machine through preemptions and a corrupt checkpoint; report what they cost."""
+    import json
+
+    from supervisor.launch.chaos import min_demo_steps
+
+    interval = interval or max(1, steps // 4)
+    if not no_chaos and steps < min_demo_steps(interval):
+        raise SuperviseError(f"--steps {steps} is too short for the chaos plan with a checkpoint every {interval} "
+                             f"step(s): use at least {min_demo_steps(interval)}, or --no-chaos")
+    report = run_demo(DemoConfig(steps=steps, seed=seed, chaos=not no_chaos, keep=keep, interval=interval,
+                                 plot=plot, quiet=as_json))
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+    ok = bool(report.get("weights_match")) and bool(report.get("plot")) and Path(report["plot"]).is_file()
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,72 @@
+"""`supervise demo` end to end, through the real CLI (slow: two small 2-node trainings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("wall_s", "productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s", "goodput", "preemptions",
+        "weights_match", "plot")
+
+
+def test_demo_survives_chaos_with_identical_weights(tmp_path):
+    env = {**os.environ, "SUPERVISE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    supervise = [sys.executable, "-c", "from supervisor.cli import main; main()"]
+    proc = subprocess.run([*supervise, "demo", "--steps", "8", "--seed", "1", "--json", "--keep",
+                           "--plot", str(tmp_path / "timeline.png")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    report = json.loads(proc.stdout)  # --json: stdout is exactly one JSON object
+    kept = report["kept"]
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(k in report for k in KEYS)
+        assert report["weights_match"] is True, report["weights_check"]
+        assert report["preemptions"] == {"notice": 1, "no_notice": 1}
+        parts = sum(report[k] for k in ("productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s"))
+        assert parts == pytest.approx(report["wall_s"], abs=0.01)
+        assert report["lost_s"] > 0 and report["steps"]["recomputed"] > 0, "the kill + corrupt fallback lost work"
+        assert 0 < report["goodput"] < 1
+
+        png = Path(report["plot"])
+        assert png == tmp_path / "timeline.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+
+        h, w = matplotlib.image.imread(png).shape[:2]
+        assert h > 200 and w > 400
+
+        os.environ.update(kept["env"])  # read the kept journal through the kept store
+        from supervisor.ledger.journal import read_events
+
+        events, problems = read_events(report["ledger"])
+        assert not problems
+        kinds = Counter(e.kind for e in events)
+        for kind in ("launch", "node_start", "trainer_start", "resume", "first_step", "progress",
+                     "checkpoint_saved", "checkpoint_committed", "notice", "preempted", "exit", "chaos",
+                     "recovery_started", "job_finished"):
+            assert kinds[kind] >= 1, f"no {kind} event"
+        assert kinds["recovery_started"] == 2 and kinds["launch"] == 1 and kinds["job_finished"] == 1
+        assert {e.get("with_notice") for e in events if e.kind == "preempted"} == {True, False}
+        # every incarnation started both nodes, and both rendezvoused (a step was trained after each restart)
+        starts = Counter((e.incarnation, e.get("node_rank")) for e in events if e.kind == "node_start")
+        assert set(starts) == {(i, r) for i in ("0", "1", "2") for r in (0, 1)}
+        assert {e.incarnation for e in events if e.kind == "first_step"} == {"0", "1", "2"}
+        # the restart after the kill found the newest checkpoint corrupt and fell back
+        assert any(e.get("skipped") for e in events if e.kind == "resume" and e.incarnation == "2")
+    finally:
+        os.kill(kept["store_pid"], signal.SIGKILL)
+        shutil.rmtree(kept["workdir"], ignore_errors=True)
+    from supervisor.launch.procs import tagged
+
+    for name in kept["jobs"]:
+        assert not tagged(f"{name}/")
