@@ -135,8 +135,8 @@ def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, h
     if kind == "preempted_unsaved":
         why = (outcome or {}).get("reason") or "no time to save"
         return ExitCode.RETRYABLE, f"preempted without a save ({why}); the restart resumes from the last committed step"
-    if notice is not None and rc != 0:
-        return ExitCode.RETRYABLE, f"notice from {notice.source}, but the trainer ended before saving (torchrun exit {rc})"
+    if notice is not None:
+        return ExitCode.RETRYABLE, f"notice from {notice.source}, but the trainer did not report a save (torchrun exit {rc})"
     if rc == 0:
         return ExitCode.FINISHED, "torchrun exited 0"
     if rc is None:

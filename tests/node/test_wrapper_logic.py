@@ -23,6 +23,7 @@ def test_exit_codes():
     assert exit_decision({"outcome": "preempted_saved", "step": 5}, 1, notice, None)[0] == ExitCode.PREEMPTED_SAVED
     assert exit_decision({"outcome": "preempted_unsaved", "step": 5}, 1, notice, None)[0] == ExitCode.RETRYABLE
     assert exit_decision(None, None, notice, None)[0] == ExitCode.RETRYABLE
+    assert exit_decision(None, 0, notice, None)[0] == ExitCode.RETRYABLE  # no outcome: no promise of a save
     assert exit_decision(None, None, None, "hang: ...")[0] == ExitCode.RETRYABLE
     assert exit_decision(None, 1, None, None)[0] == ExitCode.RETRYABLE
     assert exit_decision(None, 0, None, None)[0] == ExitCode.FINISHED

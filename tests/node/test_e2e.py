@@ -1,0 +1,215 @@
+"""End to end through `supervise node` with real TorchTitan on CPU, real SeaweedFS
+and real signals. Each test chains several incarnations of one run (as a managed
+job would restart it) and ends by comparing the final weights and the loss curve
+with an uninterrupted reference run: bit-identical, step for step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from supervisor.exitcodes import RECOVER_ON, ExitCode
+from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
+from tests.node.fake_metadata import FakeMetadata, urls_for
+from tests.node.nodeproc import cleanup, start_node, survivors, vanish, wait_for
+from tests.node.test_cli import node as node_cli
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+INTERVAL = 4
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step(run_dir: Path) -> int:
+    steps = []
+    for f in (run_dir / "heartbeat").glob("rank-*.json"):
+        try:
+            steps.append(json.loads(f.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return max(steps, default=0)
+
+
+class Run:
+    """One training run under `supervise node`, restarted like a managed job: every
+    incarnation gets a fresh run dir and rendezvous port; all nodes share the URL."""
+
+    def __init__(self, tmp_path: Path, name: str, url: str, trainer_args: list[str], nodes: int = 1, nproc: int = 1):
+        self.dir = tmp_path / name
+        self.url, self.args, self.nodes, self.nproc = url, trainer_args, nodes, nproc
+        self.incarnation = 0
+        self.procs: list = []
+
+    def start(self, extra: dict[int, list[str]] | None = None, env: dict | None = None) -> list[Path]:
+        self.incarnation += 1
+        port = _port()
+        run_dirs = []
+        self.procs = []
+        for rank in range(self.nodes):
+            run_dir = self.dir / f"inc{self.incarnation}-node{rank}"
+            sky = {"SKYPILOT_NUM_NODES": str(self.nodes), "SKYPILOT_NODE_RANK": str(rank),
+                   "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * self.nodes)}  # fmt: skip
+            args = ["--checkpoints", self.url, "--nproc-per-node", str(self.nproc), "--master-port", str(port),
+                    "--run-dir", str(run_dir), "--cloud", "none", *(extra or {}).get(rank, [])]  # fmt: skip
+            self.procs.append(start_node(args, self.args, env={**sky, **(env or {})}, log=self.dir / f"node{rank}.log"))
+            run_dirs.append(run_dir)
+        return run_dirs
+
+    def wait(self, timeout: float = 600) -> list[int]:
+        return [p.wait(timeout) for p in self.procs]
+
+    def vanish(self) -> None:
+        for p in self.procs:
+            vanish(p)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            cleanup(p)
+
+    def resume_step(self) -> int | None:
+        res = node_cli("--dry-run", "--json", "--checkpoints", self.url, "--", *self.args)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["resume_step"]
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("node*.log")))
+
+
+def _weights(url: str, step: int, tmp_path: Path) -> dict:
+    """Final weights of a run, read from a local copy of its S3 checkpoint."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(step_path(url, step))
+    local = tmp_path / f"copy-{abs(hash(url))}"
+    fs.get(root, str(local), recursive=True)
+    return load_tensors(str(local))
+
+
+def _reference(tmp_path, s3_url, titan_args, nproc: int):
+    dump = tmp_path / "ref"
+    ref = Run(tmp_path, "ref-run", f"{s3_url}/ref", titan_args(dump, steps=STEPS, checkpoint_interval=INTERVAL), nproc=nproc)
+    ref.dir.mkdir(parents=True)
+    try:
+        ref.start()
+        assert ref.wait() == [ExitCode.FINISHED], ref.log()
+    finally:
+        ref.cleanup()
+    return _weights(ref.url, STEPS, tmp_path), read_losses(dump)
+
+
+def _assert_same_as_reference(run: Run, dump: Path, ref_weights, ref_losses) -> None:
+    assert not tensor_differences(ref_weights, _weights(run.url, STEPS, run.dir))
+    losses = read_losses(dump)
+    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in sorted(losses)] == [ref_losses[s] for s in sorted(ref_losses)]
+
+
+def _notice_and_check(run: Run, run_dirs: list[Path], deliver, at_least: int) -> int:
+    """Deliver a notice once the run is past `at_least`; assert it saved at the next
+    step boundary (0 steps lost) and that the restart will resume from exactly there."""
+    wait_for(lambda: _step(run_dirs[0]) >= at_least, 300)
+    done_before = _step(run_dirs[0])
+    deliver()
+    codes = run.wait()
+    assert codes[0] == ExitCode.PREEMPTED_SAVED, run.log()
+    assert all(c in RECOVER_ON for c in codes), codes
+    outcome = json.loads((run_dirs[0] / "outcome.json").read_text())
+    assert outcome["outcome"] == "preempted_saved" and outcome["step"] >= done_before
+    assert run.resume_step() == outcome["step"]
+    for p in run.procs:
+        assert not survivors(p.tag)
+    return outcome["step"]
+
+
+def test_one_rank_kill_notice_corruption_and_hang(tmp_path, s3_url, titan_args):
+    ref_weights, ref_losses = _reference(tmp_path, s3_url, titan_args, nproc=1)
+    dump = tmp_path / "run"
+    run = Run(tmp_path, "run", f"{s3_url}/run", titan_args(dump, steps=STEPS, checkpoint_interval=INTERVAL))
+    run.dir.mkdir(parents=True)
+    try:
+        # 1. the VM vanishes after step 5: the restart resumes from the committed step 4
+        (rd,) = run.start()
+        wait_for(lambda: _step(rd) >= INTERVAL + 1, 300)
+        run.vanish()
+        assert run.resume_step() == INTERVAL
+
+        # 2. SIGTERM to the wrapper's process group (what SkyPilot sends): saved at once
+        (rd,) = run.start()
+        saved = _notice_and_check(run, [rd], lambda: os.killpg(run.procs[0].pid, signal.SIGTERM), INTERVAL + 2)
+        assert saved % INTERVAL, "the notice step should not be a periodic one"
+
+        # 3. newest checkpoint truncated: quarantined, resume from the previous commit;
+        #    then a stopped worker: the watchdog ends the incarnation, nothing survives
+        _truncate_newest_shard(run.url, saved)
+        (rd,) = run.start(extra={0: ["--hang-timeout", "8"]})
+        wait_for(lambda: _step(rd) >= INTERVAL + 1, 300)
+        assert f"resuming from step {INTERVAL}" in run.log() and f"step {saved}" in run.log()
+        for pid in _worker_pids(run.procs[0]):
+            os.kill(pid, signal.SIGSTOP)
+        assert run.wait() == [ExitCode.RETRYABLE]
+        assert "hang" in run.log() and not survivors(run.procs[0].tag)
+
+        # 4. the last incarnation finishes; same weights and losses as the reference
+        run.start()
+        assert run.wait() == [ExitCode.FINISHED], run.log()
+    finally:
+        run.cleanup()
+    _assert_same_as_reference(run, dump, ref_weights, ref_losses)
+
+
+def test_two_nodes_rendezvous_and_notices_from_each_cloud(tmp_path, s3_url, titan_args):
+    ref_weights, ref_losses = _reference(tmp_path, s3_url, titan_args, nproc=2)
+    dump = tmp_path / "run2"
+    run = Run(tmp_path, "run2", f"{s3_url}/run2", titan_args(dump, steps=STEPS, checkpoint_interval=INTERVAL), nodes=2)
+    run.dir.mkdir(parents=True)
+    try:
+        rds = run.start()
+        wait_for(lambda: _step(rds[0]) >= INTERVAL + 1, 300)
+        run.vanish()  # both nodes gone at once
+        assert run.resume_step() == INTERVAL
+
+        step = INTERVAL
+        for cloud, node_rank in (("aws", 0), ("gcp", 1), ("azure", 0)):
+            with FakeMetadata(cloud) as fake:
+                urls = urls_for(fake)
+                flags = ["--cloud", cloud, f"--{cloud}-metadata-url", urls[cloud], "--notice-poll", "0.2"]
+                rds = run.start(extra={node_rank: flags})
+                step = _notice_and_check(run, rds, lambda: fake.preempt(60), step + 1)
+
+        notice_file = tmp_path / "notice"
+        rds = run.start(extra={0: ["--notice-file", str(notice_file)]})
+        step = _notice_and_check(run, rds, lambda: notice_file.write_text('{"deadline_s": 60}'), step + 1)
+        assert step < STEPS
+
+        run.start()
+        assert run.wait() == [ExitCode.FINISHED, ExitCode.FINISHED], run.log()
+    finally:
+        run.cleanup()
+    _assert_same_as_reference(run, dump, ref_weights, ref_losses)
+
+
+def _truncate_newest_shard(url: str, step: int) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{url}/step-{step}")
+    shard = sorted(p for p in fs.ls(root) if p.endswith(".distcp"))[0]
+    data = fs.cat_file(shard)
+    fs.pipe_file(shard, data[: len(data) // 2])
+
+
+def _worker_pids(wrapper) -> list[int]:
+    """The training ranks: descendants of the wrapper that run the trainer module."""
+    import psutil
+
+    procs = psutil.Process(wrapper.pid).children(recursive=True)
+    return [p.pid for p in procs if "torchrun" not in " ".join(p.cmdline()) and "supervisor.titan.train" in " ".join(p.cmdline())]
