@@ -1,0 +1,67 @@
+"""Pure logic of the trainer hooks: notice plan, save-time estimate, throttle, RNG state."""
+
+import random
+
+from supervisor.titan.policy import EXIT_SLACK_S, SAVE_MARGIN, SaveTimer, Throttle, notice_plan
+
+
+def test_save_timer_is_a_moving_average():
+    t = SaveTimer(window=3)
+    assert t.expected() is None
+    for s in (1.0, 2.0, 3.0, 10.0):
+        t.add(s)
+    assert t.expected() == 5.0  # last three
+
+
+def test_notice_without_deadline_saves():
+    assert notice_plan(100.0, None, 50.0).save
+
+
+def test_notice_before_any_measured_save_tries_to_save():
+    assert notice_plan(100.0, 101.0, None).save
+
+
+def test_notice_with_enough_time_saves():
+    need = SAVE_MARGIN * 2.0 + EXIT_SLACK_S
+    assert notice_plan(100.0, 100.0 + need + 0.1, 2.0).save
+
+
+def test_notice_too_short_for_the_save_skips_it_and_says_why():
+    plan = notice_plan(100.0, 102.0, 2.0)
+    assert not plan.save
+    assert "skipping the save" in plan.reason and "2.0 s to the deadline" in plan.reason
+
+
+def test_throttle_by_time_or_steps():
+    th = Throttle(every_s=10.0, every_steps=5)
+    assert th.due(0.0, 1)
+    assert not th.due(1.0, 2)
+    assert th.due(11.0, 3)  # time
+    assert th.due(12.0, 8)  # steps
+
+
+def test_rng_state_round_trips_per_rank():
+    import numpy as np
+    import torch
+
+    from supervisor.titan.rng import RngState
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    saved = RngState(rank=3).state_dict()
+    assert list(saved) == ["rank_3"]
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    torch.manual_seed(2), random.seed(2), np.random.seed(2)
+    RngState(rank=3).load_state_dict(saved)
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_tensor_differences_is_bitwise():
+    import torch
+
+    from supervisor.titan.results import tensor_differences
+
+    a = {"w": torch.tensor([1.0, 2.0]), "z": torch.tensor([0.0])}
+    b = {"w": torch.tensor([1.0, 2.0]), "z": torch.tensor([-0.0])}  # equal as numbers, not as bits
+    assert tensor_differences(a, b) == ["z"]
+    assert tensor_differences(a, {"w": a["w"]}) == ["z"]
