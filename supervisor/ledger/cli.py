@@ -83,9 +83,11 @@ def render(report: dict[str, Any]):
         ("productive training", report["productive_s"], ""),
         ("checkpoint save + commit", report["checkpoint_s"], ""),
         ("lost work (recomputed)", report["lost_s"], f"{report['steps']['recomputed']} steps"),
-        ("recovery", report["recovery_s"], f"detect {_fmt_s(b['detection_s'])}, restart {_fmt_s(b['restart_s'])}"),
+        ("recovery", report["recovery_s"], f"shut down after notice save {_fmt_s(b['shutdown_s'])}, detect "
+         f"{_fmt_s(b['detection_s'])}, restart to first step {_fmt_s(b['restart_s'])}"),
         ("queue / provisioning / start-up", report["queue_s"],
-         f"queue {_fmt_s(b['queue_s'])}, start-up {_fmt_s(b['startup_s'])}, re-provision {_fmt_s(b['provisioning_s'])}"),
+         f"queue {_fmt_s(b['queue_s'])}, start-up {_fmt_s(b['startup_s'])}, re-provision {_fmt_s(b['provisioning_s'])}, "
+         f"tear-down {_fmt_s(b['teardown_s'])}"),
     ]
     for label, value, note in rows:
         share = f"{value / wall * 100:.1f}%" if wall else "-"

@@ -12,9 +12,11 @@ COLOURS = {  # phase: (colour, legend label)
     "training": ("#cfe8cf", "training (productive)"),
     "checkpoint": ("#7fa7d9", "checkpoint save + commit"),
     "lost": ("#f08a8a", "lost work (recomputed later)"),
-    "detection": ("#f6c48f", "recovery: detection"),
+    "detection": ("#f6c48f", "recovery: shutdown, detection"),
     "restart": ("#f2a65a", "recovery: restart to first step"),
-    "queue": ("#d9d9d9", "queue / provisioning / start-up"),
+    "shutdown": ("#f6c48f", None),
+    "queue": ("#d9d9d9", "queue / provisioning / start-up / tear-down"),
+    "teardown": ("#d9d9d9", None),
     "startup": ("#d9d9d9", None),
     "provisioning": ("#d9d9d9", None),
 }

@@ -31,7 +31,7 @@ from supervisor.ledger.events import ACTIVITY_KINDS, Event
 
 CATEGORY = {
     "queue": "queue", "startup": "queue", "provisioning": "queue",
-    "detection": "recovery", "restart": "recovery",
+    "detection": "recovery", "restart": "recovery", "shutdown": "recovery", "teardown": "queue",
     "training": "productive", "checkpoint": "checkpoint", "lost": "lost",
 }
 KEYS = ("productive", "checkpoint", "lost", "recovery", "queue")
@@ -60,6 +60,7 @@ class Window:
     anchors: list[tuple[float, int]] = field(default_factory=list)  # (time a step completed, step)
     checkpoints: list[tuple[float, float]] = field(default_factory=list)  # save/commit intervals
     keep_step: float = math.inf  # steps above this were recomputed later
+    last_activity: float | None = None  # time of its last progress/checkpoint event
     lost_s: float = 0.0
 
     @property
@@ -105,6 +106,21 @@ def _is_loss(e: Event) -> bool:
             or (e.kind == "chaos" and e.get("action") == "kill"))
 
 
+def _cause(events: list[Event]) -> tuple[str, int | None]:
+    """(notice | no_notice | failure, saved step): the first preemption signal decides the
+    cause; later ones are teardown echoes from the surviving nodes."""
+    cause, saved = "failure", None
+    for e in events:
+        if e.kind == "preempted":
+            if cause == "failure":
+                cause = "notice" if e.get("with_notice") else "no_notice"
+            if cause == "notice" and e.get("saved_step") is not None:
+                saved = e.get("saved_step")
+        elif e.kind == "chaos" and cause == "failure":
+            cause = "no_notice"
+    return cause, saved
+
+
 class _Walker:
     """The state machine of the module docstring; feeds on events in time order."""
 
@@ -127,15 +143,27 @@ class _Walker:
         self.phase, self.since = phase, max(t, self.since)
 
     def _close_window(self, t: float, phase: str) -> float:
-        """End training (or start-up) at the pending loss, or at t; open a new interruption."""
+        """End training (or start-up) at the pending loss, or at t; open a new interruption.
+
+        After a save on notice the trainer computes nothing more: from its last event to the
+        loss it is shutting down (recovery), not working."""
         end = min(self.pending_loss, t) if self.pending_loss is not None else t
         if self.window is not None:
-            self.window.end = end
-            self.ended.add(self.window.incarnation)
-            self.windows.append(self.window)
-            self.window = None
+            cause, saved = _cause(self.evidence)
+            stop = self.window.last_activity
+            if cause == "notice" and saved is not None and stop is not None and stop < end:
+                self._end_window(stop, "shutdown")
+            else:
+                self._end_window(end, phase)
         self._switch(end, phase)
         return end
+
+    def _end_window(self, t: float, phase: str) -> None:
+        self.window.end = t
+        self.ended.add(self.window.incarnation)
+        self.windows.append(self.window)
+        self.window = None
+        self._switch(t, phase)
 
     def _open_episode(self, t_loss: float) -> None:
         self.episode = Interruption(t_loss=t_loss)
@@ -145,14 +173,12 @@ class _Walker:
 
     def _absorb(self, events: list[Event]) -> None:
         ep = self.episode
-        for e in events:  # the first preemption signal decides the cause; later ones are teardown echoes
-            if e.kind == "preempted":
-                if ep.cause == "failure":
-                    ep.cause = "notice" if e.get("with_notice") else "no_notice"
-                if ep.cause == "notice" and e.get("saved_step") is not None:
-                    ep.saved_step = e.get("saved_step")
-            elif e.kind == "chaos" and ep.cause == "failure":
-                ep.cause = "no_notice"
+        cause, saved = _cause(events)
+        if ep.cause == "failure":
+            ep.cause = cause
+        if ep.cause == "notice" and saved is not None:
+            ep.saved_step = saved
+        for e in events:
             if not ep.reason:
                 ep.reason = str(e.get("reason") or (f"exit code {e.get('code')}" if e.kind == "exit" else e.kind))
 
@@ -205,6 +231,7 @@ class _Walker:
             self._switch(t, "training")
         elif self.phase == "training" and k in ACTIVITY_KINDS and e.incarnation == self.window.incarnation:
             self.pending_loss = None  # still training: the earlier loss signal was premature
+            self.window.last_activity = t
             step = int(e.get("step"))
             if k == "progress":
                 self.window.anchors.append((t, step))
@@ -214,14 +241,14 @@ class _Walker:
                 if k == "checkpoint_saved":
                     self.window.anchors.append((start, step))
 
-    def finish(self, tend: float) -> None:
+    def finish(self, tend: float, succeeded: bool) -> None:
         if self.phase in ("training", "startup", "restart"):
             if self.pending_loss is not None:
                 self._open_episode(self._close_window(tend, "detection"))
             elif self.window is not None:
-                self.window.end = tend
-                self.windows.append(self.window)
-                self.window = None
+                # a finished trainer's last event is its last step: the rest is tear-down
+                stop = self.window.last_activity if succeeded else None
+                self._end_window(stop if stop is not None else tend, "teardown")
         self._switch(tend, self.phase)
 
 
@@ -297,7 +324,7 @@ def build_timeline(events: list[Event]) -> Timeline:
     for e in events:
         if t0 <= e.t <= tend:
             walker.feed(e)
-    walker.finish(tend)
+    walker.finish(tend, succeeded=state.upper() in ("SUCCEEDED", "FINISHED", "DONE"))
 
     # A step computed in window j was wasted if any later incarnation resumed below it.
     windows = walker.windows

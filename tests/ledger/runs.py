@@ -35,7 +35,7 @@ def chaos_run() -> tuple[list[Event], dict]:
     inc i0: steps 1..10 (1 s each), checkpoint every 4 (save 0.5 + commit 0.25), killed 0.4 s into step 11
     with no notice; detection 2 s, provisioning 3 s, restart 4 s (resume 8; first step 9 completes at the end);
     inc i1: steps 9..14, notice at step 12, saves step 12 on notice (0.5 + 0.25), preempted, exit 75;
-    detection 1 s, provisioning 2 s, restart 3 s; inc i2: steps 13..16, final checkpoint at 16, finished."""
+    detection 1 s, provisioning 2 s, restart 3 s; inc i2: steps 13..16, final checkpoint at 16, finished 0.2 s later."""
     e = [ev(0, "launch", "launcher", "launcher", nodes=2, accelerators="H100:8", spot=True)]
     e += [ev(10, "node_start", "i0", "node0", node_rank=0, num_nodes=2), ev(10.5, "node_start", "i0", "node1", node_rank=1)]
     e += [ev(12, "trainer_start", "i0"), ev(13, "resume", "i0", step=None)]
@@ -66,15 +66,16 @@ def chaos_run() -> tuple[list[Event], dict]:
     end = t + 0.2
     expect = {
         "wall_s": end,
-        # queue 10 + start-up 5 + provisioning 3 + 2
-        "queue_s": 10 + 5 + 3 + 2,
-        # detection 2 + restart (node_start -> first step: 3, i.e. kill+5 -> kill+9) + detection 1 + restart 3
-        "recovery_s": 2 + 4 + 1 + 3,
-        # i0: steps 9, 10 and 0.4 s of step 11 recomputed; i1: 0.05 s after the commit of 12
-        "lost_s": 2 + 0.4 + 0.05,
+        # queue 10 + start-up 5 + provisioning 3 + 2 + tear-down after the last checkpoint 0.2
+        "queue_s": 10 + 5 + 3 + 2 + 0.2,
+        # detection 2 + restart 4 (kill+5 -> first step at kill+9) + shutdown after the notice save 0.05
+        # + detection 1 + restart 3
+        "recovery_s": 2 + 4 + 0.05 + 1 + 3,
+        # i0: steps 9, 10 and 0.4 s of step 11 were recomputed
+        "lost_s": 2 + 0.4,
         "checkpoint_s": 2 * 0.75 + 0.75 + 0.75,
-        # i0: steps 2..8 (7 s), i1: steps 10..12 (3 s), i2: steps 14..16 (3 s), end tail 0.2 s
-        "productive_s": 7 + 3 + 3 + 0.2,
+        # i0: steps 2..8 (7 s), i1: steps 10..12 (3 s), i2: steps 14..16 (3 s)
+        "productive_s": 7 + 3 + 3,
         "loss2": loss2,
     }
     return e, expect
