@@ -36,14 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         trainer = SuperviseTrainer(config)
-        trainer.train()
-        trainer.write_outcome()
-        logger.info(f"supervise: outcome {trainer.outcome}")
-    finally:
+        if config.checkpoint.create_seed_checkpoint:  # as torchtitan.train does
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+        else:
+            trainer.train()
+    except BaseException:
         if trainer is not None:
             trainer.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        raise  # torchrun reports it; the wrapper classifies the exit
+    trainer.write_outcome()
+    if trainer.rank == 0:
+        logger.info(f"supervise: outcome {trainer.outcome}")
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
