@@ -34,6 +34,7 @@ from supervisor.runtime import read_json, write_json_atomic
 
 BACKEND = "local"
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+CONTROLLER_START_S = 60.0  # a controller that has not written its pid by then never started
 NOTICE_IN = "chaos-notice.json"  # in a node's run dir; handed to `supervise node --notice-file`
 
 
@@ -259,7 +260,8 @@ class LocalLauncher:
                 continue
             job = read_json(job_dir(n) / "job.json") or {}
             current, reason = state.get("state", "PENDING"), state.get("reason")
-            if current not in TERMINAL and current != "PENDING" and not controller_alive(state):
+            stuck = current == "PENDING" and time.time() - job.get("submitted_at", time.time()) > CONTROLLER_START_S
+            if current not in TERMINAL and (current != "PENDING" or stuck) and not controller_alive(state):
                 current, reason = "FAILED", "the local controller died (see controller.out in the job folder)"
             out.append(
                 JobStatus(

@@ -35,7 +35,7 @@ def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_url,
                                  checkpoints_url=s3_url, graceful_timeout_s=90))
     deadline = time.monotonic() + 240
     while (read_state("stopme") or {}).get("step", 0) < 4:
-        assert launcher.status("stopme")[0].state in ("STARTING", "RUNNING"), launcher.status("stopme")
+        assert launcher.status("stopme")[0].state in ("PENDING", "STARTING", "RUNNING"), launcher.status("stopme")
         assert time.monotonic() < deadline, "training did not reach step 4"
         time.sleep(0.5)
     step_at_stop = read_state("stopme")["step"]
