@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Bring up a single-machine Slurm that SkyPilot 0.14 can launch managed jobs on:
+#   slurmctld + slurmd (Debian slurm-wlm, auth/none: no munge), one node on 127.0.0.1,
+#   an sshd on 127.0.0.1:$SUPERVISE_SLURM_SSH_PORT as the login node for an
+#   unprivileged user, ~/.slurm/config + ~/.sky/config.yaml in an isolated HOME,
+#   the offline stand-ins for the two downloads SkyPilot's node set-up makes, a
+#   local wheelhouse with this repo's wheel, and `sky api start`.
+# Needs root and `sky` on PATH (the project's venv). Undo with down.sh.
+# Prints the seconds each phase took; a failing phase stops the script.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+. "$here/common.sh"
+S="$SUPERVISE_SLURM_DIR"; U="$SUPERVISE_SLURM_USER"; P="$SUPERVISE_SLURM_SSH_PORT"; H="$SUPERVISE_SLURM_SKY_HOME"
+[ "$(id -u)" = 0 ] || { echo "up.sh: needs root (starts slurmd and sshd)" >&2; exit 1; }
+sky_bin="$(command -v sky)" || { echo "up.sh: \`sky\` not on PATH: activate the venv with skypilot installed" >&2; exit 1; }
+py="$(dirname "$sky_bin")/python"
+t0=$SECONDS; phase() { echo "up.sh: $1 ($((SECONDS - t0))s)"; }
+
+bash "$here/install.sh"; phase "packages"
+
+# -- the login-node user and the state folder -----------------------------------
+id "$U" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$U"
+usermod -p '*' "$U"  # not locked (sshd refuses '!'), still no password: key auth only
+install -d -m 755 "$S" "$S/bin" "$S/slurm" "$S/ssh" "$S/wheelhouse"
+install -d -m 700 "$S/slurm/state" "$S/slurm/spool"
+install -d -m 700 "$H" "$H/.ssh" "$H/.slurm" "$H/.sky"
+
+# -- offline stand-ins for SkyPilot's node set-up ----------------------------------
+# It runs `curl -LsSf https://astral.sh/uv/install.sh | sh` and `uv venv --python 3.10`;
+# neither astral.sh nor python downloads are reachable. The uv binary is PyPI's.
+[ -x "$S/uv/bin/uv" ] || "$py" -m pip install --quiet --disable-pip-version-check --target "$S/uv" uv
+cat > "$S/bin/uv" <<EOF
+#!/bin/sh
+# uv that never downloads a python: \`--python 3.10\` becomes the system python3.
+export UV_PYTHON_DOWNLOADS=never
+# The machine reaches PyPI through a TLS proxy whose CA is in the system store only.
+export UV_SYSTEM_CERTS=true
+prev=
+for a do
+  shift
+  case "\$prev:\$a" in --python:3.10) a=/usr/bin/python3 ;; esac
+  case "\$a" in --python=3.10) a=--python=/usr/bin/python3 ;; esac
+  set -- "\$@" "\$a"; prev=\$a
+done
+PYTHONPATH= exec "$S/uv/bin/uv" "\$@"
+EOF
+cat > "$S/bin/uv-install.sh" <<EOF
+#!/bin/sh
+# What https://astral.sh/uv/install.sh does, offline: put uv in \$UV_INSTALL_DIR.
+set -e
+dir="\${UV_INSTALL_DIR:-\$HOME/.local/bin}"
+mkdir -p "\$dir" && cp "$S/bin/uv" "\$dir/uv" && chmod 755 "\$dir/uv"
+echo "uv (offline, PyPI binary) installed to \$dir"
+EOF
+cat > "$S/bin/curl" <<EOF
+#!/bin/sh
+# curl, except that the uv installer URL is answered from disk (no internet here).
+for a do
+  case "\$a" in https://astral.sh/uv/install.sh) exec cat "$S/bin/uv-install.sh" ;; esac
+done
+exec /usr/bin/curl "\$@"
+EOF
+chmod 755 "$S/bin/uv" "$S/bin/uv-install.sh" "$S/bin/curl"
+
+# The node installs `supervise` with pip like on a cloud VM; this wheelhouse
+# (this repo's wheel) stands in for PyPI, found through PIP_FIND_LINKS.
+rm -f "$S"/wheelhouse/supervise-*.whl
+"$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$S/wheelhouse" "$repo" >"$S/wheel-build.log" 2>&1 \
+  || { cat "$S/wheel-build.log" >&2; exit 1; }
+chmod 644 "$S"/wheelhouse/*.whl
+phase "offline wrappers, uv, wheelhouse"
+
+# The login shell of $U (bash --login) must find the wrappers and the Slurm config;
+# srun passes this environment on to every step on the node.
+uhome="$(getent passwd "$U" | cut -d: -f6)"
+marker="# supervise-slurm"
+sed -i "/$marker/d" "$uhome/.profile" 2>/dev/null || true
+{
+  echo "export PATH=\"$S/bin:\$PATH\" $marker"
+  echo "export SLURM_CONF=\"$SLURM_CONF\" $marker"
+  echo "export PIP_FIND_LINKS=\"$S/wheelhouse \${PIP_FIND_LINKS:-}\" $marker"
+} >> "$uhome/.profile"
+chown "$U:" "$uhome/.profile"
+
+# -- Slurm -----------------------------------------------------------------------
+node="$(hostname -s)"
+mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+cat > "$SLURM_CONF" <<EOF
+# Single-machine Slurm for tests (infra/slurm/up.sh). No munge: auth/none.
+ClusterName=supervise
+SlurmctldHost=$node(127.0.0.1)
+SlurmUser=root
+AuthType=auth/none
+CredType=cred/none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SlurmctldPort=${SUPERVISE_SLURMCTLD_PORT:-6817}
+SlurmdPort=${SUPERVISE_SLURMD_PORT:-6818}
+StateSaveLocation=$S/slurm/state
+SlurmdSpoolDir=$S/slurm/spool
+SlurmctldPidFile=$S/slurm/slurmctld.pid
+SlurmdPidFile=$S/slurm/slurmd.pid
+SlurmctldLogFile=$S/slurm/slurmctld.log
+SlurmdLogFile=$S/slurm/slurmd.log
+# The node advertises more CPUs than the machine has, so SkyPilot's default
+# request (and a recovery's new allocation) always fits.
+SlurmdParameters=config_overrides
+ReturnToService=2
+KillWait=5
+MinJobAge=60
+InactiveLimit=0
+NodeName=$node NodeAddr=127.0.0.1 CPUs=8 RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=1-00:00:00 DefaultTime=1-00:00:00 State=UP
+EOF
+chmod 644 "$SLURM_CONF"
+export SLURM_CONF
+stop_pidfile "$S/slurm/slurmd.pid"; stop_pidfile "$S/slurm/slurmctld.pid"  # restart: the config may have changed
+slurmctld -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF"
+for _ in $(seq 60); do
+  sinfo -h -N -o '%T' 2>/dev/null | grep -qx idle && break
+  sleep 1
+done
+sinfo -h -N -o '%T' | grep -qx idle || { echo "up.sh: Slurm node not idle; see $S/slurm/*.log" >&2; sinfo -N >&2 || true; exit 1; }
+phase "slurmctld + slurmd (node $node idle)"
+
+# -- sshd on loopback: the login node ----------------------------------------------
+[ -f "$S/ssh/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$S/ssh/host_ed25519"
+[ -f "$H/.ssh/localslurm" ] || ssh-keygen -q -t ed25519 -N '' -f "$H/.ssh/localslurm"
+uhome_ssh="$(getent passwd "$U" | cut -d: -f6)/.ssh"  # sshd's StrictModes rejects keys under /tmp
+install -d -m 700 -o "$U" "$uhome_ssh"
+install -m 600 -o "$U" "$H/.ssh/localslurm.pub" "$uhome_ssh/authorized_keys"
+cat > "$S/ssh/sshd_config" <<EOF
+Port $P
+ListenAddress 127.0.0.1
+HostKey $S/ssh/host_ed25519
+PidFile $S/ssh/sshd.pid
+AuthorizedKeysFile .ssh/authorized_keys
+AllowUsers $U
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin no
+MaxSessions 100
+MaxStartups 100:30:200
+SetEnv SLURM_CONF=$SLURM_CONF
+Subsystem sftp internal-sftp
+EOF
+mkdir -p /run/sshd && chmod 755 /run/sshd
+stop_pidfile "$S/ssh/sshd.pid"
+/usr/sbin/sshd -f "$S/ssh/sshd_config" -E "$S/ssh/sshd.log"
+ssh_opts=(-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -i "$H/.ssh/localslurm" -p "$P")
+for _ in $(seq 20); do
+  ssh "${ssh_opts[@]}" "$U@127.0.0.1" 'sinfo -h -o %P' >/dev/null 2>&1 && break
+  sleep 0.5
+done
+ssh "${ssh_opts[@]}" "$U@127.0.0.1" 'command -v curl; sinfo -h -o %P' >&2
+phase "sshd on 127.0.0.1:$P (login node for $U)"
+
+# -- SkyPilot: ~/.slurm/config, ~/.sky/config.yaml, API server ------------------------
+cat > "$H/.slurm/config" <<EOF
+Host $SUPERVISE_SLURM_CLUSTER
+    HostName 127.0.0.1
+    Port $P
+    User $U
+    IdentityFile $H/.ssh/localslurm
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+EOF
+cat > "$H/.sky/config.yaml" <<EOF
+allowed_clouds: [slurm]
+jobs:
+  controller:
+    consolidation_mode: true  # the jobs controller runs in the local API server
+EOF
+cd "$H"
+HOME="$H" sky api start >"$S/sky-api-start.log" 2>&1 || { cat "$S/sky-api-start.log" >&2; exit 1; }
+HOME="$H" sky check slurm >"$S/sky-check.log" 2>&1 || true
+grep -qi "slurm.*enabled\|enabled.*slurm" "$S/sky-check.log" || { cat "$S/sky-check.log" >&2; echo "up.sh: sky check slurm is not green" >&2; exit 1; }
+phase "sky api start + sky check slurm"
+echo "up.sh: ready. \`source $here/env.sh\` for a shell on it; \`$here/down.sh\` to tear down."
