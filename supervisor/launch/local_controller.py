@@ -123,16 +123,10 @@ class Controller:
         ev = self.plan[i]
         self.fired.add(i)
         t = time.time()
-        node_tag = procs.tag(self.job.name, inc, ev.node)
-        if ev.kind == "notice":
-            detail = chaos.preempt_with_notice(nodes[ev.node].proc.pid, nodes[ev.node].run_dir / NOTICE_IN, ev.deadline_s)
-        elif ev.kind == "kill":
-            detail = f"SIGKILLed {chaos.preempt_without_notice(node_tag)} process(es)"
-        elif ev.kind == "stall":
-            rank = chaos.stall_rank(node_tag)
-            detail = f"SIGSTOPped rank {rank}" if rank is not None else "no worker to stall yet"
-        else:
-            detail = chaos.corrupt_newest(self.job.checkpoints_url)
+        try:
+            detail = self.act(ev, inc, nodes)
+        except Exception as err:  # a failed fault injection must not take the job down
+            detail = f"failed: {err!r}"
         took = round(time.time() - t, 3)
         self.log(f"chaos: {ev.describe()} (observed step {step}): {detail}")
         self.emit("chaos", inc, action=ev.kind, node=ev.node, planned_step=ev.at_step, step=step, detail=detail,
@@ -141,6 +135,19 @@ class Controller:
         fired.append({**ev.to_dict(), "index": i, "observed_step": step, "incarnation": inc, "time": t,
                       "duration_s": took, "detail": detail})
         self.save(chaos_fired=fired)
+
+    def act(self, ev: chaos.ChaosEvent, inc: int, nodes: list[Node]) -> str:
+        node_tag = procs.tag(self.job.name, inc, ev.node)
+        if ev.kind == "notice":
+            return chaos.preempt_with_notice(nodes[ev.node].proc.pid, nodes[ev.node].run_dir / NOTICE_IN, ev.deadline_s)
+        if ev.kind == "kill":
+            return f"SIGKILLed {chaos.preempt_without_notice(node_tag)} process(es)"
+        if ev.kind == "stall":
+            rank = chaos.stall_rank(node_tag)
+            return f"SIGSTOPped rank {rank}" if rank is not None else "no worker to stall yet"
+        if not self.job.checkpoints_url:
+            return "no checkpoint URL to corrupt"
+        return chaos.corrupt_newest(self.job.checkpoints_url)
 
     def watch(self, nodes: list[Node], inc: int) -> bool:
         """Until the incarnation is over; returns True when a stop was requested."""
@@ -257,7 +264,16 @@ class Controller:
 
 
 def main() -> int:
-    return Controller(Path(sys.argv[1])).run()
+    ctl = Controller(Path(sys.argv[1]))
+    try:
+        return ctl.run()
+    except BaseException as err:  # never leave nodes running behind a dead controller
+        import traceback
+
+        traceback.print_exc()
+        procs.kill_tagged(f"{ctl.job.name}/")
+        ctl.finish(int(ctl.state.get("incarnation") or 0), "FAILED", f"local controller error: {err!r}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -149,3 +149,13 @@ def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
     launcher.logs("stopme")
     out = capsys.readouterr().out
     assert "node exit codes [75, 75]" in out and "(node-0) === incarnation 0" in out
+
+
+def test_stall_stops_a_worker_and_teardown_still_kills_it(launcher, tmp_path):
+    launcher.launch_job(job(tmp_path, "stall", "--steps", "12", num_nodes=2,
+                            chaos=[{"kind": "stall", "at_step": 3, "node": 1}]))
+    st = launcher.wait("stall", timeout_s=60)
+    assert st.state == "SUCCEEDED"
+    fired = read_state("stall")["chaos_fired"]
+    assert [(c["kind"], c["detail"]) for c in fired] == [("stall", "SIGSTOPped rank 1")]
+    assert not tagged("stall/"), "a SIGSTOPped worker is still killed at teardown"
