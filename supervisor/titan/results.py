@@ -8,6 +8,7 @@ matches an uninterrupted one bit for bit. Needs no process group.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 # TorchTitan's non-model checkpoint keys (plus ours): everything else at the
@@ -46,7 +47,9 @@ def load_tensors(checkpoint: str, model_only: bool = True) -> dict:
         if isinstance(m, TensorStorageMetadata)
         and not (model_only and k.split(".", 1)[0] in NON_MODEL_KEYS)
     }
-    flat = _load_state_dict_from_keys(keys=keys, storage_reader=dcp_reader(checkpoint))
+    with warnings.catch_warnings():  # "assuming ... a single process": yes, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        flat = _load_state_dict_from_keys(keys=keys, storage_reader=dcp_reader(checkpoint))
     return _flatten(flat)
 
 
@@ -75,7 +78,9 @@ def tensor_differences(a: dict, b: dict) -> list[str]:
 
 
 def _bits(t):
-    return t.detach().contiguous().reshape(-1).view(__import__("torch").uint8)
+    import torch
+
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def read_losses(dump_folder: str | Path, incarnation: str | None = None) -> dict[int, float]:
