@@ -255,10 +255,17 @@ class Catalog:
         )  # fmt: skip
         self._raise_pointer(step)  # before the marker: no committed step is ever above the pointer
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        if not self.store.create_exclusive(data, d, mf.COMMIT):
+        if not self.store.create_exclusive(data, d, mf.COMMIT) and not self._is_ours(d, data):
             raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)}): another writer won")
         log.info("committed step %d (%d objects) at %s", step, len(manifest["objects"]), self.path(step))
         return manifest
+
+    def _is_ours(self, d: str, data: bytes) -> bool:
+        """A retried create whose first attempt landed (response lost) finds its own marker."""
+        try:
+            return self.store.cat(d, mf.COMMIT) == data
+        except FileNotFoundError:
+            return False
 
     # -- latest ---------------------------------------------------------------
     def latest(self, deep: bool = False) -> Latest:

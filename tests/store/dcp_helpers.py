@@ -28,6 +28,10 @@ def save(url: str, step: int) -> str:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
+    import fsspec
+
+    # DCP opens the URL with fsspec's cached instance: drop it so the current AWS_* env applies.
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
     path = f"{url}/step-{step}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,12 +17,10 @@ import time
 from collections import deque
 
 _REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|PUT|POST|HEAD|DELETE) [^ ]+ HTTP/1\.[01]\r\n")
+_BODY = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 _SLOWDOWN = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-    b"Content-Length: 120\r\n\r\n"
-    + b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>".ljust(
-        120
-    )
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
 )
 
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_s3_url_is_writable_through_s3fs(s3_url):
-    fs, path = fsspec.core.url_to_fs(s3_url)
+    fs, path = fsspec.core.url_to_fs(s3_url, skip_instance_cache=True)
     fs.pipe_file(f"{path}/hello", b"world")
     assert fs.cat_file(f"{path}/hello") == b"world"
 
