@@ -197,11 +197,15 @@ class Bench:
         notice = next((e for e in events if e.kind == "notice"), None)
         committed = next((e for e in events if notice and e.kind == "checkpoint_committed" and e.t >= notice.t), None)
         saves = [e.get("duration_s") for e in events if e.kind == "checkpoint_saved" and e.get("duration_s") is not None]
+        notice_t = notice.get("received_at", notice.t) if notice else None
+        notice_save = next((e.get("duration_s") for e in events
+                            if notice and e.kind == "checkpoint_saved" and e.t >= notice_t), None)  # fmt: skip
         return {
             "restart_overhead_s": statistics.median(overheads),
             "restart_time_to_first_step_s": statistics.median(first_steps),
             "restart_overhead_fraction": statistics.median(fractions),
-            "notice_to_commit_s": (committed.t - notice.t) if committed else None,
+            "notice_to_commit_s": (committed.t - notice_t) if committed else None,
+            "notice_dcp_save_s": notice_save,
             "dcp_save_s_median": statistics.median(saves) if saves else None,
             "dcp_saves_measured": len(saves),
         }

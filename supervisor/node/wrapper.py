@@ -244,7 +244,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                 budget = (n.deadline - time.time()) if n.deadline else opts.grace_s
                 give_up_at = now + max(budget, 0.0)
                 _say(f"preemption notice from {n.source}; asking the trainer to save (waiting up to {max(budget, 0):.0f} s)")
-                journal.emit("notice", source=n.source, deadline=n.deadline)
+                journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
             hang = dog.observe(read_steps(run_dir), now)
             if hang:
                 _say(f"{hang}; killing the workers")
