@@ -98,7 +98,8 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="node-bench-"))
         self.assets = build_assets(self.work / "assets")
         self.store = LocalObjectStore(self.work / "s3").start()
-        self.env = {**os.environ, **self.store.env, "OMP_NUM_THREADS": "1"}
+        os.environ.update(self.store.env)  # this process reads the store too (plain baseline)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def close(self):
         self.store.stop()

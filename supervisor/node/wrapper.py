@@ -187,12 +187,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     plan = make_plan(opts, trainer_args)
     topo = plan.topology
     incarnation = _incarnation(opts)
-    journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
-    journal.emit("node_start", node_rank=topo.node_rank, nnodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
-                 host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
     _say(plan.describe())
-    journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason)
-
     run_dir = _fresh_run_dir(opts, incarnation, topo.node_rank)
     env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation}
 
@@ -225,8 +220,13 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     hang: str | None = None
     try:
         proc = process.start(plan.command, env)
-        journal.emit("trainer_start", command=plan.command, pid=proc.pid,
-                     wrapper_overhead_s=round(time.monotonic() - t0, 3))  # fmt: skip
+        overhead_s = round(time.monotonic() - t0, 3)
+        # Ledger writes are store round trips: after torchrun is on its way, not before.
+        journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
+        journal.emit("node_start", node_rank=topo.node_rank, nnodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
+                     host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
+        journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason)
+        journal.emit("trainer_start", command=plan.command, pid=proc.pid, wrapper_overhead_s=overhead_s)
         watcher.start()
         dog = Watchdog(hang_timeout_s=opts.hang_timeout_s, startup_timeout_s=opts.startup_timeout_s, now=time.monotonic())
         give_up_at: float | None = None
