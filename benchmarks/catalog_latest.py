@@ -31,20 +31,14 @@ sys.path.insert(0, str(ROOT))
 from supervisor.store import manifest as mf  # noqa: E402
 from supervisor.store.catalog import Catalog  # noqa: E402
 from supervisor.store.local_server import LocalObjectStore  # noqa: E402
+from tests.store.tcp_proxy import FaultProxy  # noqa: E402
 
 
-def _count_requests(fs) -> list[int]:
-    """Count S3 requests an s3fs instance sends (botocore before-send hook)."""
-    counter = [0]
+def _connect(fs) -> None:
+    """Set up the s3fs client (no request is sent): client start-up is per process, not per call."""
     import fsspec.asyn
 
     fsspec.asyn.sync(fs.loop, fs.set_session)
-
-    def hook(**_):
-        counter[0] += 1
-
-    fs.s3.meta.events.register("before-send.s3", hook)
-    return counter
 
 
 def _populate(url: str, n: int, metadata: bytes, shard: bytes) -> None:
@@ -66,14 +60,16 @@ def _populate(url: str, n: int, metadata: bytes, shard: bytes) -> None:
     fs.pipe(objects, batch_size=64)
 
 
-def _time(fn, repeats: int):
+def _time(prepare, proxy: FaultProxy, repeats: int):
+    """Median latency and request count (seen on the wire by the proxy) of prepare()'s call."""
     times, counts, result = [], [], None
     for _ in range(repeats):
-        setup, counter = fn()
+        call = prepare()
+        before = proxy.requests
         t = time.perf_counter()
-        result = setup()
+        result = call()
         times.append(time.perf_counter() - t)
-        counts.append(counter[0])
+        counts.append(proxy.requests - before)
     return statistics.median(times), max(counts), result
 
 
@@ -90,16 +86,20 @@ def bench_latest(store: LocalObjectStore, sizes, repeats: int, metadata: bytes, 
 
         def ours():
             cat = Catalog(url)
-            return (lambda: cat.latest().step), _count_requests(cat.store.fs)
+            _connect(cat.store.fs)
+            return lambda: cat.latest().step
 
         def titan():
             cls = fsspec.get_filesystem_class("s3")
             cls.clear_instance_cache()  # a fresh process: no listings cache
-            counter = _count_requests(fsspec.filesystem("s3"))
-            return (lambda: CheckpointManager._find_load_step(None, folder=url)), counter
+            _connect(fsspec.filesystem("s3"))  # the instance torchtitan.tools.filesystem will get
+            return lambda: CheckpointManager._find_load_step(None, folder=url)
 
-        ours_s, ours_req, ours_step = _time(ours, repeats)
-        titan_s, titan_req, titan_step = _time(titan, repeats if n < 10000 else 1)
+        with FaultProxy(store.ports["s3"]) as proxy:  # counts requests; both sides go through it
+            os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+            ours_s, ours_req, ours_step = _time(ours, proxy, repeats)
+            titan_s, titan_req, titan_step = _time(titan, proxy, repeats if n < 10000 else 1)
+            os.environ["AWS_ENDPOINT_URL"] = store.endpoint
         assert ours_step == titan_step == n, (ours_step, titan_step, n)
         rows.append({"steps": n, "ours_s": ours_s, "ours_requests": ours_req, "titan_s": titan_s,
                      "titan_requests": titan_req, "speedup": titan_s / ours_s, "populate_s": populate_s})  # fmt: skip
@@ -172,6 +172,11 @@ def main() -> None:
             dcp.save({"w": torch.zeros(16)}, storage_writer=FsspecWriter(tiny, sync_files=False))
         fs, root = fsspec.core.url_to_fs(tiny, skip_instance_cache=True)
         metadata, shard = fs.cat_file(f"{root}/.metadata"), fs.cat_file(f"{root}/__0_0.distcp")
+        from torchtitan.components.checkpointer.dcp import CheckpointManager
+
+        seed_root = store.url("bench-seed")  # warm-up: module imports and botocore models load once
+        Catalog(seed_root).latest()
+        CheckpointManager._find_load_step(None, folder=seed_root)
         latest_rows = bench_latest(store, [int(s) for s in args.sizes.split(",")], args.repeats, metadata, shard)
         commit = bench_commit(store, args.params_mb)
     result = {"store": "SeaweedFS weed mini on loopback", "latest": latest_rows, "commit": commit,

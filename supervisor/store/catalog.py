@@ -199,7 +199,8 @@ class Catalog:
     def _deep_problems(self, d: str, records: dict[str, dict]) -> list[str]:
         problems = []
         for name, record in sorted(records.items()):
-            check = mf.ContentCheck(name, record)
+            parts = mf.multipart_count(record)
+            check = mf.ContentCheck(name, record, self.store.part_sizes(parts, d, name) if parts else None)
             try:
                 for chunk in self.store.iter_bytes(d, name):
                     check.update(chunk)

@@ -163,6 +163,19 @@ class Store:
                 raise StoreInputError(f"bucket {bucket!r} does not exist ({self.url})") from err
             raise
 
+    def part_sizes(self, n: int, *parts: str) -> list[int] | None:
+        """Sizes of the n parts of a multipart S3 object (HEAD ?partNumber=i), None if unknown."""
+        if not self.remote or "s3" not in self.fs.protocol:
+            return None
+        bucket, _, key = self.path(*parts).partition("/")
+        try:
+            return [
+                int(self._call("stat", self.fs.call_s3, "head_object", Bucket=bucket, Key=key, PartNumber=i)["ContentLength"])
+                for i in range(1, n + 1)
+            ]
+        except (StoreInputError, FileNotFoundError, KeyError, TypeError):
+            return None
+
     def iter_bytes(self, *parts: str) -> Iterator[bytes]:
         """Stream an object in chunks (for deep verification); each chunk read retried."""
         path = self.path(*parts)

@@ -257,7 +257,7 @@ def main() -> None:
     try:
         signal.sigwait(signals)
     finally:
-        store.stop()
+        store.close()
 
 
 if __name__ == "__main__":

@@ -142,68 +142,73 @@ def manifest_problems(manifest: dict, listing: dict[str, dict]) -> list[str]:
 _PART_SIZES_MIB = (5, 8, 10, 16, 25, 32, 50, 64, 100, 128, 256, 512, 1024)
 
 
+def multipart_count(record: dict) -> int:
+    """N for an S3 multipart ETag "<hex>-N" (0 for a plain MD5 or none)."""
+    etag = record.get("etag") or ""
+    return int(etag.rsplit("-", 1)[1]) if "-" in etag and not record.get("md5") else 0
+
+
 @dataclass
 class ContentCheck:
     """Deep verification of one object: re-hash its bytes and compare with the record.
 
     Compares with the manifest's md5 when present, else with the ETag: a plain
     MD5 for single-part uploads, or an S3 multipart ETag ("<md5 of part md5s>-N")
-    recomputed for each common part size that gives N parts.
+    recomputed from the real part sizes (`part_sizes`, from the store) or, when
+    the store cannot tell, from each common fixed part size that gives N parts.
     """
 
     name: str
     record: dict
+    part_sizes: list[int] | None = None
     _md5: "hashlib._Hash" = field(default_factory=hashlib.md5)
     _seen: int = 0
-    _parts: dict = field(default_factory=dict)  # part size -> [current hasher, bytes in part, digests]
+    _plans: list = field(default_factory=list)  # [part sizes, hasher, bytes in current part, digests]
 
     def __post_init__(self):
-        etag = self.record.get("etag") or ""
-        if "-" in etag and not self.record.get("md5"):
-            n = int(etag.rsplit("-", 1)[1])
-            size = int(self.record["size"])
+        n, size = multipart_count(self.record), int(self.record["size"])
+        if not n:
+            return
+        if self.part_sizes and len(self.part_sizes) == n and sum(self.part_sizes) == size:
+            plans = [list(self.part_sizes)]
+        else:
+            plans = []
             for mib in _PART_SIZES_MIB:
                 ps = mib * 2**20
                 if math.ceil(size / ps) == n:
-                    self._parts[ps] = [hashlib.md5(), 0, []]
+                    plans.append([ps] * (n - 1) + [size - ps * (n - 1)])
+        self._plans = [[plan, hashlib.md5(), 0, []] for plan in plans]
 
     def update(self, chunk: bytes) -> None:
         self._seen += len(chunk)
         self._md5.update(chunk)
-        for ps, state in self._parts.items():
-            view = memoryview(chunk)
-            while view:
-                take = min(len(view), ps - state[1])
-                state[0].update(view[:take])
-                state[1] += take
+        for state in self._plans:
+            plan, view = state[0], memoryview(chunk)
+            while view and len(state[3]) < len(plan):
+                take = min(len(view), plan[len(state[3])] - state[2])
+                state[1].update(view[:take])
+                state[2] += take
                 view = view[take:]
-                if state[1] == ps:
-                    state[2].append(state[0].digest())
-                    state[0], state[1] = hashlib.md5(), 0
+                if state[2] == plan[len(state[3])]:
+                    state[3].append(state[1].digest())
+                    state[1], state[2] = hashlib.md5(), 0
 
     def problems(self) -> list[str]:
         want = int(self.record["size"])
         if self._seen != want:
             return [f"{_label(self.name)} read {self._seen} of {want} bytes"]
-        digest = self._md5.hexdigest()
+        etag = self.record.get("etag") or ""
         if self.record.get("md5"):
-            ok = digest == self.record["md5"]
+            ok = self._md5.hexdigest() == self.record["md5"]
+        elif not etag:
+            return []  # nothing recorded to compare with: length checked only
+        elif not multipart_count(self.record):
+            ok = self._md5.hexdigest() == etag
+        elif not self._plans:
+            return []  # unknown part layout: length checked only
         else:
-            etag = self.record.get("etag") or ""
-            if not etag:
-                return []  # nothing recorded to compare with: length checked only
-            if "-" not in etag:
-                ok = digest == etag
-            else:
-                ok = any(self._multipart(state) == etag for state in self._parts.values())
-                if not self._parts:
-                    return []  # unknown part size: length checked only
+            ok = any(f"{hashlib.md5(b''.join(s[3])).hexdigest()}-{len(s[3])}" == etag for s in self._plans)
         return [] if ok else [f"{_label(self.name)} content differs from commit (hash mismatch)"]
-
-    @staticmethod
-    def _multipart(state) -> str:
-        digests = list(state[2]) + ([state[0].digest()] if state[1] else [])
-        return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
 
 
 def prune_plan(states: dict[int, str], keep: int, pinned=(), *, retainable=(COMMITTED,)) -> tuple[int | None, list[int], str]:
