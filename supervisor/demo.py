@@ -236,7 +236,10 @@ class Demo:
         plot = cfg.plot or registry.home() / "demo" / f"{self.id}.png"
         plot.parent.mkdir(parents=True, exist_ok=True)
         report = build_report(f"{main.url}/_ledger", plot=plot)
-        match, why = self.check(main, ref)
+        try:
+            match, why = self.check(main, ref)
+        except Exception as err:  # the verdict must still be printed, and be FAIL
+            match, why = False, f"could not compare the weights: {err!r}"
         report.update(weights_match=match, weights_check=why, plot=report.get("plot"), job=self.id,
                       seed=cfg.seed, steps_planned=cfg.steps, chaos_plan=[ev.describe() for ev in plan],
                       job_state=main.state, reference_state=ref.state if ref else None)

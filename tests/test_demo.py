@@ -19,15 +19,25 @@ KEYS = ("wall_s", "productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue
         "weights_match", "plot")
 
 
+def _demo_stores() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if any("supervise-demo-" in part for part in (p.info["cmdline"] or []))}
+
+
 def test_demo_survives_chaos_with_identical_weights(tmp_path):
     env = {**os.environ, "SUPERVISE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     supervise = [sys.executable, "-c", "from supervisor.cli import main; main()"]
+    before = _demo_stores()
     proc = subprocess.run([*supervise, "demo", "--steps", "8", "--seed", "1", "--json", "--keep",
                            "--plot", str(tmp_path / "timeline.png")],
                           env=env, capture_output=True, text=True, timeout=600)
-    report = json.loads(proc.stdout)  # --json: stdout is exactly one JSON object
-    kept = report["kept"]
+    kept = {}
     try:
+        assert proc.stdout.strip(), proc.stderr[-3000:]
+        report = json.loads(proc.stdout)  # --json: stdout is exactly one JSON object
+        kept = report["kept"]
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(k in report for k in KEYS)
         assert report["weights_match"] is True, report["weights_check"]
@@ -63,9 +73,11 @@ def test_demo_survives_chaos_with_identical_weights(tmp_path):
         assert {e.incarnation for e in events if e.kind == "first_step"} == {"0", "1", "2"}
         # the restart after the kill found the newest checkpoint corrupt and fell back
         assert any(e.get("skipped") for e in events if e.kind == "resume" and e.incarnation == "2")
-    finally:
-        os.kill(kept["store_pid"], signal.SIGKILL)
-        shutil.rmtree(kept["workdir"], ignore_errors=True)
+    finally:  # --keep left the store running: stop it, even when the demo failed
+        for pid in _demo_stores() - before:
+            os.kill(pid, signal.SIGKILL)
+        if kept:
+            shutil.rmtree(kept["workdir"], ignore_errors=True)
     from supervisor.launch.procs import tagged
 
     for name in kept["jobs"]:
