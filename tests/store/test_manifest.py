@@ -89,3 +89,14 @@ def test_prune_plan(states, keep, pinned, expect_delete):
     assert delete == expect_delete
     if delete:
         assert anchor == max(s for s, st in states.items() if st == C)
+
+
+def test_content_check_uses_the_real_uneven_part_sizes():
+    data = bytes(range(256)) * 40_000  # 10.24 MB in two uneven parts, as s3fs uploads them
+    sizes = [6_000_001, len(data) - 6_000_001]
+    parts = [hashlib.md5(data[: sizes[0]]).digest(), hashlib.md5(data[sizes[0] :]).digest()]
+    record = {"size": len(data), "etag": f"{hashlib.md5(b''.join(parts)).hexdigest()}-2"}
+    check = mf.ContentCheck("x", record, part_sizes=sizes)
+    for i in range(0, len(data), 1_000_000):
+        check.update(data[i : i + 1_000_000])
+    assert check.problems() == []
