@@ -19,7 +19,7 @@ NON_MODEL_KEYS = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng
 def dcp_reader(path: str):
     """A DCP StorageReader for a local folder or an fsspec URL."""
     if "://" in str(path):
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         return FsspecReader(str(path))
     from torch.distributed.checkpoint import FileSystemReader
