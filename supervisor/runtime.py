@@ -29,6 +29,8 @@ ENV_RUN_DIR = "SUPERVISE_RUN_DIR"  # node-local folder described above
 ENV_CHECKPOINTS = "SUPERVISE_CHECKPOINTS"  # catalog URL (the folder holding step-N)
 ENV_LEDGER = "SUPERVISE_LEDGER"  # ledger URL, when the run keeps a journal
 ENV_INCARNATION = "SUPERVISE_INCARNATION"  # id of this (re)start of the job
+ENV_RESUME_STEP = "SUPERVISE_RESUME_STEP"  # catalog's verified step to load, or "none": start fresh
+ENV_COMMIT_WAIT_S = "SUPERVISE_COMMIT_WAIT_S"  # seconds a commit polls for a mount's upload to land
 
 NOTICE_FILE = "notice.json"
 OUTCOME_FILE = "outcome.json"

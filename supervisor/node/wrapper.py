@@ -27,7 +27,6 @@ from supervisor.exitcodes import ExitCode
 from supervisor.node import process
 from supervisor.node.notices import Notice, NoticeWatcher, cloud_urls
 from supervisor.node.resume import (
-    ENV_RESUME_STEP,
     ResumePlan,
     checkpoint_url,
     decide,
@@ -39,8 +38,10 @@ from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
 from supervisor.node.watchdog import Watchdog, read_steps
 from supervisor.runtime import (
     ENV_CHECKPOINTS,
+    ENV_COMMIT_WAIT_S,
     ENV_INCARNATION,
     ENV_LEDGER,
+    ENV_RESUME_STEP,
     ENV_RUN_DIR,
     HEARTBEAT_DIR,
     NOTICE_FILE,
@@ -51,7 +52,6 @@ from supervisor.runtime import (
 
 log = logging.getLogger(__name__)
 
-ENV_COMMIT_WAIT = "SUPERVISE_COMMIT_WAIT_S"  # seconds the trainer's commit waits for a mount's upload
 TICK_S = 0.25
 
 
@@ -113,7 +113,7 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
         ENV_RESUME_STEP: "none" if resume.step is None else str(resume.step),
     }
     if opts.commit_wait_s:
-        env[ENV_COMMIT_WAIT] = f"{opts.commit_wait_s:g}"
+        env[ENV_COMMIT_WAIT_S] = f"{opts.commit_wait_s:g}"
     return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env)
 
 
