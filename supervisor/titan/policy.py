@@ -67,3 +67,15 @@ class Throttle:
             self._last_t, self._last_step = now, step
             return True
         return False
+
+
+DEFAULT_COMMIT_WAIT_S = 60.0  # a bucket mount's upload usually lands well within this
+
+
+def commit_wait_s(env_value: str | None, same_place: bool) -> float:
+    """How long a commit polls the store for the step's objects: 0 when TorchTitan
+    writes straight to the catalog URL, else $SUPERVISE_COMMIT_WAIT_S (default 60 s),
+    since through a mount the objects reach the store after the save returns."""
+    if same_place:
+        return 0.0
+    return float(env_value) if env_value else DEFAULT_COMMIT_WAIT_S

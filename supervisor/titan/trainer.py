@@ -31,7 +31,7 @@ from torchtitan.trainer import Trainer
 
 from supervisor import runtime
 from supervisor.titan import rng
-from supervisor.titan.policy import SaveTimer, Throttle, notice_plan
+from supervisor.titan.policy import SaveTimer, Throttle, commit_wait_s, notice_plan
 
 from supervisor.titan.trainer_files import METRICS_FILE
 
@@ -131,6 +131,8 @@ class SuperviseTrainer(Trainer):
         self._metrics_path = Path(config.dump_folder) / METRICS_FILE
 
         ckpt = self.checkpointer
+        same_place = (self.catalog_url or "").rstrip("/") == str(getattr(ckpt, "folder", "")).rstrip("/")
+        self.commit_wait_s = commit_wait_s(env.get(runtime.ENV_COMMIT_WAIT_S), same_place)  # parsed at start
         self.supervised_checkpoints = isinstance(ckpt, SuperviseCheckpointManager) and ckpt.enable
         if self.supervised_checkpoints:
             ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
@@ -202,12 +204,10 @@ class SuperviseTrainer(Trainer):
         from supervisor.store.catalog import AlreadyCommitted, Catalog
 
         begin = time.monotonic()
-        same_place = self.catalog_url.rstrip("/") == str(self.checkpointer.folder).rstrip("/")
         try:
             Catalog(self.catalog_url).commit(
                 step, world_size=self.world_size, writer=f"node{self.node_rank}-rank0",
-                # through a mount, objects reach the store after save returns
-                wait_s=0.0 if same_place else 60.0,
+                wait_s=self.commit_wait_s,
             )
         except AlreadyCommitted:
             log.info("supervise: step %d was already committed", step)

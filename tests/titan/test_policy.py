@@ -2,7 +2,15 @@
 
 import random
 
-from supervisor.titan.policy import EXIT_SLACK_S, SAVE_MARGIN, SaveTimer, Throttle, notice_plan
+from supervisor.titan.policy import (
+    DEFAULT_COMMIT_WAIT_S,
+    EXIT_SLACK_S,
+    SAVE_MARGIN,
+    SaveTimer,
+    Throttle,
+    commit_wait_s,
+    notice_plan,
+)
 
 
 def test_save_timer_is_a_moving_average():
@@ -65,3 +73,9 @@ def test_tensor_differences_is_bitwise():
     b = {"w": torch.tensor([1.0, 2.0]), "z": torch.tensor([-0.0])}  # equal as numbers, not as bits
     assert tensor_differences(a, b) == ["z"]
     assert tensor_differences(a, {"w": a["w"]}) == ["z"]
+
+
+def test_commit_waits_only_through_a_mount_and_for_the_wrappers_time():
+    assert commit_wait_s("5", same_place=True) == 0.0
+    assert commit_wait_s(None, same_place=False) == DEFAULT_COMMIT_WAIT_S == 60.0
+    assert commit_wait_s("7.5", same_place=False) == 7.5
