@@ -79,3 +79,22 @@ def commit_wait_s(env_value: str | None, same_place: bool) -> float:
     if same_place:
         return 0.0
     return float(env_value) if env_value else DEFAULT_COMMIT_WAIT_S
+
+
+def resume_load_step(env_value: str | None, configured: int) -> int | None:
+    """The step the checkpoint manager loads, from $SUPERVISE_RESUME_STEP.
+
+    "none" (the catalog has no verified step): None, load no step folder at
+    all, since TorchTitan's own guess with load_step -1 is the highest step-N
+    with a .metadata, committed or not. An integer: exactly that step. Unset
+    (plain torchrun): TorchTitan's `configured` load_step, guess included.
+    """
+    if env_value is None or not env_value.strip():
+        return configured
+    value = env_value.strip().lower()
+    if value == "none":
+        return None
+    step = int(value)
+    if step < 0:
+        raise ValueError(f"resume step must be >= 0 or 'none', got {env_value!r}")
+    return step

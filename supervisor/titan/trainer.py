@@ -31,7 +31,7 @@ from torchtitan.trainer import Trainer
 
 from supervisor import runtime
 from supervisor.titan import rng
-from supervisor.titan.policy import SaveTimer, Throttle, commit_wait_s, notice_plan
+from supervisor.titan.policy import SaveTimer, Throttle, commit_wait_s, notice_plan, resume_load_step
 
 from supervisor.titan.trainer_files import METRICS_FILE
 
@@ -51,6 +51,14 @@ class SuperviseCheckpointManager(CheckpointManager):
     on_saved: Callable[[int, float], None] | None = None  # (step, seconds): save returned
     on_complete: Callable[[int, float], None] | None = None  # (step, seconds): on storage
     pending_async: tuple[int, float] | None = None  # (step, monotonic start) in flight
+    fresh_start: bool = False  # the catalog has no verified step: load no step folder
+
+    def _find_load_step(self, folder: str = "") -> int:
+        # TorchTitan's guess for load_step -1 (highest step-N with a .metadata,
+        # maybe uncommitted or quarantined); -1 makes its _load start fresh.
+        if self.fresh_start:
+            return -1
+        return super()._find_load_step(folder)
 
     def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
         if self.force_next and self.enable and not self.load_only:
@@ -135,6 +143,10 @@ class SuperviseTrainer(Trainer):
         self.commit_wait_s = commit_wait_s(env.get(runtime.ENV_COMMIT_WAIT_S), same_place)  # parsed at start
         self.supervised_checkpoints = isinstance(ckpt, SuperviseCheckpointManager) and ckpt.enable
         if self.supervised_checkpoints:
+            # Trainer.train() loads config.checkpoint.load_step: the wrapper's choice wins.
+            step = resume_load_step(env.get(runtime.ENV_RESUME_STEP), config.checkpoint.load_step)
+            ckpt.fresh_start = step is None
+            self.config.checkpoint.load_step = -1 if step is None else step
             ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
             ckpt.on_saved, ckpt.on_complete = self._on_saved, self._on_complete
         original_log = self.metrics_processor.log

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from supervisor.titan.policy import (
     DEFAULT_COMMIT_WAIT_S,
     EXIT_SLACK_S,
@@ -10,6 +12,7 @@ from supervisor.titan.policy import (
     Throttle,
     commit_wait_s,
     notice_plan,
+    resume_load_step,
 )
 
 
@@ -79,3 +82,14 @@ def test_commit_waits_only_through_a_mount_and_for_the_wrappers_time():
     assert commit_wait_s("5", same_place=True) == 0.0
     assert commit_wait_s(None, same_place=False) == DEFAULT_COMMIT_WAIT_S == 60.0
     assert commit_wait_s("7.5", same_place=False) == 7.5
+
+
+def test_resume_step_from_the_wrapper_overrides_torchtitans_guess():
+    assert resume_load_step("none", -1) is None  # fresh: no step folder is loaded
+    assert resume_load_step("12", -1) == 12
+    assert resume_load_step("12", 12) == 12
+    assert resume_load_step(None, -1) == -1  # plain torchrun: TorchTitan's own choice
+    assert resume_load_step("", 7) == 7
+    for bad in ("-1", "latest"):
+        with pytest.raises(ValueError):
+            resume_load_step(bad, -1)

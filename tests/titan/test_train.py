@@ -5,12 +5,19 @@ import time
 
 import pytest
 
-from supervisor.runtime import NOTICE_FILE, write_json_atomic
+from supervisor.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
 from supervisor.store.catalog import Catalog
 from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
 from tests.fixtures_titan import INTERVAL, STEPS, checkpoint_args, start_trainer
 
 pytestmark = pytest.mark.slow
+
+
+def _plant_decoy(ckpt) -> None:
+    """An unreadable `step-99` with a `.metadata`: TorchTitan's own guess for
+    load_step -1, which crashes the run if anything tries to load it."""
+    (ckpt / "step-99").mkdir(parents=True)
+    (ckpt / "step-99" / ".metadata").write_bytes(b"not a DCP checkpoint")
 
 
 def _assert_same_as_reference(ref, ckpt, dump, incarnation, from_step):
@@ -34,8 +41,10 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, titan_args, refe
     latest = Catalog(str(ckpt)).latest()
     assert latest.step is not None and INTERVAL <= latest.step < STEPS, latest.describe()
 
-    env["SUPERVISE_INCARNATION"] = "b"
-    again = start_trainer([*args, *checkpoint_args(ckpt, load_step=latest.step)], tmp_path / "run", env=env)
+    # SUPERVISE_RESUME_STEP alone (no --checkpoint.load_step) loads exactly that step
+    _plant_decoy(ckpt)
+    env.update({"SUPERVISE_INCARNATION": "b", ENV_RESUME_STEP: str(latest.step)})
+    again = start_trainer([*args, *checkpoint_args(ckpt)], tmp_path / "run", env=env)
     assert again.wait() == 0, again.tail()
     assert again.outcome()["outcome"] == "finished"
     assert Catalog(str(ckpt)).latest().step == STEPS
@@ -76,10 +85,13 @@ def test_notice_file_saves_commits_and_resumes_exactly_with_two_ranks(tmp_path, 
 
 
 def test_notice_deadline_shorter_than_a_save_skips_it(tmp_path, titan_args):
-    ckpt, run_dir = tmp_path / "ckpt", tmp_path / "run"
-    args = titan_args(tmp_path / "dump", steps=STEPS, checkpoint_interval=INTERVAL)
-    run = start_trainer([*args, *checkpoint_args(ckpt)], run_dir, env={"SUPERVISE_CHECKPOINTS": str(ckpt)})
+    ckpt, run_dir, dump = tmp_path / "ckpt", tmp_path / "run", tmp_path / "dump"
+    args = titan_args(dump, steps=STEPS, checkpoint_interval=INTERVAL)
+    _plant_decoy(ckpt)  # a fresh start (catalog: no verified step) must not load TorchTitan's guess
+    run = start_trainer([*args, *checkpoint_args(ckpt)], run_dir,
+                        env={"SUPERVISE_CHECKPOINTS": str(ckpt), ENV_RESUME_STEP: "none"})
     run.wait_step(INTERVAL + 1)  # one save measured
+    assert min(read_losses(dump)) == 1
     write_json_atomic(run_dir / NOTICE_FILE, {"source": "aws", "received_at": time.time(),
                                               "deadline": time.time() + 0.5})
     assert run.wait() == 0, run.tail()
