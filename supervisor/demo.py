@@ -51,43 +51,6 @@ def node_argv(checkpoints_url: str, trainer_args: list[str]) -> list[str]:
     return ["supervise", "node", "--checkpoints", checkpoints_url, "--nproc-per-node", "1", "--", *trainer_args]
 
 
-def model_state(checkpoint_path: str) -> dict[str, Any]:
-    """Every tensor of a DCP checkpoint (local path or s3://), loaded without a process group."""
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FsspecReader(checkpoint_path), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    return state
-
-
-def same_weights(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, str]:
-    """Bit-identical tensors under the same keys; says where they first differ."""
-    import torch
-
-    def tensors(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(tensors(v, f"{prefix}{k}."))
-            elif isinstance(v, torch.Tensor):
-                out[f"{prefix}{k}"] = v
-        return out
-
-    ta, tb = tensors(a), tensors(b)
-    if not ta:
-        return False, "no tensors in the checkpoint"
-    if ta.keys() != tb.keys():
-        return False, f"different tensors: {sorted(ta.keys() ^ tb.keys())[:3]}"
-    for k in sorted(ta):
-        if not torch.equal(ta[k], tb[k]):
-            diff = (ta[k].float() - tb[k].float()).abs().max().item()
-            return False, f"{k} differs (max abs diff {diff:.3g})"
-    return True, f"{len(ta)} tensors bit-identical"
-
-
 class Demo:
     def __init__(self, cfg: DemoConfig):
         from rich.console import Console
@@ -267,9 +230,13 @@ class Demo:
             return True, "no chaos: this uninterrupted run is its own reference"
         if ref.state != "SUCCEEDED":
             return False, f"the reference run did not finish ({ref.state}: {ref.reason})"
-        ref_last = Catalog(ref.url).latest()
-        ok, why = same_weights(model_state(str(last.path)), model_state(str(ref_last.path)))
-        return ok, f"step {self.cfg.steps} vs uninterrupted reference: {why}"
+        from supervisor.titan.results import load_tensors, tensor_differences
+
+        ours = load_tensors(str(last.path), model_only=False)
+        reference = load_tensors(str(Catalog(ref.url).latest().path), model_only=False)
+        differ = tensor_differences(ours, reference)
+        why = f"{len(differ)} of {len(reference)} tensors differ, e.g. {differ[0]}" if differ else f"{len(ours)} tensors bit-identical"
+        return not differ and bool(ours), f"step {self.cfg.steps} vs uninterrupted reference: {why}"
 
     def cleanup(self) -> None:
         from supervisor.launch.local import LocalLauncher
