@@ -10,9 +10,13 @@ socket or shared memory has to survive a crash:
     $SUPERVISE_RUN_DIR/heartbeat/rank-R.json
                                           rewritten by rank R after every step:
                                           {"rank", "step", "time"}
-    $SUPERVISE_RUN_DIR/outcome.json       written by global rank 0 just before a clean
-                                          exit: {"outcome": "finished"|"preempted_saved"|
-                                          "preempted_unsaved", "step", "reason"}
+    $SUPERVISE_RUN_DIR/outcome.json       written by local rank 0 of every node just before
+                                          a clean exit, the same on every node (global rank
+                                          0's decision, broadcast): {"outcome": "finished"|
+                                          "preempted_saved"|"preempted_unsaved", "step",
+                                          "reason", "host" (rank 0's)}; "step" is the step saved
+                                          (preempted_saved) or the last one committed
+                                          (preempted_unsaved, null if none)
 
 All writes are atomic (write a temp file, then rename).
 """

@@ -125,6 +125,7 @@ class SuperviseTrainer(Trainer):
         self.ledger_url = env.get(runtime.ENV_LEDGER) or None
         self.incarnation = env.get(runtime.ENV_INCARNATION) or None
         self.node_rank = int(env.get("GROUP_RANK", "0"))
+        self.local_rank = int(env.get("LOCAL_RANK", self.rank))
 
         self.outcome: dict[str, Any] = {"outcome": "finished"}
         self.save_timer = SaveTimer()
@@ -280,7 +281,8 @@ class SuperviseTrainer(Trainer):
         self._preempted(True, plan.reason)
 
     def _preempted(self, saved: bool, reason: str) -> None:
-        if saved and (self.rank != 0 or self.catalog_url is None or self._last_committed_step == self.step):
+        # rank 0 knows whether the commit succeeded; write_outcome sends its outcome to all
+        if saved and (self.catalog_url is None or self._last_committed_step == self.step):
             self.outcome = {"outcome": "preempted_saved", "step": self.step, "reason": reason}
         else:
             if saved:
@@ -318,9 +320,15 @@ class SuperviseTrainer(Trainer):
             ckpt.exclude_from_loading = [*ckpt.exclude_from_loading, rng.STATE_KEY]
 
     def write_outcome(self) -> None:
-        if self.rank == 0 and self.run_dir is not None:
-            runtime.write_json_atomic(self.run_dir / runtime.OUTCOME_FILE,
-                                      {**self.outcome, "host": socket.gethostname()})
+        """outcome.json on local rank 0 of every node (run dirs are node-local), so
+        every node's wrapper can tell a saved notice from the end of training.
+        All ranks call it; the content is global rank 0's, the same everywhere."""
+        shared = [{**self.outcome, "host": socket.gethostname()}]
+        if dist.is_initialized() and self.world_size > 1:
+            dist.broadcast_object_list(shared, src=0, device=self.device)
+        self.outcome = shared[0]
+        if self.local_rank == 0 and self.run_dir is not None:
+            runtime.write_json_atomic(self.run_dir / runtime.OUTCOME_FILE, self.outcome)
 
 
 def _checkpoint_keys(path: str) -> list[str]:
