@@ -14,9 +14,9 @@ socket or shared memory has to survive a crash:
                                           a clean exit, the same on every node (global rank
                                           0's decision, broadcast): {"outcome": "finished"|
                                           "preempted_saved"|"preempted_unsaved", "step",
-                                          "reason", "host" (rank 0's)}; "step" is the step saved
-                                          (preempted_saved) or the last one committed
-                                          (preempted_unsaved, null if none)
+                                          "reason", "host" (rank 0's)}; "step" is the last step done
+                                          (finished), saved (preempted_saved) or
+                                          committed (preempted_unsaved, null if none)
 
 All writes are atomic (write a temp file, then rename).
 """

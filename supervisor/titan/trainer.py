@@ -323,6 +323,8 @@ class SuperviseTrainer(Trainer):
         """outcome.json on local rank 0 of every node (run dirs are node-local), so
         every node's wrapper can tell a saved notice from the end of training.
         All ranks call it; the content is global rank 0's, the same everywhere."""
+        if self.outcome["outcome"] == "finished":
+            self.outcome = {"outcome": "finished", "step": self.step, "reason": "training finished"}
         shared = [{**self.outcome, "host": socket.gethostname()}]
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast_object_list(shared, src=0, device=self.device)

@@ -46,7 +46,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, titan_args, refe
     env.update({"SUPERVISE_INCARNATION": "b", ENV_RESUME_STEP: str(latest.step)})
     again = start_trainer([*args, *checkpoint_args(ckpt)], tmp_path / "run", env=env)
     assert again.wait() == 0, again.tail()
-    assert again.outcome()["outcome"] == "finished"
+    assert again.outcome()["outcome"] == "finished" and again.outcome()["step"] == STEPS
     assert Catalog(str(ckpt)).latest().step == STEPS
     _assert_same_as_reference(ref, ckpt, dump, "b", latest.step)
 
