@@ -75,11 +75,17 @@ phase "offline wrappers, uv, wheelhouse"
 # srun passes this environment on to every step on the node.
 uhome="$(getent passwd "$U" | cut -d: -f6)"
 marker="# supervise-slurm"
+# The env var replaces pip.conf's find-links: keep the machine's own ones (on this
+# kind of machine, the local torch CPU wheel) next to the wheelhouse.
+machine_links="$("$py" -m pip config get global.find-links 2>/dev/null | tr '\n' ' ' || true)"
 sed -i "/$marker/d" "$uhome/.profile" 2>/dev/null || true
 {
   echo "export PATH=\"$S/bin:\$PATH\" $marker"
   echo "export SLURM_CONF=\"$SLURM_CONF\" $marker"
-  echo "export PIP_FIND_LINKS=\"$S/wheelhouse \${PIP_FIND_LINKS:-}\" $marker"
+  echo "export PIP_FIND_LINKS=\"$S/wheelhouse $machine_links\" $marker"
+  # SkyPilot gives every cluster a fresh HOME; keep pip's cache in the user's own
+  # (like SkyPilot's UV_CACHE_DIR) so a recovery does not download torch again.
+  echo "export PIP_CACHE_DIR=\"$uhome/.cache/pip\" $marker"
 } >> "$uhome/.profile"
 chown "$U:" "$uhome/.profile"
 
@@ -125,11 +131,11 @@ stop_pidfile "$S/slurm/slurmd.pid"; stop_pidfile "$S/slurm/slurmctld.pid"  # res
 slurmctld -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
 for _ in $(seq 60); do
-  sinfo -h -N -o '%T' 2>/dev/null | grep -qx idle && break
+  sinfo -h -N -o '%T' 2>/dev/null | grep -qxE 'idle|mixed|allocated|mix|alloc' && break
   sleep 1
 done
-sinfo -h -N -o '%T' | grep -qx idle || { echo "up.sh: Slurm node not idle; see $S/slurm/*.log" >&2; sinfo -N >&2 || true; exit 1; }
-phase "slurmctld + slurmd (node $node idle)"
+sinfo -h -N -o '%T' | grep -qxE 'idle|mixed|allocated|mix|alloc' || { echo "up.sh: Slurm node not up; see $S/slurm/*.log" >&2; sinfo -N >&2 || true; exit 1; }
+phase "slurmctld + slurmd (node $node up)"
 
 # -- sshd on loopback: the login node ----------------------------------------------
 [ -f "$S/ssh/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$S/ssh/host_ed25519"
@@ -182,7 +188,10 @@ jobs:
     consolidation_mode: true  # the jobs controller runs in the local API server
 EOF
 cd "$H"
-HOME="$H" sky api start >"$S/sky-api-start.log" 2>&1 || { cat "$S/sky-api-start.log" >&2; exit 1; }
+# The controller's internet probe goes to loopback (see sky_offline/sitecustomize.py).
+HOME="$H" PYTHONPATH="$here/sky_offline${PYTHONPATH:+:$PYTHONPATH}" \
+  SUPERVISE_SKY_NETWORK_PROBE="http://127.0.0.1:46580/api/health" \
+  sky api start >"$S/sky-api-start.log" 2>&1 || { cat "$S/sky-api-start.log" >&2; exit 1; }
 HOME="$H" sky check slurm >"$S/sky-check.log" 2>&1 || true
 grep -qi "slurm.*enabled\|enabled.*slurm" "$S/sky-check.log" || { cat "$S/sky-check.log" >&2; echo "up.sh: sky check slurm is not green" >&2; exit 1; }
 phase "sky api start + sky check slurm"
