@@ -8,12 +8,13 @@ import sys
 import typer
 
 from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
+from supervisor.runtime import ENV_CHECKPOINTS
 
 
 def node(
     ctx: typer.Context,
     checkpoints: str = typer.Option(
-        None, "--checkpoints", envvar="SUPERVISE_CHECKPOINTS", metavar="URL",
+        None, "--checkpoints", envvar=ENV_CHECKPOINTS, metavar="URL",
         help="Checkpoint URL (s3://..., gs://..., or a path); default: TorchTitan's --dump_folder + --checkpoint.folder.",
     ),
     checkpoint_mount: str = typer.Option(

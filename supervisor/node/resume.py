@@ -37,7 +37,6 @@ _OWNED = {
 }
 _DUMP_FLAGS = ("--dump_folder", "--dump-folder", "--job.dump_folder")
 _BOOL_WORDS = {"true", "false"}
-ENV_RESUME_STEP = "SUPERVISE_RESUME_STEP"
 
 
 def _is_remote(path: str) -> bool:
