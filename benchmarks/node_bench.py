@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from supervisor.exitcodes import ExitCode  # noqa: E402
+from supervisor.runtime import heartbeat_steps  # noqa: E402
 from supervisor.store.local_server import LocalObjectStore  # noqa: E402
 from supervisor.titan import cpu_compat  # noqa: E402
 from supervisor.titan.tinydata import build_assets, debug_model_args  # noqa: E402
@@ -78,13 +79,7 @@ def vanish(procs: list[psutil.Process]) -> None:
 
 
 def heartbeat_step(run_dir: Path) -> int:
-    steps = []
-    for f in (run_dir / "heartbeat").glob("rank-*.json"):
-        try:
-            steps.append(json.loads(f.read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return max(steps, default=0)
+    return max(heartbeat_steps(run_dir).values(), default=0)
 
 
 def log_step(log: Path) -> int:

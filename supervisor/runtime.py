@@ -56,3 +56,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def heartbeat_steps(run_dir: Path) -> dict[int, int]:
+    """rank -> last step, from whatever heartbeats exist in `run_dir` now."""
+    steps: dict[int, int] = {}
+    for path in (Path(run_dir) / HEARTBEAT_DIR).glob("rank-*.json"):
+        beat = read_json(path)
+        if beat and isinstance(beat.get("rank"), int) and isinstance(beat.get("step"), int):
+            steps[beat["rank"]] = beat["step"]
+    return steps

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from supervisor.launch import chaos, procs
 from supervisor.launch.local import NOTICE_IN, LocalJob, decide, node_argv_for, node_env
-from supervisor.runtime import HEARTBEAT_DIR, read_json, write_json_atomic
+from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
 
 POLL_S = 0.2
 HEARTBEAT_EVERY_S = 0.5
@@ -111,13 +111,8 @@ class Controller:
 
     def step(self, nodes: list[Node]) -> int | None:
         """The highest training step any rank of this incarnation reported."""
-        best = None
-        for node in nodes:
-            for hb in (node.run_dir / HEARTBEAT_DIR).glob("rank-*.json"):
-                data = read_json(hb)
-                if data and isinstance(data.get("step"), int):
-                    best = data["step"] if best is None else max(best, data["step"])
-        return best
+        steps = [step for node in nodes for step in heartbeat_steps(node.run_dir).values()]
+        return max(steps, default=None)
 
     def fire(self, i: int, inc: int, nodes: list[Node], step: int | None) -> None:
         ev = self.plan[i]

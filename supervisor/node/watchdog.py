@@ -8,19 +8,7 @@ change, so clocks written by the ranks do not matter.
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from supervisor.runtime import HEARTBEAT_DIR, read_json
-
-
-def read_steps(run_dir: Path) -> dict[int, int]:
-    """rank -> last step, from whatever heartbeats exist now."""
-    steps: dict[int, int] = {}
-    for path in (run_dir / HEARTBEAT_DIR).glob("rank-*.json"):
-        beat = read_json(path)
-        if beat and isinstance(beat.get("rank"), int) and isinstance(beat.get("step"), int):
-            steps[beat["rank"]] = beat["step"]
-    return steps
 
 
 class Watchdog:

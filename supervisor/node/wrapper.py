@@ -35,7 +35,7 @@ from supervisor.node.resume import (
     validate_trainer_args,
 )
 from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE, Topology, topology_from_env, torchrun_argv
-from supervisor.node.watchdog import Watchdog, read_steps
+from supervisor.node.watchdog import Watchdog
 from supervisor.runtime import (
     ENV_CHECKPOINTS,
     ENV_COMMIT_WAIT_S,
@@ -46,6 +46,7 @@ from supervisor.runtime import (
     HEARTBEAT_DIR,
     NOTICE_FILE,
     OUTCOME_FILE,
+    heartbeat_steps,
     read_json,
     write_json_atomic,
 )
@@ -245,7 +246,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                 give_up_at = now + max(budget, 0.0)
                 _say(f"preemption notice from {n.source}; asking the trainer to save (waiting up to {max(budget, 0):.0f} s)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
-            hang = dog.observe(read_steps(run_dir), now)
+            hang = dog.observe(heartbeat_steps(run_dir), now)
             if hang:
                 _say(f"{hang}; killing the workers")
                 break

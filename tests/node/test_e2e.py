@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.exitcodes import ExitCode
+from supervisor.runtime import heartbeat_steps
 from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
 from tests.node.fake_metadata import FakeMetadata, urls_for
 from tests.node.nodeproc import cleanup, start_node, survivors, vanish, wait_for
@@ -31,13 +32,7 @@ def _port() -> int:
 
 
 def _step(run_dir: Path) -> int:
-    steps = []
-    for f in (run_dir / "heartbeat").glob("rank-*.json"):
-        try:
-            steps.append(json.loads(f.read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return max(steps, default=0)
+    return max(heartbeat_steps(run_dir).values(), default=0)
 
 
 class Run:

@@ -5,7 +5,6 @@ so that these run in seconds; the same paths with real TorchTitan are in test_e2
 import json
 import os
 import signal
-import time
 
 import pytest
 
