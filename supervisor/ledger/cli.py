@@ -49,6 +49,7 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
     report = summarize(events, problems, price=price) if events else {"events": 0, "problems": problems}
     report["ledger"] = ledger_url
     report["plot"] = None
+    report["weights_match"] = None  # only a run with a reference (the demo) can compare; same keys as the demo
     if plot is not None and events:
         from supervisor.ledger.plot import plot_timeline
 
