@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -135,6 +136,9 @@ def test_slurm_managed_job_recovers_from_scancel_and_resumes(local_slurm, tmp_pa
         finally:
             if not finished:  # leave nothing running on a failure
                 _run(["sky", "jobs", "cancel", "-y", "-n", name], env, timeout=300)
+            # down.sh removes SkyPilot's logs; keep them (controller, provision, job) for a post-mortem.
+            shutil.copytree(Path(sky_home) / "sky_logs", tmp_path / "sky_logs", dirs_exist_ok=True)
+            (tmp_path / "job.log").write_text(_logs(env, job_id))
 
         # SkyPilot's own transitions, timestamped by the controller, and the node's
         # side from the run ledger in the bucket; measured first, asserted after.
@@ -164,12 +168,13 @@ def test_slurm_managed_job_recovers_from_scancel_and_resumes(local_slurm, tmp_pa
             "launch_to_succeeded_seen_s": round(times["done"] - times["launch"], 1),
             "skypilot_states": seq,
             "states_polled": states,
+            "logs": str(tmp_path),
         }
         print("\nslurm e2e:", json.dumps(report, indent=1))
         if os.environ.get("SUPERVISE_E2E_REPORT"):
             Path(os.environ["SUPERVISE_E2E_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
 
-        job_log = _logs(env, job_id)
+        job_log = (tmp_path / "job.log").read_text()
         assert status["state"] == "SUCCEEDED", f"states seen: {states}\n{job_log[-3000:]}"
         assert status["recoveries"] >= 1, status
         assert allocations_seen - set(allocations), "the recovery did not get a new Slurm allocation"
