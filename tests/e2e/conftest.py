@@ -83,7 +83,12 @@ def local_slurm():
     try:
         up = subprocess.run(["bash", str(INFRA / "up.sh")], env=env, capture_output=True, text=True, timeout=900)
         if up.returncode != 0:
-            pytest.fail(f"infra/slurm/up.sh failed ({up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
+            why = f"infra/slurm/up.sh failed ({up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+            # Asked for by hand: the infra is under test. Picked up automatically in CI: a
+            # machine that cannot host Slurm + sshd says nothing about supervise, so skip loudly.
+            if os.environ.get("SUPERVISE_E2E_SLURM") == "1":
+                pytest.fail(why)
+            pytest.skip(f"this machine cannot host the local Slurm: {why}")
         info = _read_settings(env)
         info["bring_up_s"] = round(time.monotonic() - start, 1)
         info["up_log"] = up.stdout
