@@ -25,11 +25,6 @@ SSH_PORT = int(os.environ.get("SUPERVISE_SLURM_SSH_PORT", "2222"))
 SKY_API_PORT = 46580
 
 
-def pytest_configure(config):
-    # Until the lead registers it in pyproject.toml.
-    config.addinivalue_line("markers", "slurm: needs root; brings up a local Slurm + sshd + SkyPilot API server")
-
-
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
