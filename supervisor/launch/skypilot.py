@@ -31,6 +31,8 @@ from supervisor.spec import S3_COMPATIBLE, JobSpec, node_command
 
 BACKEND = "skypilot"
 VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
+# The venv is usable when what `supervise node` imports at start imports.
+VENV_CHECK = f"{VENV}/bin/python -c 'import supervisor.cli, supervisor.node, torch, torchtitan'"
 # Store credentials forwarded as secrets when set in the launching shell
 # (on AWS/GCP with instance roles they are not needed).
 STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -75,16 +77,29 @@ def setup_script(spec: JobSpec) -> str:
         titan = inst.torchtitan or _pinned("torchtitan")
         torch_req = f"torch=={torch}" if torch else "torch"
         index = ["--index-url", inst.index_url] if inst.index_url else []
+        # A venv left half-deleted (e.g. by the clean-up of a cancelled cluster
+        # whose HOME survives) is rebuilt from scratch; a healthy one is reused
+        # and the pip installs below are then quick no-ops.
         lines += [
-            f"python3 -m venv {VENV} || ~/.local/bin/uv venv --seed {VENV}",
+            f"if ! {VENV_CHECK} >/dev/null 2>&1; then",
+            f"  echo 'supervise setup: (re)building {VENV}'",
+            f"  rm -rf {VENV}",
+            f"  python3 -m venv {VENV} || ~/.local/bin/uv venv --seed {VENV}",
+            "fi",
             f". {VENV}/bin/activate",
             "pip install --upgrade pip",
             shlex.join(["pip", "install", torch_req, *index]),
             shlex.join(["pip", "install", f"torchtitan=={titan}" if titan else "torchtitan",
                         _requirement("supervise", inst.supervise), *_store_packages(spec), *inst.extra]),
         ]
-    else:
-        lines.append(f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi")
+    else:  # the image provides the packages; a damaged venv must not shadow them
+        lines += [
+            f"if [ -e {VENV} ] && ! {VENV_CHECK} >/dev/null 2>&1; then",
+            f"  echo 'supervise setup: removing damaged {VENV}; using the image python'",
+            f"  rm -rf {VENV}",
+            "fi",
+            f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi",
+        ]
     tok = spec.tokenizer
     if tok.tiny:
         lines.append(shlex.join([

@@ -201,3 +201,57 @@ def test_status_json_lists_local_jobs_without_skypilot(monkeypatch, capsys):
     assert rows[0]["name"] == "mine" and rows[0]["recoveries"] == 2 and rows[0]["state"] == "RUNNING"
     assert {"step", "checkpoint_time", "goodput", "backend"} <= set(rows[0])
     assert "sky api start" in out.err
+
+
+def _fake_venv(venv: Path, *, healthy: bool) -> None:
+    """A stand-in venv: bin/python answers the health check, bin/pip records its argv."""
+    (venv / "bin").mkdir(parents=True)
+    (venv / "marker").write_text("old venv")
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexit {0 if healthy else 1}\n")
+    (venv / "bin" / "pip").write_text('#!/bin/sh\necho "$@" >> "$HOME/pip.log"\n')
+    (venv / "bin" / "activate").write_text(f'PATH="{venv}/bin:$PATH"\n')
+    for exe in ("python", "pip"):
+        (venv / "bin" / exe).chmod(0o755)
+
+
+def _run_setup(tmp_path, spec, *, venv_state: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+    """Execute the rendered setup in a scratch HOME; `python3 -m venv` makes a healthy stand-in venv."""
+    home = tmp_path / "home"
+    venv = home / ".supervise" / "venv"
+    if venv_state:
+        _fake_venv(venv, healthy=venv_state == "healthy")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python3").write_text(
+        f"#!{sys.executable}\nimport sys, pathlib\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_skypilot import _fake_venv\n"
+        "assert sys.argv[1:3] == ['-m', 'venv'], sys.argv\n"
+        "_fake_venv(pathlib.Path(sys.argv[3]), healthy=True)\n"
+        "(pathlib.Path(sys.argv[3]) / 'marker').write_text('new venv')\n")
+    (bindir / "python").write_text("#!/bin/sh\nexit 0\n")  # the image python (tokenizer step)
+    for exe in ("python3", "python"):
+        (bindir / exe).chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home)}
+    proc = subprocess.run(["bash", "-c", skypilot.setup_script(spec)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, venv
+
+
+@pytest.mark.parametrize("venv_state", [None, "healthy", "damaged"])
+def test_setup_rebuilds_a_missing_or_damaged_venv_and_reuses_a_healthy_one(tmp_path, venv_state):
+    proc, venv = _run_setup(tmp_path, build_spec("llama3_debug"), venv_state=venv_state)
+    assert proc.returncode == 0, proc.stderr
+    expected = "old venv" if venv_state == "healthy" else "new venv"
+    assert (venv / "marker").read_text() == expected
+    pip_log = (tmp_path / "home" / "pip.log").read_text()
+    assert "torchtitan==" in pip_log  # installs always run: quick no-ops in a healthy venv
+
+
+@pytest.mark.parametrize("venv_state", ["healthy", "damaged"])
+def test_setup_without_pip_drops_a_damaged_venv_so_the_image_python_runs(tmp_path, venv_state):
+    spec = build_spec("llama3_debug", sets=["install.pip=false"])
+    proc, venv = _run_setup(tmp_path, spec, venv_state=venv_state)
+    assert proc.returncode == 0, proc.stderr
+    assert venv.exists() == (venv_state == "healthy")
+    assert not (tmp_path / "home" / "pip.log").exists()
