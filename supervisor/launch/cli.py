@@ -152,7 +152,13 @@ def stop(
     now: bool = typer.Option(False, "--now", help="Hard cancel: no final checkpoint."),
 ) -> None:
     """Stop a job; by default the wrapper saves and commits a final checkpoint first."""
-    _launcher(_backend_of(name)).cancel(name, graceful=not now)
+    from supervisor.launch.skypilot import AlreadyFinished
+
+    try:
+        _launcher(_backend_of(name)).cancel(name, graceful=not now)
+    except AlreadyFinished as done:
+        typer.echo(str(done))
+        return
     typer.echo(f"stopped {name}" + ("" if now else " (final checkpoint saved and committed where possible)"))
 
 

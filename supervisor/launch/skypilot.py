@@ -356,24 +356,19 @@ class SkyPilotLauncher:
         return job_id
 
     def status(self, name: str | None = None) -> list[JobStatus]:
-        sky = _sky()
-        result = _call(sky.jobs.queue_v2, refresh=False, skip_finished=False)
-        records = result[0] if isinstance(result, tuple) else result
-        latest: dict[str, Any] = {}
-        for rec in records:  # newest job of each name wins
-            rec = rec if isinstance(rec, dict) else rec.model_dump()
-            job_name = rec.get("job_name") or rec.get("task_name")
+        latest: dict[str, dict[str, Any]] = {}
+        for rec in _queue():  # newest job of each name wins
+            job_name = _job_name(rec)
             if name is not None and job_name != name:
                 continue
-            if job_name not in latest or (rec.get("job_id") or 0) > (latest[job_name].get("job_id") or 0):
+            if job_name not in latest or _job_id(rec) > _job_id(latest[job_name]):
                 latest[job_name] = rec
         out = []
         for job_name, rec in sorted(latest.items()):
             known = registry.lookup(job_name) or {}
-            state = rec.get("status")
             out.append(JobStatus(
                 name=job_name, backend=BACKEND,
-                state=getattr(state, "value", str(state)),
+                state=_state(rec),
                 recoveries=int(rec.get("recovery_count") or 0),
                 job_id=str(rec.get("job_id")),
                 reason=rec.get("failure_reason"),
@@ -382,9 +377,12 @@ class SkyPilotLauncher:
         return out
 
     def logs(self, name: str, *, follow: bool = False) -> None:
+        """By job id: SkyPilot's tail_logs by name only finds jobs still running."""
         sky = _sky()
+        job_id, state = self._resolve(name)
         try:
-            code = sky.jobs.tail_logs(name=name, follow=follow, output_stream=sys.stdout)
+            code = sky.jobs.tail_logs(job_id=job_id, follow=follow and not is_finished(state),
+                                      output_stream=sys.stdout)
         except Exception as err:
             raise explain_sky_error(err) from err
         if code:
@@ -392,7 +390,64 @@ class SkyPilotLauncher:
 
     def cancel(self, name: str, *, graceful: bool = True, graceful_timeout: int = GRACEFUL_TIMEOUT_S) -> None:
         sky = _sky()
+        job_id, state = self._resolve(name)
+        if is_finished(state):
+            raise AlreadyFinished(f"{name} (managed job {job_id}) already finished: {state}; nothing to stop")
         if graceful:
-            _call(sky.jobs.cancel, name=name, graceful=True, graceful_timeout=graceful_timeout)
+            _call(sky.jobs.cancel, job_ids=[job_id], graceful=True, graceful_timeout=graceful_timeout)
         else:
-            _call(sky.jobs.cancel, name=name)
+            _call(sky.jobs.cancel, job_ids=[job_id])
+
+    def _resolve(self, name: str) -> tuple[int, str | None]:
+        recorded = (registry.lookup(name) or {}).get("job_id")
+        return find_job(_queue(), name, recorded)
+
+
+class AlreadyFinished(SuperviseError):
+    """`stop` of a job that already ended: nothing to do, not a failure."""
+
+    exit_code = 0
+
+
+FINISHED_STATES = ("SUCCEEDED", "CANCELLED", "FAILED")  # FAILED covers FAILED_SETUP, FAILED_NO_RESOURCE, ...
+
+
+def is_finished(state: str | None) -> bool:
+    return bool(state) and state.startswith(FINISHED_STATES)
+
+
+def find_job(records: list[dict[str, Any]], name: str, recorded_id: str | int | None) -> tuple[int, str | None]:
+    """(job id, state) of the job `name`: the id recorded at launch when the queue
+    still lists it under that name, else the newest job of that name, else the
+    recorded id with an unknown state (the queue no longer has it)."""
+    mine = [r for r in records if _job_name(r) == name]
+    if recorded_id not in (None, ""):
+        for rec in mine:
+            if str(_job_id(rec)) == str(recorded_id):
+                return _job_id(rec), _state(rec)
+    if mine:
+        rec = max(mine, key=_job_id)
+        return _job_id(rec), _state(rec)
+    if recorded_id not in (None, ""):
+        return int(recorded_id), None
+    raise SuperviseError(f"no SkyPilot managed job named {name!r}; see `sky jobs queue`")
+
+
+def _queue() -> list[dict[str, Any]]:
+    sky = _sky()
+    result = _call(sky.jobs.queue_v2, refresh=False, skip_finished=False)
+    records = result[0] if isinstance(result, tuple) else result
+    return [rec if isinstance(rec, dict) else rec.model_dump() for rec in records]
+
+
+def _job_name(rec: Mapping[str, Any]) -> str | None:
+    return rec.get("job_name") or rec.get("task_name")
+
+
+def _job_id(rec: Mapping[str, Any]) -> int:
+    return int(rec.get("job_id") or 0)
+
+
+def _state(rec: Mapping[str, Any]) -> str:
+    state = rec.get("status")
+    return str(getattr(state, "value", state))

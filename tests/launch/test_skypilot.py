@@ -255,3 +255,52 @@ def test_setup_without_pip_drops_a_damaged_venv_so_the_image_python_runs(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert venv.exists() == (venv_state == "healthy")
     assert not (tmp_path / "home" / "pip.log").exists()
+
+
+QUEUE = [
+    {"job_id": 3, "job_name": "run-a", "status": "SUCCEEDED"},
+    {"job_id": 7, "job_name": "run-a", "status": "RUNNING"},
+    {"job_id": 5, "job_name": "run-b", "status": "FAILED_SETUP"},
+]
+
+
+def test_find_job_prefers_the_recorded_id_then_the_newest_of_the_name():
+    assert skypilot.find_job(QUEUE, "run-a", "3") == (3, "SUCCEEDED")  # recorded at launch, finished
+    assert skypilot.find_job(QUEUE, "run-a", None) == (7, "RUNNING")  # newest of that name
+    assert skypilot.find_job(QUEUE, "run-a", "5") == (7, "RUNNING")  # id 5 is another job's
+    assert skypilot.find_job([], "run-a", "3") == (3, None)  # the queue forgot it; the id still tails
+    with pytest.raises(SuperviseError, match="sky jobs queue"):
+        skypilot.find_job(QUEUE, "nope", None)
+
+
+def test_finished_states():
+    assert all(skypilot.is_finished(s) for s in ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP",
+                                                 "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"))
+    assert not any(skypilot.is_finished(s) for s in ("PENDING", "STARTING", "RUNNING", "RECOVERING",
+                                                     "CANCELLING", None))
+
+
+def _cli(monkeypatch, *argv) -> int:
+    monkeypatch.setattr(sys, "argv", ["supervise", *argv])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code or 0
+
+
+def test_logs_and_stop_of_a_finished_job_use_its_id(monkeypatch, capsys):
+    """The SkyPilot API server is replaced at the SDK boundary (none runs here): what we pass is checked."""
+    import sky
+
+    calls = []
+    registry.record("run-b", backend="skypilot", checkpoints_url="s3://my-ckpts/supervise/run-b", job_id="5")
+    monkeypatch.setattr(skypilot, "_queue", lambda: QUEUE)
+    monkeypatch.setattr(sky.jobs, "tail_logs", lambda **kw: calls.append(("tail", kw)) or 0)
+    monkeypatch.setattr(sky.jobs, "cancel", lambda **kw: calls.append(("cancel", kw)))
+
+    assert _cli(monkeypatch, "logs", "run-b", "--follow") == 0
+    assert calls[0][1]["job_id"] == 5 and calls[0][1]["follow"] is False  # finished: nothing to follow
+    assert "name" not in calls[0][1]
+
+    assert _cli(monkeypatch, "stop", "run-b") == 0
+    assert "already finished: FAILED_SETUP" in capsys.readouterr().out
+    assert [c for c, _ in calls] == ["tail"]  # SkyPilot was not asked to cancel
