@@ -9,25 +9,13 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 
 from supervisor import registry
 from supervisor.exitcodes import ExitCode
-from supervisor.launch.local import LocalJob, LocalLauncher, decide, node_argv_for, read_state
+from supervisor.launch.local import LocalJob, decide, node_argv_for, read_state
 from supervisor.launch.procs import tagged
 
 STANDIN = str(Path(__file__).with_name("standin_node.py"))
-
-
-@pytest.fixture
-def launcher(tmp_path, monkeypatch):
-    monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
-    lau = LocalLauncher()
-    yield lau
-    for st in lau.status():
-        if st.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
-            lau.cancel(st.name, graceful=False)
-        assert not tagged(f"{st.name}/"), "processes left behind"
 
 
 def job(tmp_path, name, *args, **kw) -> LocalJob:

@@ -7,24 +7,12 @@ import time
 import pytest
 
 from supervisor.demo import node_argv
-from supervisor.launch.local import LocalJob, LocalLauncher, read_state
+from supervisor.launch.local import LocalJob, read_state
 from supervisor.launch.procs import tagged
 from supervisor.ledger.journal import read_events
 from supervisor.store.catalog import Catalog
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def launcher(tmp_path, monkeypatch):
-    monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    lau = LocalLauncher()
-    yield lau
-    for st in lau.status():
-        if st.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
-            lau.cancel(st.name, graceful=False)
-        assert not tagged(f"{st.name}/"), "processes left behind"
 
 
 def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_url, titan_args, tmp_path):
