@@ -41,21 +41,17 @@ def _root(
 
 def _register() -> None:
     """Attach each package's commands. Packages import nothing from here."""
+    from supervisor.demo import demo_command
+    from supervisor.launch.cli import register as register_launch
+    from supervisor.ledger.cli import report_command
+    from supervisor.node.cli import node
     from supervisor.store.cli import app as checkpoints_app
 
-    app.add_typer(checkpoints_app, name="checkpoints", help="Inspect and manage the verified checkpoint catalog.")
-    from supervisor.node.cli import node
-
-    app.command("node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(node)
-    from supervisor.launch.cli import register as register_launch
-
-    register_launch(app)
-    from supervisor.ledger.cli import report_command
-
+    register_launch(app)  # start, status, logs, stop
     app.command("report")(report_command)
-    from supervisor.demo import demo_command
-
     app.command("demo")(demo_command)
+    app.command("node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(node)
+    app.add_typer(checkpoints_app, name="checkpoints", help="Inspect and manage the verified checkpoint catalog.")
 
 
 _register()
