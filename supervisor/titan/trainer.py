@@ -32,7 +32,6 @@ from torchtitan.trainer import Trainer
 from supervisor import runtime
 from supervisor.titan import rng
 from supervisor.titan.policy import SaveTimer, Throttle, commit_wait_s, notice_plan, resume_load_step
-
 from supervisor.titan.trainer_files import METRICS_FILE
 
 log = logging.getLogger("supervisor.titan")

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 
+import psutil
 import pytest
 
 from supervisor.exitcodes import ExitCode
@@ -88,8 +89,6 @@ def test_dead_torchrun_leaves_no_orphan_workers(tmp_path):
     proc, run_dir = _node(tmp_path)
     try:
         workers = _pids(run_dir, 2)
-        import psutil
-
         torchrun = psutil.Process(workers[0]).parent()
         torchrun.kill()  # workers live in their own sessions; torchrun's death does not stop them
         assert proc.wait(60) == ExitCode.RETRYABLE
