@@ -43,9 +43,13 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
     from supervisor.ledger.report import accelerators_of, build_timeline, summarize
 
     events, problems = read_events(ledger_url)
-    cloud = next((e.get("cloud") for e in events if e.kind == "launch" and e.get("cloud")), None)
-    price = price_for(accelerators_of(events), cloud=cloud, price_file=price_file, spot=spot_price,
-                      on_demand=on_demand_price)
+    launch = next((e for e in events if e.kind == "launch"), None)
+    price = None  # no launch event: what ran is unknown, so is its cost (never priced as a CPU)
+    if launch is not None or (spot_price is not None and on_demand_price is not None):
+        infra = launch.get("infra") if launch is not None else None
+        price = price_for(accelerators_of(events), cloud=infra.split("/")[0] if infra else None,
+                          price_file=price_file, spot=spot_price, on_demand=on_demand_price,
+                          prefer_spot=bool(launch.get("spot")) if launch is not None else True)
     report = summarize(events, problems, price=price) if events else {"events": 0, "problems": problems}
     report["ledger"] = ledger_url
     report["plot"] = None
@@ -115,6 +119,9 @@ def render(report: dict[str, Any]):
                       f"(saved ${cost['savings_usd']:.2f}; badput ${cost['badput_spot_usd']:.2f})")
         facts.add_row("prices", f"${cost['spot_usd_per_node_hour']:.3f}/h spot, "
                       f"${cost['on_demand_usd_per_node_hour']:.3f}/h on demand — {cost['price_source']}")
+    else:
+        facts.add_row("cost", "unknown: the ledger has no launch event, so what ran is not recorded "
+                      "(pass --spot-price and --on-demand-price)")
     facts.add_row("advice", report["advice"]["message"])
     if report.get("plot"):
         facts.add_row("plot", report["plot"])

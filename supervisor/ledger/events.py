@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 # kind -> {field: accepted types}; a field listed here may be absent or null unless in REQUIRED.
 _NUM = (int, float)
 KINDS: dict[str, dict[str, tuple[type, ...]]] = {
-    # launcher: once per job. Optional fields feed the cost: nodes, accelerators ("H100:8"), spot, cloud.
-    "launch": {"name": (str,), "backend": (str,), "nodes": (int,), "accelerators": (str,), "spot": (bool,),
-               "cloud": (str,), "region": (str,)},
+    # launcher: once per job, built by launch_fields(). accelerators: the any-of options asked for,
+    # {"H100": 8, "H200": 8} (null = CPU); price_source: where the report's prices will come from.
+    "launch": {"name": (str,), "backend": (str,), "num_nodes": (int,), "accelerators": (dict,), "spot": (bool,),
+               "infra": (str,), "job_id": (str,), "price_source": (str,)},
     "node_start": {"node_rank": (int,), "num_nodes": (int,)},  # node wrapper began on a machine
     "trainer_start": {"world_size": (int,)},  # torchrun / trainer processes started
     "resume": {"step": (int,), "skipped": (list,)},  # step to load (null = fresh start)
@@ -119,3 +120,19 @@ def parse_line(line: str) -> Event:
                  incarnation=str(raw.get("incarnation") or "?"),
                  mono=float(mono) if isinstance(mono, (int, float)) else None,
                  seq=int(raw.get("seq") or 0), host=raw.get("host"), fields=fields)
+
+
+def launch_fields(*, name: str, backend: str, num_nodes: int, accelerators: Mapping[str, int] | None, spot: bool,
+                  infra: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """The `launch` event's fields, one shape for every backend: `journal.emit("launch", **launch_fields(...))`.
+
+    `accelerators` is the any-of mapping as the user gave it (None = CPU); the price
+    source is resolved now so the report can say where its prices came from.
+    """
+    from supervisor.ledger.prices import price_for
+
+    options = {str(k): int(v) for k, v in accelerators.items()} if accelerators else None
+    cloud = infra.split("/")[0] if infra else None
+    return {"name": name, "backend": backend, "num_nodes": int(num_nodes), "accelerators": options,
+            "spot": bool(spot), "infra": infra, "job_id": None if job_id is None else str(job_id),
+            "price_source": price_for(options, cloud=cloud, prefer_spot=spot).source}

@@ -21,9 +21,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from supervisor.errors import SuperviseError
 
+# Clouds whose SkyPilot catalog lists accelerator prices (`<cloud>/vms.csv`).
+PRICED_CLOUDS = ("aws", "gcp", "azure", "lambda", "nebius", "runpod")
 # USD per device-hour (GPU) or per node-hour (CPU). Approximate AWS us-east-1 list
 # prices of 2025 (p5/p5en/p4d/p4de/g6/m6i); spot is a typical, not a quoted, price.
 TABLE: dict[str, tuple[float, float]] = {  # name: (spot, on_demand)
@@ -54,6 +57,15 @@ def parse_accelerators(text: str | None) -> tuple[str, int]:
         return name.strip(), int(count) if count else 1
     except ValueError:
         raise SuperviseError(f"bad accelerator spec {text!r}: use NAME or NAME:COUNT, e.g. H100:8") from None
+
+
+def accelerator_options(accelerators: Mapping[str, int] | str | None) -> list[tuple[str, int]]:
+    """Any-of accelerators ({"H100": 8, "H200": 8}, "H100:8" or None = CPU) -> [(name, count)]."""
+    if not accelerators:
+        return [("CPU", 1)]
+    if isinstance(accelerators, str):
+        return [parse_accelerators(accelerators)]
+    return [(str(name), int(count)) for name, count in accelerators.items()]
 
 
 def load_price_file(path: str | Path) -> dict[str, tuple[float, float]]:
@@ -94,7 +106,9 @@ def _sky_catalog(name: str, count: int, cloud: str | None) -> Price | None:
         from sky.catalog import common
     except Exception:
         return None
-    for c in ([cloud.lower()] if cloud else ["aws", "gcp", "azure", "lambda", "runpod"]):
+    for c in ([cloud.lower()] if cloud else PRICED_CLOUDS):
+        if c not in PRICED_CLOUDS:
+            continue
         path = common.get_catalog_path(f"{c}/vms.csv")
         if not os.path.exists(path):
             continue
@@ -116,14 +130,8 @@ def _sky_catalog(name: str, count: int, cloud: str | None) -> Price | None:
     return None
 
 
-def price_for(accelerators: str | None, *, cloud: str | None = None, price_file: str | Path | None = None,
-              spot: float | None = None, on_demand: float | None = None) -> Price:
-    """The node-hour price of `accelerators` ('H100:8', None = CPU) and its source."""
-    name, count = parse_accelerators(accelerators)
-    if spot is not None or on_demand is not None:
-        base = price_for(accelerators, cloud=cloud, price_file=price_file)
-        return Price(base.spot if spot is None else spot, base.on_demand if on_demand is None else on_demand,
-                     "command line" + ("" if spot is not None and on_demand is not None else f" + {base.source}"))
+def _one_price(name: str, count: int, cloud: str | None, price_file: str | Path | None) -> Price | None:
+    """One accelerator option through the source order of the module docstring; None if unpriced."""
     if price_file is not None:
         found = _lookup(load_price_file(price_file), name, count)
         if found:
@@ -134,5 +142,29 @@ def price_for(accelerators: str | None, *, cloud: str | None = None, price_file:
     found = _lookup(TABLE, name, count)
     if found:
         return Price(found[0], found[1], "built-in table (approximate AWS list prices, 2025)")
-    spot_cpu, od_cpu = TABLE["CPU"]
-    return Price(spot_cpu, od_cpu, f"built-in table: no price for {name}, CPU node price used; pass --prices")
+    return None
+
+
+def price_for(accelerators: Mapping[str, int] | str | None, *, cloud: str | None = None,
+              price_file: str | Path | None = None, spot: float | None = None, on_demand: float | None = None,
+              prefer_spot: bool = True) -> Price:
+    """The node-hour price of `accelerators` (any-of mapping, 'H100:8', None = CPU) and its source.
+
+    With several options (SkyPilot picks one at launch), the cheapest one, by spot or
+    on-demand price as `prefer_spot` says, is used and the source names it. This is the
+    one price reader: the report, the `launch` event and `start`'s estimate all use it.
+    """
+    if spot is not None or on_demand is not None:
+        base = price_for(accelerators, cloud=cloud, price_file=price_file, prefer_spot=prefer_spot)
+        return Price(base.spot if spot is None else spot, base.on_demand if on_demand is None else on_demand,
+                     "command line" + ("" if spot is not None and on_demand is not None else f" + {base.source}"))
+    options = accelerator_options(accelerators)
+    priced = [(p, f"{n}:{c}") for n, c in options if (p := _one_price(n, c, cloud, price_file))]
+    if not priced:
+        spot_cpu, od_cpu = TABLE["CPU"]
+        names = "/".join(n for n, _ in options)
+        return Price(spot_cpu, od_cpu, f"built-in table: no price for {names}, CPU node price used; pass --prices")
+    best, label = min(priced, key=lambda pl: pl[0].spot if prefer_spot else pl[0].on_demand)
+    if len(options) > 1:
+        return Price(best.spot, best.on_demand, f"{best.source}; cheapest of the options, {label}")
+    return best

@@ -411,10 +411,9 @@ def _advice(tl: Timeline, totals: dict[str, float], ckpt: dict[str, Any], steps:
 
 def _nodes(events: list[Event]) -> int:
     for e in events:
-        if e.kind == "launch" and e.get("nodes"):
-            return int(e.get("nodes"))
-    counts = [int(e.get("num_nodes") or e.get("nnodes")) for e in events
-              if e.kind == "node_start" and (e.get("num_nodes") or e.get("nnodes"))]
+        if e.kind == "launch" and e.get("num_nodes"):
+            return int(e.get("num_nodes"))
+    counts = [int(e.get("num_nodes")) for e in events if e.kind == "node_start" and e.get("num_nodes")]
     if counts:
         return max(counts)
     per_inc: dict[str, set] = {}
@@ -424,11 +423,17 @@ def _nodes(events: list[Event]) -> int:
     return max((len(v) for v in per_inc.values()), default=1)
 
 
-def accelerators_of(events: list[Event]) -> str:
+def accelerators_of(events: list[Event]) -> dict[str, int] | None:
+    """The any-of accelerators the launch asked for (None = CPU)."""
     for e in events:
-        if e.kind == "launch" and e.get("accelerators"):
-            return str(e.get("accelerators"))
-    return "CPU"
+        if e.kind == "launch":
+            return e.get("accelerators")
+    return None
+
+
+def accelerator_label(accelerators: dict[str, int] | None) -> str:
+    """{"H100": 8, "H200": 8} -> "H100:8 or H200:8"; None -> "CPU"."""
+    return " or ".join(f"{k}:{v}" for k, v in accelerators.items()) if accelerators else "CPU"
 
 
 def cost(node_hours: float, spot_price: float, on_demand_price: float, badput_hours: float,
@@ -491,7 +496,7 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
         "steps": steps,
         "checkpoints": ckpt,
         "nodes": nodes,
-        "accelerators": accelerators,
+        "accelerators": accelerator_label(accelerators),
         "spot": spot_flags[0] if spot_flags else None,
         "advice": _advice(tl, totals, ckpt, steps, events),
         "cost": None,

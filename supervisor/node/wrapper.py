@@ -224,7 +224,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         overhead_s = round(time.monotonic() - t0, 3)
         # Ledger writes are store round trips: after torchrun is on its way, not before.
         journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
-        journal.emit("node_start", node_rank=topo.node_rank, nnodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
+        journal.emit("node_start", node_rank=topo.node_rank, num_nodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
                      host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
         journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason)
         journal.emit("trainer_start", command=plan.command, pid=proc.pid, wrapper_overhead_s=overhead_s)

@@ -36,7 +36,7 @@ def chaos_run() -> tuple[list[Event], dict]:
     with no notice; detection 2 s, provisioning 3 s, restart 4 s (resume 8; first step 9 completes at the end);
     inc i1: steps 9..14, notice at step 12, saves step 12 on notice (0.5 + 0.25), preempted, exit 75;
     detection 1 s, provisioning 2 s, restart 3 s; inc i2: steps 13..16, final checkpoint at 16, finished 0.2 s later."""
-    e = [ev(0, "launch", "launcher", "launcher", nodes=2, accelerators="H100:8", spot=True)]
+    e = [ev(0, "launch", "launcher", "launcher", backend="skypilot", num_nodes=2, accelerators={"H100": 8}, spot=True)]
     e += [ev(10, "node_start", "i0", "node0", node_rank=0, num_nodes=2), ev(10.5, "node_start", "i0", "node1", node_rank=1)]
     e += [ev(12, "trainer_start", "i0"), ev(13, "resume", "i0", step=None)]
     # first step completes at 15 (start-up 10 -> 15 includes the first step)

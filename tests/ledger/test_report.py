@@ -52,7 +52,7 @@ def test_reused_incarnation_labels_and_no_first_step_give_the_same_numbers():
 
 
 def test_uninterrupted_run_has_no_lost_or_recovery_time():
-    events = [ev(0, "launch", nodes=1), ev(2, "node_start")]
+    events = [ev(0, "launch", num_nodes=1), ev(2, "node_start")]
     body, t = steps("i0", 3.0, 1, 8, ckpt_every=4, save_s=0.5, commit_s=0.5)
     events += body + [ev(t + 1, "job_finished", state="SUCCEEDED")]
     r = summarize(events)
@@ -136,7 +136,7 @@ def test_teardown_echo_does_not_turn_a_kill_into_a_notice():
 @pytest.mark.parametrize("seed", range(25))
 def test_random_runs_always_tile_wall_time(seed):
     rng = random.Random(seed)
-    events = [ev(0, "launch", nodes=rng.randint(1, 3))]
+    events = [ev(0, "launch", num_nodes=rng.randint(1, 3))]
     t, resume, inc = rng.uniform(0, 5), 0, 0
     saved: list[int] = [0]
     while True:
