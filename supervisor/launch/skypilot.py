@@ -37,7 +37,6 @@ VENV_CHECK = f"{VENV}/bin/python -c 'import supervisor.cli, supervisor.node, tor
 # (on AWS/GCP with instance roles they are not needed).
 STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
-PRICED_CLOUDS = ("aws", "gcp", "azure", "lambda", "nebius", "runpod")
 GRACEFUL_TIMEOUT_S = 900  # stop: time for the final save + MOUNT_CACHED upload
 
 
@@ -306,38 +305,19 @@ def summary(spec: JobSpec) -> list[tuple[str, str]]:
         ("recovery", f"{rec.strategy or 'SkyPilot default'}; restart on exit codes "
                      f"{rec.recover_on_exit_codes}, up to {rec.max_restarts_on_errors} restarts on errors"),
     ]
-    price = estimate_hourly(spec)
-    rows.append(("estimated cost", f"${price:.2f}/h" if price is not None else "unknown"))
+    price, source = estimate_hourly(spec)
+    rows.append(("estimated cost", f"${price:.2f}/h ({source})"))
     return rows
 
 
-def estimate_hourly(spec: JobSpec) -> float | None:
-    """Cheapest $/h for the whole job from SkyPilot's local catalog; None when unknown."""
-    res = spec.resources
-    if not res.accelerators:
-        return None
-    try:
-        from sky import catalog
-        from sky.catalog import common
+def estimate_hourly(spec: JobSpec) -> tuple[float, str]:
+    """$/h for the whole job and where the price came from: the ledger's one price reader
+    (a cached SkyPilot catalog, else the built-in table; never a download)."""
+    from supervisor.ledger.prices import price_for
 
-        # Only catalogs already on disk: a launch summary must not wait on downloads.
-        clouds = [c for c in PRICED_CLOUDS if os.path.exists(common.get_catalog_path(f"{c}/vms.csv"))]
-        if res.infra:
-            clouds = [c for c in clouds if c == res.infra.split("/")[0]]
-        best = None
-        for name, count in res.accelerators.items():
-            if not clouds:
-                break
-            offers = catalog.list_accelerators(gpus_only=True, name_filter=name, quantity_filter=count,
-                                               clouds=clouds, case_sensitive=False, require_price=True)
-            for infos in offers.values():
-                for info in infos:
-                    price = info.spot_price if res.spot else info.price
-                    if price and price == price and (best is None or price < best):
-                        best = price
-        return None if best is None else best * res.num_nodes
-    except Exception:  # the catalog may be absent offline; the estimate is optional
-        return None
+    res = spec.resources
+    price = price_for(res.accelerators, cloud=res.infra.split("/")[0] if res.infra else None, prefer_spot=res.spot)
+    return (price.spot if res.spot else price.on_demand) * res.num_nodes, price.source
 
 
 class SkyPilotLauncher:
