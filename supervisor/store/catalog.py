@@ -5,9 +5,11 @@ created (conditionally: one writer wins) after every file `.metadata` names was
 seen through the store API with its full size, and it still matches. See
 DESIGN.md, "The checkpoint commit protocol"; the pure rules live in manifest.py.
 
-The `LATEST` pointer is written *before* each commit marker and only ever
-raised, so a committed step is never above it: when the pointer's step
-verifies, `latest` is done in O(1) requests; otherwise it scans.
+The `LATEST` pointer is raised only *after* a step's commit marker was
+created, so it never names a step that was not committed. A crash between
+the two leaves a committed step above the pointer: `latest` therefore looks
+at the (few) step folders above the pointer first, then at the pointer's
+step, and scans older steps only when that one fails to verify.
 """
 
 from __future__ import annotations
@@ -247,19 +249,25 @@ class Catalog:
         if problems:
             raise IncompleteCheckpoint(f"step {step} is incomplete, not committed: {'; '.join(problems)}")
         files = mf.checkpoint_files(listing)
-        md5s = None if self.store.remote else {n: _local_md5(self.store.path(d, n)) for n in files}
+        md5s = {n: mf.content_md5(e) or self._read_md5(d, n) for n, e in files.items()}
         manifest = mf.build_manifest(
             step, listing,
             world_size=world_size or mf.infer_world_size(files),
             writer=writer or f"{socket.gethostname()}:{os.getpid()}",
             versions=_versions(), created=_now(), md5s=md5s,
         )  # fmt: skip
-        self._raise_pointer(step)  # before the marker: no committed step is ever above the pointer
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         if not self.store.create_exclusive(data, d, mf.COMMIT) and not self._is_ours(d, data):
             raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)}): another writer won")
+        self._raise_pointer(step)  # only after the marker exists
         log.info("committed step %d (%d objects) at %s", step, len(manifest["objects"]), self.path(step))
         return manifest
+
+    def _read_md5(self, d: str, name: str) -> str:
+        h = hashlib.md5()
+        for chunk in self.store.iter_bytes(d, name):
+            h.update(chunk)
+        return h.hexdigest()
 
     def _is_ours(self, d: str, data: bytes) -> bool:
         """A retried create whose first attempt landed (response lost) finds its own marker."""
@@ -267,6 +275,28 @@ class Catalog:
             return self.store.cat(d, mf.COMMIT) == data
         except FileNotFoundError:
             return False
+
+    def prove_conditional_create(self) -> None:
+        """The canary run at every start: create one object twice under the catalog;
+        the second create must be refused, or two writers could both commit a step.
+        Raises StoreInputError naming the store (StoreUnreachable if it cannot be reached)."""
+        if not self.store.remote:
+            return  # hard links: atomic on every local file system
+        name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+        target = self.store.path(mf.CANARY_DIR, name)
+        try:
+            first = self.store.create_exclusive(b"first", mf.CANARY_DIR, name)
+            second = self.store.create_exclusive(b"second", mf.CANARY_DIR, name)
+        finally:
+            self.store.rm([target])
+            self.store.rmdir_if_empty(mf.CANARY_DIR)
+        if not first or second:
+            raise StoreInputError(
+                f"the store behind {self.url} does not enforce conditional create (a second exclusive create of "
+                f"{mf.CANARY_DIR}/{name} {'succeeded' if second else 'was refused before any create'}): two writers "
+                "could both commit a step. Use a store that honours If-None-Match: * (AWS S3, GCS, SeaweedFS, "
+                "recent MinIO/R2) for checkpoints"
+            )
 
     # -- latest ---------------------------------------------------------------
     def latest(self, deep: bool = False) -> Latest:
@@ -278,15 +308,12 @@ class Catalog:
         """
         pointer = self._pointer()
         skipped: list[tuple[int, str]] = []
-        seen = set()
+        steps = self.steps()
+        # Above the pointer: saves in progress, or a commit whose pointer update was lost.
+        order = [s for s in reversed(steps) if pointer is None or s > pointer]
         if pointer is not None:
-            info = self._consider(pointer, deep, skipped, supervised=True)
-            if info is not None:
-                return Latest(info.step, info.path, info.state, skipped)
-            seen.add(pointer)
-        for step in reversed(self.steps()):
-            if step in seen:
-                continue
+            order += [pointer] + [s for s in reversed(steps) if s < pointer]
+        for step in order:
             info = self._consider(step, deep, skipped, supervised=pointer is not None)
             if info is not None:
                 return Latest(info.step, info.path, info.state, skipped)
@@ -336,10 +363,3 @@ class Catalog:
         self.store.rmdir_if_empty(d)
         log.info("pruned step %d", step)
 
-
-def _local_md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()

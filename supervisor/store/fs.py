@@ -1,8 +1,9 @@
 """The catalog's only door to storage: fsspec + one retry policy + clear errors.
 
-`s3://`, `file://` and plain paths work alike. The S3 endpoint and credentials
-come from the standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
-...), which botocore reads by itself.
+`s3://`, `gs://`, `file://` and plain paths work alike. The S3 endpoint and
+credentials come from the standard AWS environment (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, ...), which botocore reads by itself; GCS credentials from
+Google's application-default chain (gcsfs), `STORAGE_EMULATOR_HOST` for an emulator.
 """
 
 from __future__ import annotations
@@ -19,15 +20,30 @@ CHUNK = 8 * 2**20
 
 
 def _options(protocol: str) -> dict:
+    # Own instance (no shared cache, listings always fresh); for S3 the retry
+    # policy in retry.py is the only one (botocore and s3fs retries off).
     if protocol in ("s3", "s3a"):
-        # Own instance (no shared cache, listings always fresh), and the retry
-        # policy in retry.py is the only one: botocore and s3fs retries off.
         return {
             "skip_instance_cache": True,
             "use_listings_cache": False,
             "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
         }
+    if protocol in ("gs", "gcs"):
+        return {"skip_instance_cache": True, "use_listings_cache": False}
     return {}
+
+
+def _is_s3(fs) -> bool:
+    return bool({"s3", "s3a"} & set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
+def _exists_error(err: BaseException | None) -> bool:
+    """A conditional create that lost: fsspec's FileExistsError (gcsfs: 412; s3fs when
+    the store names the failed condition), or s3fs's EINVAL for a bare 412
+    PreconditionFailed (SeaweedFS does not name the condition)."""
+    return isinstance(err, FileExistsError) or (
+        isinstance(err, OSError) and err.errno == errno.EINVAL and "pre-condition" in str(err)
+    )
 
 
 class Store:
@@ -63,8 +79,8 @@ class Store:
             raise self._translate(what, err) from err
 
     def _translate(self, what: str, err: Exception) -> Exception:
-        if isinstance(err, FileNotFoundError):
-            return err  # callers decide what "missing" means
+        if isinstance(err, (FileNotFoundError, FileExistsError)):
+            return err  # callers decide what "missing" / "exists" mean
         if retry.is_transient(err):
             return StoreUnreachable(
                 f"{what} {self.url}: store unreachable after retrying {retry.deadline_s():.0f}s "
@@ -106,22 +122,22 @@ class Store:
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
         """Create an object only if it does not exist; False if it already did.
 
-        S3: a conditional PUT (`If-None-Match: *`). Local: write a temp file and
-        hard-link it into place (atomic, fails if the name exists, never half-written).
+        Remote: fsspec's exclusive write, `pipe_file(..., mode="create")`
+        (s3fs: `If-None-Match: *`; gcsfs: `ifGenerationMatch=0`). Whether a store
+        really enforces it is proven at start by `conditional_create_problem`.
+        Local: write a temp file and hard-link it into place (atomic, fails if
+        the name exists, never half-written).
         """
         path = self.path(*parts)
         if not self.remote:
             return _local_create_exclusive(path, data)
-        if self.fs.protocol[0] not in ("s3", "s3a") and "s3" not in self.fs.protocol:
-            raise StoreInputError(f"{self.url}: conditional create is only implemented for s3:// and local paths")
         try:
-            self._call("commit", self.fs.pipe_file, path, data, IfNoneMatch="*")
+            self._call("commit", self.fs.pipe_file, path, data, mode="create")
             return True
+        except FileExistsError:
+            return False
         except StoreInputError as err:
-            cause = err.__cause__
-            if isinstance(cause, FileExistsError) or (
-                isinstance(cause, OSError) and cause.errno == errno.EINVAL and "pre-condition" in str(cause)
-            ):
+            if _exists_error(err.__cause__):
                 return False
             raise
 
@@ -133,14 +149,15 @@ class Store:
                 pass
 
     def rmdir_if_empty(self, *parts: str) -> None:
-        """Drop an emptied folder (locally) or its leftover folder marker object (S3)."""
+        """Drop an emptied folder (locally) or its leftover folder marker object (S3;
+        GCS has no folder objects)."""
         path = self.path(*parts)
         if not self.remote:
             try:
                 os.rmdir(path)
             except OSError:
                 pass
-        elif not self.listdir(*parts):
+        elif _is_s3(self.fs) and not self.listdir(*parts):
             bucket, _, key = path.partition("/")
             try:
                 self._call("delete", self.fs.call_s3, "delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
@@ -165,7 +182,7 @@ class Store:
 
     def part_sizes(self, n: int, *parts: str) -> list[int] | None:
         """Sizes of the n parts of a multipart S3 object (HEAD ?partNumber=i), None if unknown."""
-        if not self.remote or "s3" not in self.fs.protocol:
+        if not self.remote or not _is_s3(self.fs):
             return None
         bucket, _, key = self.path(*parts).partition("/")
         try:

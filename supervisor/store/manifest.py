@@ -6,6 +6,8 @@ so the rules that decide what is safe to resume from are tested without a store.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -17,6 +19,7 @@ METADATA = ".metadata"
 COMMIT = "_COMMIT.json"
 QUARANTINE = "_QUARANTINE.json"
 POINTER = "LATEST"
+CANARY_DIR = "_canary"  # the start-up probe's scratch objects (see Catalog.prove_conditional_create)
 FORMAT = "supervise.commit/1"
 
 COMMITTED, LEGACY, INCOMPLETE, CORRUPT, QUARANTINED = "committed", "legacy", "incomplete", "corrupt", "quarantined"
@@ -59,6 +62,25 @@ def structural_problems(required: dict[str, int], listing: dict[str, dict]) -> l
 def etag_of(entry: dict) -> str | None:
     tag = entry.get("ETag") or entry.get("etag")
     return tag.strip('"') if tag else None
+
+
+_HEX_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def content_md5(entry: dict) -> str | None:
+    """The object's MD5 (hex) as the store reports it, when it reports one:
+    GCS's `md5Hash` (base64), or an S3 ETag that is a plain MD5 (single-part
+    upload; SSE-KMS/SSE-C ETags are not). None for multipart ETags and the
+    like: the commit re-reads those once, so that the manifest holds a
+    checksum that does not depend on how an object was uploaded or copied."""
+    b64 = entry.get("md5Hash")
+    if b64:
+        try:
+            return base64.b64decode(b64).hex()
+        except (binascii.Error, ValueError):
+            return None
+    tag = (etag_of(entry) or "").lower()
+    return tag if _HEX_MD5.match(tag) else None
 
 
 def checkpoint_files(listing: dict[str, dict]) -> dict[str, dict]:

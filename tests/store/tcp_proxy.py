@@ -5,6 +5,12 @@ connections at once (RST), `unavailable(n)` answers the first request of the
 next n connections with an S3 `503 SlowDown` and closes, `delay_s` sleeps
 before forwarding every chunk. `requests` counts HTTP requests sent upstream
 (request lines seen client->server), which the benchmark uses too.
+
+Two rewrites stand in for stores this machine does not have: `deny(regex)`
+answers matching requests (e.g. PUTs of `_COMMIT.json`) with `403 AccessDenied`
+without forwarding them, like a bucket policy that forbids those keys;
+`ignore_preconditions` turns the server's `412 Precondition Failed` into `200 OK`,
+like an S3-compatible store that ignores `If-None-Match`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ from collections import deque
 
 _REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|PUT|POST|HEAD|DELETE) [^ ]+ HTTP/1\.[01]\r\n")
 _BODY = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+_DENIED_BODY = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+_DENIED = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_DENIED_BODY), _DENIED_BODY)
+)
+_OK = b'HTTP/1.1 200 OK\r\nETag: "0"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n'
 _SLOWDOWN = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nConnection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
@@ -32,6 +44,9 @@ class FaultProxy:
         self.endpoint = f"http://{host}:{self.port}"
         self.delay_s = 0.0
         self.requests = 0
+        self.denied = 0
+        self.ignore_preconditions = False
+        self._deny: re.Pattern | None = None
         self.connections = 0
         self._faults: deque[str] = deque()
         self._lock = threading.Lock()
@@ -45,6 +60,10 @@ class FaultProxy:
 
     def unavailable(self, n: int) -> None:
         self._faults.extend(["503"] * n)
+
+    def deny(self, request_regex: bytes | None) -> None:
+        """403 for requests whose request line matches (None: stop denying)."""
+        self._deny = re.compile(request_regex) if request_regex else None
 
     def close(self) -> None:
         self._closed = True
@@ -97,8 +116,16 @@ class FaultProxy:
                 if not data:
                     break
                 if count:
+                    if self._deny is not None and self._deny.search(data):
+                        with self._lock:
+                            self.denied += 1
+                        src.sendall(_DENIED)
+                        break
                     with self._lock:
                         self.requests += len(_REQUEST_LINE.findall(data))
+                elif self.ignore_preconditions and data.startswith(b"HTTP/1.1 412 "):
+                    dst.sendall(_OK)  # the error and its body dropped; the connection closed
+                    break
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 dst.sendall(data)

@@ -82,3 +82,26 @@ def test_store_sigkilled_during_commit_then_restarted(tmp_path, monkeypatch):
             assert cat.latest().step == step
         assert [i.state for i in Catalog(url).list()] == ["committed"] * 3
         print("states right after the kill:", outcomes)
+
+
+def test_canary_refuses_a_store_that_ignores_if_none_match(s3_url, proxy):
+    cat = Catalog(s3_url)
+    cat.prove_conditional_create()  # SeaweedFS enforces it
+    proxy.ignore_preconditions = True  # now every lost create looks won
+    with pytest.raises(StoreInputError, match="does not enforce conditional create"):
+        cat.prove_conditional_create()
+    assert cat.steps() == []  # the canary left nothing behind
+
+
+def test_a_refused_marker_raises_no_pointer(s3_url, proxy, monkeypatch):
+    monkeypatch.setenv("SUPERVISE_STORE_RETRY_S", "2")
+    cat = Catalog(s3_url)
+    save(s3_url, 1)
+    cat.commit(1)
+    save(s3_url, 2)
+    proxy.deny(rb"^PUT [^ ]*step-2/_COMMIT\.json")  # a bucket policy denying the marker
+    with pytest.raises(StoreInputError, match="access denied"):
+        cat.commit(2)
+    assert proxy.denied >= 1
+    proxy.deny(None)
+    assert cat._pointer() == 1 and cat.latest().step == 1
