@@ -92,7 +92,7 @@ def parse_azure(status: int, body: str, now: float) -> Notice | None:
     return None
 
 
-def parse_notice_file(text: str, now: float) -> Notice:
+def parse_notice_file(text: str, now: float, source: str = "file") -> Notice:
     """Any file is a notice; JSON {"deadline": epoch} or {"deadline_s": seconds} adds a deadline."""
     deadline = None
     try:
@@ -104,7 +104,7 @@ def parse_notice_file(text: str, now: float) -> Notice:
                 deadline = now + float(data["deadline_s"])
     except (ValueError, TypeError):
         pass
-    return Notice("file", now, deadline)
+    return Notice(source, now, deadline)
 
 
 # --- metadata clients ---------------------------------------------------------
@@ -209,9 +209,11 @@ class NoticeWatcher:
         urls: dict[str, str] | None = None,
         poll_s: float = 5.0,
         file_poll_s: float = 0.25,
+        stop_url: str | None = None,  # `supervise stop`'s request in the bucket (source "stop")
     ):
         self.on_notice = on_notice
         self.notice_file = notice_file
+        self.stop_url = stop_url
         self.cloud = cloud
         self.urls = urls or cloud_urls()
         self.poll_s = poll_s
@@ -237,6 +239,22 @@ class NoticeWatcher:
             text = ""
         return parse_notice_file(text, time.time())
 
+    def _check_stop(self) -> Notice | None:
+        """The stop request stays in the bucket: every node, and a restart, must see it."""
+        if not self.stop_url:
+            return None
+        try:
+            from supervisor.store.fs import Store
+
+            folder, _, name = self.stop_url.rpartition("/")
+            text = Store(folder).cat(name).decode(errors="replace")
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # noqa: BLE001 - a store hiccup is no notice
+            log.debug("stop request %s unreadable: %s", self.stop_url, err)
+            return None
+        return parse_notice_file(text, time.time(), source="stop")
+
     def _run(self) -> None:
         if self.cloud == "auto":
             self.poller = detect(self.urls)
@@ -247,9 +265,11 @@ class NoticeWatcher:
         next_poll = 0.0
         while not self._stop.is_set():
             notice = self._check_file()
-            if notice is None and self.poller is not None and time.monotonic() >= next_poll:
+            if notice is None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.poll_s
-                notice = self.poller.poll()
+                notice = self._check_stop()
+                if notice is None and self.poller is not None:
+                    notice = self.poller.poll()
             if notice is not None:
                 self.on_notice(notice)
                 return
