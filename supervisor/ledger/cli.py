@@ -32,24 +32,29 @@ def ledger_url_of(target: str) -> str:
 
 
 def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file: str | Path | None = None,
-                 spot_price: float | None = None, on_demand_price: float | None = None) -> dict[str, Any]:
+                 spot_price: float | None = None, on_demand_price: float | None = None,
+                 backend_events: tuple[list, list[str]] | None = None) -> dict[str, Any]:
     """Read the journal and compute the report object (plus the PNG when `plot` is given).
 
-    For other commands (demo, status): `build_report(url)["goodput"]`. Never raises on a
-    bad or missing journal; `report["events"] == 0` means there was nothing to report.
+    `backend_events`: (events, problems) from the backend's own record of the job
+    (ledger.skypilot.job_events), merged into the journal's. For other commands
+    (demo, status): `build_report(url)["goodput"]`. Never raises on a bad or missing
+    journal; `report["events"] == 0` means there was nothing to report.
     """
     from supervisor.ledger.journal import read_events
     from supervisor.ledger.prices import price_for
-    from supervisor.ledger.report import accelerators_of, build_timeline, summarize
+    from supervisor.ledger.report import build_timeline, summarize, used
 
     events, problems = read_events(ledger_url)
-    launch = next((e for e in events if e.kind == "launch"), None)
-    price = None  # no launch event: what ran is unknown, so is its cost (never priced as a CPU)
-    if launch is not None or (spot_price is not None and on_demand_price is not None):
-        infra = launch.get("infra") if launch is not None else None
-        price = price_for(accelerators_of(events), cloud=infra.split("/")[0] if infra else None,
-                          price_file=price_file, spot=spot_price, on_demand=on_demand_price,
-                          prefer_spot=bool(launch.get("spot")) if launch is not None else True)
+    if backend_events is not None and events:
+        events = sorted(events + list(backend_events[0]), key=lambda e: (e.t, e.writer, e.seq))
+        problems = problems + list(backend_events[1])
+    known = used(events)
+    price = None  # no launch event nor backend record: what ran is unknown, so is its cost (never priced as a CPU)
+    if known is not None or (spot_price is not None and on_demand_price is not None):
+        known = known or {"accelerators": None, "spot": None, "cloud": None}
+        price = price_for(known["accelerators"], cloud=known["cloud"], price_file=price_file, spot=spot_price,
+                          on_demand=on_demand_price, prefer_spot=known["spot"] is not False)
     report = summarize(events, problems, price=price) if events else {"events": 0, "problems": problems}
     report["ledger"] = ledger_url
     report["plot"] = None
@@ -59,6 +64,23 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
 
         report["plot"] = str(plot_timeline(events, report, plot, timeline=build_timeline(events)))
     return report
+
+
+def backend_events_of(target: str) -> tuple[list, list[str]] | None:
+    """The backend's own record of a job named `target` (SkyPilot's), or None for other targets."""
+    from supervisor import registry
+
+    if "://" in target or Path(target).exists():
+        return None
+    job = registry.lookup(target) or {}
+    if job.get("backend") != "skypilot":
+        return None
+    if not str(job.get("job_id") or "").isdigit():
+        return [], [f"no SkyPilot job id recorded for {target!r}: queue, provisioning and detection come "
+                    "from the journal alone"]
+    from supervisor.ledger.skypilot import job_events
+
+    return job_events(int(job["job_id"]))
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -141,8 +163,9 @@ def report_command(
 
     if prices is not None and not prices.is_file():
         raise SuperviseError(f"price file {prices} does not exist")
-    report = build_report(ledger_url_of(target), plot=plot, price_file=prices, spot_price=spot_price,
-                          on_demand_price=on_demand_price)
+    url = ledger_url_of(target)
+    report = build_report(url, plot=plot, price_file=prices, spot_price=spot_price,
+                          on_demand_price=on_demand_price, backend_events=backend_events_of(target))
     err = Console(stderr=True)
     if as_json:
         typer.echo(json.dumps(report, default=str))

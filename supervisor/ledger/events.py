@@ -26,9 +26,18 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     # {"H100": 8, "H200": 8} (null = CPU); price_source: where the report's prices will come from.
     "launch": {"name": (str,), "backend": (str,), "num_nodes": (int,), "accelerators": (dict,), "spot": (bool,),
                "infra": (str,), "job_id": (str,), "price_source": (str,)},
+    # the backend's own record (SkyPilot: imported by ledger.skypilot at report time)
+    "backend_queued": {"reason": (str,)},  # the job waits in the backend's queue
+    "provisioning_started": {"reason": (str,)},  # the backend begins to get machines
+    "provisioned": {"reason": (str,)},  # machines are up; setup comes next
+    "resources": {"accelerators": (dict,), "spot": (bool,), "num_nodes": (int,), "cloud": (str,),
+                  "region": (str,), "source": (str,)},  # what the job actually ran on
+    "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,)},  # setup script ran (emitted at its end)
     "node_start": {"node_rank": (int,), "num_nodes": (int,)},  # node wrapper began on a machine
     "trainer_start": {"world_size": (int,)},  # torchrun / trainer processes started
     "resume": {"step": (int,), "skipped": (list,)},  # step to load (null = fresh start)
+    "trainer_ready": {},  # TorchTitan built the model; the checkpoint load starts
+    "checkpoint_loaded": {"step": (int,)},  # the resumed state is in memory (step 0 = fresh start)
     "first_step": {"step": (int,)},  # first training step of this incarnation completed
     "progress": {"step": (int,), "loss": _NUM},  # a training step completed
     "checkpoint_saved": {"step": (int,), "duration_s": _NUM},  # save of step returned (emitted at its end)
@@ -37,9 +46,9 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "notice": {"source": (str,), "deadline": _NUM},  # preemption notice received (deadline: epoch or null)
     "preempted": {"with_notice": (bool,), "saved_step": (int,)},  # the node went away (after saving, if noticed)
     "exit": {"code": (int,), "reason": (str,)},  # a node wrapper / trainer exited
-    "recovery_started": {"reason": (str,)},  # the backend begins to bring the job back
+    "recovery_started": {"reason": (str,), "code": (str,)},  # the backend noticed the loss, brings the job back
     "recovery_finished": {},
-    "chaos": {"action": (str,)},  # a fault injected on purpose (local backend, drill)
+    "chaos": {"action": (str,), "step": (int,)},  # a fault injected on purpose (step: the trainer's step then)
     "job_finished": {"state": (str,)},  # SUCCEEDED / FAILED / CANCELLED
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -47,6 +56,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "progress": ("step",),
     "checkpoint_saved": ("step", "duration_s"),
     "checkpoint_committed": ("step", "duration_s"),
+    "setup": ("duration_s",),
     "preempted": ("with_notice",),
     "exit": ("code",),
 }

@@ -35,6 +35,23 @@ CATEGORY = {
     "training": "productive", "checkpoint": "checkpoint", "lost": "lost",
 }
 KEYS = ("productive", "checkpoint", "lost", "recovery", "queue")
+# Between losing machines and training again, in order; an event marks where each one begins.
+DETAILS = ("queue", "provisioning", "setup", "startup", "checkpoint_load", "first_step")
+MARKS = {"backend_queued": "queue", "provisioning_started": "provisioning", "provisioned": "setup",
+         "node_start": "startup", "trainer_ready": "checkpoint_load", "checkpoint_loaded": "first_step"}
+_BASE_DETAIL = {"queue": "queue", "provisioning": "provisioning", "startup": "startup", "restart": "startup"}
+# Google's goodput vocabulary (ml-goodput-measurement BadputType) over our phases.
+BADPUT = {
+    "infrastructure_recovery_from_disruption": ("detection", "shutdown", "recovery:provisioning",
+                                                "recovery:queue"),
+    "training_prep": ("setup",),
+    "program_startup": ("startup", "first_step"),
+    "unproductive_checkpoint_restore": ("checkpoint_load",),
+    "unproductive_checkpoint_save": ("checkpoint",),
+    "wasted_progress_from_disruption": ("lost",),
+    "queue": ("queue", "provisioning"),
+    "other": ("teardown",),
+}
 
 
 @dataclass
@@ -42,6 +59,7 @@ class Segment:
     start: float
     end: float
     phase: str
+    detail: str = ""  # the finer phase inside a non-training one (DETAILS); "" = same as phase
 
     @property
     def length(self) -> float:
@@ -81,11 +99,14 @@ class Interruption:
     t_back: float | None = None  # first_step again
     resumed_step: int | None = None
     lost_s: float = 0.0
+    lost_steps: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # detection, DETAILS: loss -> first step again
 
     def to_dict(self) -> dict[str, Any]:
         back = None if self.t_back is None else self.t_back - self.t_loss
         return {"t_loss": self.t_loss, "cause": self.cause, "reason": self.reason, "saved_step": self.saved_step,
-                "resumed_step": self.resumed_step, "lost_s": self.lost_s, "loss_to_first_step_s": back}
+                "resumed_step": self.resumed_step, "lost_s": self.lost_s, "lost_steps": self.lost_steps,
+                "loss_to_first_step_s": back, "phases": {f"{k}_s": v for k, v in self.phases.items()}}
 
 
 @dataclass
@@ -148,6 +169,8 @@ class _Walker:
         After a save on notice the trainer computes nothing more: from its last event to the
         loss it is shutting down (recovery), not working."""
         end = min(self.pending_loss, t) if self.pending_loss is not None else t
+        if self.pending_loss is None and self.window is not None and self.window.last_activity is not None:
+            end = self.window.last_activity  # a loss nobody reported: the last sign of life
         if self.window is not None:
             cause, saved = _cause(self.evidence)
             stop = self.window.last_activity
@@ -190,6 +213,9 @@ class _Walker:
             if self.pending_loss is None:
                 self.pending_loss = t
             self.evidence.append(e)
+            step = e.get("step")
+            if self.window is not None and isinstance(step, int) and step >= self.window.last_step:
+                self.window.anchors.append((t, step))  # the step the trainer had reached when it was lost
         elif self.phase == "detection" and _is_loss(e):
             self._absorb([e])
         elif k == "recovery_started":
@@ -345,11 +371,90 @@ def build_timeline(events: list[Event]) -> Timeline:
                 break
         else:
             segments.append(seg)
+    segments = _detail(segments, [e for e in events if t0 <= e.t <= tend])
+    _charge_losses(windows, walker.interruptions)
     for ep in walker.interruptions:
-        before = [w for w in windows if w.end <= ep.t_loss + 1e-9]
-        ep.lost_s = before[-1].lost_s if before else 0.0
+        end = ep.t_back if ep.t_back is not None else tend
+        for seg in segments:
+            if seg.phase not in ("training", "checkpoint", "lost") and ep.t_loss <= seg.start < end:
+                ep.phases[seg.detail] = ep.phases.get(seg.detail, 0.0) + seg.length
     notices = [e.t for e in events if e.kind == "notice" and t0 <= e.t <= tend]
     return Timeline(t0, tend, state, segments, windows, walker.interruptions, notices, problems)
+
+
+def recomputed_steps(w: Window) -> int:
+    """Steps this window computed that a later incarnation had to compute again."""
+    return max(0, w.last_step - max(w.keep_step, w.resume_step)) if w.keep_step < math.inf else 0
+
+
+def _charge_losses(windows: list[Window], interruptions: list[Interruption]) -> None:
+    """Charge each window's recomputed work to the restart that resumed below it: usually the
+    interruption that ended it, but a later fallback (a corrupt newest checkpoint) owns what
+    it threw away, not the notice before it that saved everything."""
+    for w in windows:
+        if w.keep_step == math.inf or not (w.lost_s or recomputed_steps(w)):
+            continue
+        culprit = next((ep for ep in interruptions if ep.t_back is not None and ep.t_back >= w.end
+                        and ep.resumed_step == w.keep_step), None)
+        if culprit is not None:
+            culprit.lost_s += w.lost_s
+            culprit.lost_steps += recomputed_steps(w)
+
+
+def _detail(segments: list[Segment], events: list[Event]) -> list[Segment]:
+    """Cut the waiting and starting segments at the events that mark the finer phases (DETAILS).
+
+    Each segment starts in its own base detail; a mark inside it only moves forward in
+    DETAILS (several nodes report the same milestone at slightly different times). A
+    `setup` event covers [t - duration_s, t]: SkyPilot's own runtime setup between
+    `provisioned` and it counts as setup too; after it, start-up."""
+    marks: list[tuple[float, str]] = [(e.t, MARKS[e.kind]) for e in events if e.kind in MARKS]
+    for e in events:
+        if e.kind == "setup":
+            marks += [(e.t - max(0.0, float(e.get("duration_s"))), "setup"), (e.t, "startup")]
+    marks.sort()
+    out: list[Segment] = []
+    for seg in segments:
+        base = _BASE_DETAIL.get(seg.phase)
+        if base is None:
+            out.append(Segment(seg.start, seg.end, seg.phase, seg.detail or seg.phase))
+            continue
+        detail, since = base, seg.start
+        for t, mark in marks:
+            if seg.start < t < seg.end and DETAILS.index(mark) > DETAILS.index(detail):
+                if t > since:
+                    out.append(Segment(since, t, seg.phase, detail))
+                detail, since = mark, t
+        out.append(Segment(since, seg.end, seg.phase, detail))
+    return out
+
+
+def _phase_sums(tl: Timeline) -> dict[str, dict[str, float]]:
+    """Seconds per finer phase (DETAILS), for the first start and summed over all recoveries."""
+    first = tl.windows[0].start if tl.windows else tl.tend
+    start = {f"{d}_s": 0.0 for d in DETAILS}
+    recovery = {"detection_s": 0.0, "shutdown_s": 0.0, **{f"{d}_s": 0.0 for d in DETAILS}}
+    for seg in tl.segments:
+        if seg.phase in ("training", "checkpoint", "lost", "teardown"):
+            continue
+        table = start if seg.end <= first + 1e-9 else recovery
+        table[f"{seg.detail}_s"] = table.get(f"{seg.detail}_s", 0.0) + seg.length
+    return {"start": start, "recovery": recovery}
+
+
+def _badput(tl: Timeline) -> dict[str, float]:
+    """Wall time outside productive training, in Google's goodput vocabulary (BADPUT)."""
+    first = tl.windows[0].start if tl.windows else tl.tend
+    out = {f"{k}_s": 0.0 for k in BADPUT}
+    for seg in tl.segments:
+        if seg.phase == "training":
+            continue
+        name = seg.detail or seg.phase
+        keys = [name] if seg.end <= first + 1e-9 or seg.phase not in ("provisioning", "queue") else [
+            f"recovery:{name}", name]
+        bucket = next((k for k, names in BADPUT.items() for key in keys if key in names), "other")
+        out[f"{bucket}_s"] += seg.length
+    return out
 
 
 def _checkpoint_stats(events: list[Event]) -> dict[str, Any]:
@@ -410,9 +515,10 @@ def _advice(tl: Timeline, totals: dict[str, float], ckpt: dict[str, Any], steps:
 
 
 def _nodes(events: list[Event]) -> int:
-    for e in events:
-        if e.kind == "launch" and e.get("num_nodes"):
-            return int(e.get("num_nodes"))
+    for kind in ("resources", "launch"):
+        for e in events:
+            if e.kind == kind and e.get("num_nodes"):
+                return int(e.get("num_nodes"))
     counts = [int(e.get("num_nodes")) for e in events if e.kind == "node_start" and e.get("num_nodes")]
     if counts:
         return max(counts)
@@ -423,12 +529,32 @@ def _nodes(events: list[Event]) -> int:
     return max((len(v) for v in per_inc.values()), default=1)
 
 
+def used(events: list[Event]) -> dict[str, Any] | None:
+    """What to price: {accelerators, spot, cloud}. The backend's record of what ran
+    (`resources`) wins over what the launch asked for; None when neither is known."""
+    launch = next((e for e in events if e.kind == "launch"), None)
+    record = next((e for e in events if e.kind == "resources"), None)
+    if launch is None and record is None:
+        return None
+    out = {"accelerators": None, "spot": None, "cloud": None}
+    if launch is not None:
+        infra = launch.get("infra")
+        out.update(accelerators=launch.get("accelerators"), spot=launch.get("spot"),
+                   cloud=infra.split("/")[0] if infra else None)
+    if record is not None:
+        if "accelerators" in record.fields:  # null there means CPU; absent means unknown
+            out["accelerators"] = record.fields["accelerators"]
+        for key in ("spot", "cloud"):
+            if record.get(key) is not None:
+                out[key] = record.get(key)
+    out["cloud"] = out["cloud"].lower() if out["cloud"] else None
+    return out
+
+
 def accelerators_of(events: list[Event]) -> dict[str, int] | None:
-    """The any-of accelerators the launch asked for (None = CPU)."""
-    for e in events:
-        if e.kind == "launch":
-            return e.get("accelerators")
-    return None
+    """The accelerators the run used or asked for (None = CPU or unknown)."""
+    known = used(events)
+    return known["accelerators"] if known else None
 
 
 def accelerator_label(accelerators: dict[str, int] | None) -> str:
@@ -462,8 +588,7 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
     totals["queue_wait"] = by_phase.get("queue", 0.0) + by_phase.get("provisioning", 0.0)
 
     productive_steps = sum(max(0, min(w.last_step, w.keep_step) - w.resume_step) for w in tl.windows)
-    recomputed = sum(max(0, w.last_step - max(w.keep_step, w.resume_step)) for w in tl.windows
-                     if w.keep_step < math.inf)
+    recomputed = sum(recomputed_steps(w) for w in tl.windows)
     steps = {"first": tl.windows[0].first_step if tl.windows else None,
              "last": max((w.last_step for w in tl.windows), default=None),
              "productive": productive_steps, "recomputed": recomputed,
@@ -474,7 +599,7 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
     accelerators = accelerators_of(events)
     node_hours = nodes * (wall - totals["queue_wait"]) / 3600.0
     badput_hours = nodes * (totals["lost"] + totals["recovery"] + totals["checkpoint"]) / 3600.0
-    spot_flags = [e.get("spot") for e in events if e.kind == "launch" and e.get("spot") is not None]
+    known = used(events)
 
     report: dict[str, Any] = {
         "state": tl.state,
@@ -488,6 +613,8 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
         "residual_s": wall - sum(totals[k] for k in KEYS),
         "goodput": totals["productive"] / wall if wall > 0 else None,
         "breakdown": {f"{p}_s": by_phase.get(p, 0.0) for p in CATEGORY},
+        "phases": _phase_sums(tl),
+        "badput": _badput(tl),
         "preemptions": {"notice": sum(ep.cause == "notice" for ep in tl.interruptions),
                         "no_notice": sum(ep.cause == "no_notice" for ep in tl.interruptions)},
         "failures": sum(ep.cause == "failure" for ep in tl.interruptions),
@@ -497,7 +624,7 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
         "checkpoints": ckpt,
         "nodes": nodes,
         "accelerators": accelerator_label(accelerators),
-        "spot": spot_flags[0] if spot_flags else None,
+        "spot": known["spot"] if known else None,
         "advice": _advice(tl, totals, ckpt, steps, events),
         "cost": None,
         "events": len(events),
