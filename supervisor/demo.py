@@ -82,7 +82,7 @@ class Demo:
     # ---- one job ----
 
     def run_job(self, name: str, trainer_args: list[str], plan: list, title: str) -> DemoRun:
-        from supervisor.launch.local import LocalJob, LocalLauncher
+        from supervisor.launch.local import LocalBackend, LocalJob
 
         url = self.store.url(name)
         job = LocalJob(
@@ -91,14 +91,15 @@ class Demo:
             num_nodes=self.cfg.nodes,
             gpus_per_node=1,
             checkpoints_url=url,
+            ledger_url=f"{url}/_ledger",
             max_restarts_on_errors=2,
             env={**self.store.env, "OMP_NUM_THREADS": "1"},
             chaos=[ev.to_dict() for ev in plan],
         )
-        launcher = LocalLauncher()
+        launcher = LocalBackend()
         self.jobs.append(name)
         t0 = time.monotonic()
-        launcher.launch_job(job)
+        launcher.schedule(job)
         if self.cfg.quiet:
             st = launcher.wait(name)
         else:
@@ -112,7 +113,8 @@ class Demo:
         """Live view: state, step, loss and the newest ledger events, until the job ends."""
         from rich.live import Live
 
-        from supervisor.launch.local import TERMINAL, read_state
+        from supervisor.launch.base import is_terminal
+        from supervisor.launch.local import read_state
 
         t0 = time.monotonic()
         events: list = []
@@ -120,11 +122,11 @@ class Demo:
         with Live(console=self.console, refresh_per_second=4, transient=False) as live:
             while True:
                 st = launcher.status(name)[0]
-                if time.monotonic() - last_read > 1.0 or st.state in TERMINAL:
+                if time.monotonic() - last_read > 1.0 or is_terminal(st.state):
                     last_read = time.monotonic()
                     events = self.read_ledger(url)
                 live.update(self.view(title, st, read_state(name) or {}, events, plan, time.monotonic() - t0))
-                if st.state in TERMINAL:
+                if is_terminal(st.state):
                     return st
                 time.sleep(0.25)
 
@@ -239,9 +241,9 @@ class Demo:
         return not differ and bool(ours), f"step {self.cfg.steps} vs uninterrupted reference: {why}"
 
     def cleanup(self) -> None:
-        from supervisor.launch.local import LocalLauncher
+        from supervisor.launch.local import LocalBackend
 
-        launcher = LocalLauncher()
+        launcher = LocalBackend()
         for name in self.jobs:
             st = launcher.status(name)[0]
             if st.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):

@@ -39,6 +39,12 @@ ENV_COMMIT_WAIT_S = "SUPERVISE_COMMIT_WAIT_S"  # seconds a commit polls for a mo
 NOTICE_FILE = "notice.json"
 OUTCOME_FILE = "outcome.json"
 HEARTBEAT_DIR = "heartbeat"
+LEDGER_DIR = "_ledger"  # the run's journal lives beside its step-N folders
+
+
+def ledger_url(checkpoints_url: str) -> str:
+    """The one place that knows where a run's ledger is: `<checkpoints>/_ledger`."""
+    return f"{checkpoints_url.rstrip('/')}/{LEDGER_DIR}"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from supervisor import __version__
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import RECOVER_ON
 
@@ -154,7 +153,9 @@ class Checkpoint(_Strict):
 
 class Recovery(_Strict):
     strategy: Literal["FAILOVER", "EAGER_NEXT_REGION"] | None = None  # None: SkyPilot's default
-    max_restarts_on_errors: int = Field(3, ge=0)
+    # After this many restarts in a row that ended retryable (69) with no new
+    # committed step, the node wrapper gives up with 78 (never retried).
+    max_restarts_without_progress: int = Field(3, ge=0)
 
     @property
     def recover_on_exit_codes(self) -> list[int]:
@@ -171,11 +172,22 @@ class Install(_Strict):
     """What setup installs on the node; `pip: false` when the image already has it."""
 
     pip: bool = True
+    python: str = "3.11"  # the node venv's Python (uv fetches it; TorchTitan 0.3.0 needs >= 3.11)
     torch: str | None = None  # None: the launching machine's version
     torchtitan: str | None = None  # None: the launching machine's version
-    supervise: str = __version__  # a version, or a pip requirement / wheel URL / path
+    # None: the wheel of the launching machine's code, built at start and mounted;
+    # else a pip spec (requirement, wheel URL or path) installed instead.
+    supervise: str | None = None
     index_url: str | None = None  # e.g. https://download.pytorch.org/whl/cu128 for torch
     extra: list[str] = []
+
+    @field_validator("python", mode="before")
+    @classmethod
+    def _python(cls, v: Any) -> str:
+        v = str(v)  # YAML and --set read 3.12 as a number (and 3.10 as 3.1, rejected below)
+        if not re.match(r"^3\.(1[1-9]|[2-9][0-9])(\.[0-9]+)?$", v):
+            raise ValueError(f"{v!r}: TorchTitan 0.3.0 needs Python >= 3.11; use e.g. 3.11 or 3.12")
+        return v
 
 
 class JobSpec(_Strict):
@@ -189,6 +201,10 @@ class JobSpec(_Strict):
     overrides: dict[str, Scalar | list[Scalar]] = {}  # TorchTitan --section.key value
     secrets: list[str] = ["HF_TOKEN"]  # names only; values come from the launching env
     envs: dict[str, str] = {}
+    # The launching shell's short-lived AWS session keys (AWS_SESSION_TOKEN and its
+    # key pair) expire within hours and would override the nodes' instance role:
+    # forwarded only when asked. Long-lived keys (no session token) are forwarded.
+    forward_aws_session: bool = False
     install: Install = Install()
 
     @field_validator("name")
@@ -242,10 +258,16 @@ class JobSpec(_Strict):
 
     @property
     def checkpoint_dir(self) -> str:
-        """Where TorchTitan writes on the node: the mount, or the bucket itself."""
+        """Where TorchTitan writes on the node: the mount, or the bucket itself.
+
+        SkyPilot mounts a bucket root only (sky/data/storage.py,
+        Storage._validate_source: MOUNT modes reject a sub-path), so the
+        bucket's prefix goes into the path under the mount.
+        """
         if self.checkpoint.mode == "DIRECT":
             return self.checkpoints_url
-        return f"{self.checkpoint.mount_path}/{self.name}"
+        prefix = self.checkpoint.bucket.split("://", 1)[1].partition("/")[2]
+        return f"{self.checkpoint.mount_path.rstrip('/')}/{prefix + '/' if prefix else ''}{self.name}"
 
 
 def validate(data: dict[str, Any]) -> JobSpec:

@@ -1,28 +1,65 @@
-"""The Launcher interface shared by the SkyPilot and local backends (torchx-style:
-the spec says *what* runs, a launcher says *where*)."""
+"""What every backend shares (torchx-style: the NodeTask says *what* runs, a
+backend says *where*): the job-state vocabulary, the status row and the
+Backend protocol. `submit = schedule(dryrun(task))`, as torchx's
+`Scheduler.submit = schedule(submit_dryrun(app))`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from supervisor.errors import SuperviseError
+
+# One vocabulary for both backends: SkyPilot's ManagedJobStatus names
+# (sky/jobs/state.py), which the local emulator uses as they are.
+PENDING, STARTING, RUNNING, RECOVERING = "PENDING", "STARTING", "RUNNING", "RECOVERING"
+SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
+FAILED_SETUP = "FAILED_SETUP"  # the task's setup exited non-zero
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)  # FAILED covers FAILED_SETUP, FAILED_NO_RESOURCE, ...
+
+
+def is_terminal(state: str | None) -> bool:
+    """A job in this state will not run again (SkyPilot's FAILED_* variants included)."""
+    return bool(state) and str(state).startswith(TERMINAL)
+
+
+class AlreadyFinished(SuperviseError):
+    """`stop` of a job that already ended: nothing to do, not a failure."""
+
+    exit_code = 0
 
 
 @dataclass
 class JobStatus:
     name: str
     backend: str  # "skypilot" | "local"
-    state: str  # PENDING, STARTING, RUNNING, RECOVERING, SUCCEEDED, FAILED, CANCELLED
+    state: str  # one of the states above (SkyPilot may report other FAILED_* variants)
     recoveries: int = 0
     job_id: str | None = None
     reason: str | None = None  # why it failed or was cancelled
     checkpoints_url: str | None = None
 
 
-class Launcher(Protocol):
-    backend: str
+class Request(Protocol):
+    """What a backend would submit; `render()` is what `start --dry-run` prints."""
 
-    def launch(self, spec, *, name: str) -> str:
-        """Start the job described by a JobSpec; returns the backend's job id."""
+    name: str
+    missing_secrets: list[str]  # secret names the launching shell lacks (a launch refuses them)
+
+    def render(self) -> str: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def adapt(self, spec: Any) -> Any:
+        """The JobSpec as this backend can run it (e.g. no bucket mounts on the local one)."""
+
+    def dryrun(self, task: Any, **options: Any) -> Request:
+        """The backend's request for a NodeTask, built once; nothing is started."""
+
+    def schedule(self, request: Request) -> str:
+        """Submit `request`; returns the backend's job id."""
 
     def status(self, name: str | None = None) -> list[JobStatus]:
         """All jobs of this backend, or the one called `name`."""

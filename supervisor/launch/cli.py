@@ -1,6 +1,7 @@
 """`supervise start | status | logs | stop`: the front door and the views.
 
-`start` renders a recipe into a SkyPilot managed job. `status`, `logs` and
+`start` renders a recipe into a job of a backend (a SkyPilot managed job, or
+the local emulator) through `supervisor.launch.submit`'s path. `status`, `logs` and
 `stop` look the name up in the job registry and dispatch to the backend that
 runs it (local emulator or SkyPilot); `status` adds what only the bucket
 knows: the latest committed step, when it was saved, and goodput so far.
@@ -16,46 +17,41 @@ import typer
 
 from supervisor import registry
 from supervisor.errors import SuperviseError
-from supervisor.launch.base import JobStatus
+from supervisor.launch import get_backend
+from supervisor.launch.base import AlreadyFinished, JobStatus
 
 
 def start(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or a bundled recipe name (llama3_8b)."),
+    backend: str = typer.Option("skypilot", "--backend", help="Where to run: skypilot (managed job) or local (this machine, the managed-job emulator)."),
     spot: bool = typer.Option(False, "--spot", help="Use spot capacity (recovered by SkyPilot on preemption)."),
     name: Optional[str] = typer.Option(None, "--name", help="Job name (default: the recipe's)."),
     sets: list[str] = typer.Option([], "--set", help="Override any recipe field: key=value (nested: a.b=c)."),
     infra: Optional[str] = typer.Option(None, "--infra", help="Where to run, as SkyPilot's --infra: aws, gcp, k8s, slurm, aws/us-east-1..."),
     num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Number of nodes."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the task YAML SkyPilot would receive; launch nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the request the backend would receive (SkyPilot: the task YAML); launch nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Validate RECIPE and launch it as a SkyPilot managed job."""
-    from supervisor.launch import skypilot
+    """Validate RECIPE and launch it: a SkyPilot managed job, or a local one (--backend local)."""
+    from supervisor import launch
     from supervisor.recipes import build_spec
 
     spec = build_spec(recipe, sets=sets, name=name, infra=infra, num_nodes=num_nodes, spot=spot or None)
+    impl, request = launch.dryrun(spec, backend=backend)  # every check that needs no cloud, before asking anything
     if dry_run:
-        typer.echo(skypilot.render_yaml(spec), nl=False)
+        typer.echo(request.render(), nl=False)
         return
-    skypilot.build_task(spec)  # every check that needs no cloud, before asking anything
-    for key, value in skypilot.summary(spec):
-        typer.echo(f"{key:>15}: {value}")
-    if not yes and not typer.confirm("Launch this managed job?", default=True):
-        raise typer.Exit(1)
-    job_id = skypilot.SkyPilotLauncher().launch(spec, name=spec.name)
-    typer.echo(f"launched managed job {job_id} ({spec.name})")
+    if backend == "skypilot":
+        from supervisor.launch.skypilot import summary
+
+        for key, value in summary(spec):
+            typer.echo(f"{key:>15}: {value}")
+        if not yes and not typer.confirm("Launch this managed job?", default=True):
+            raise typer.Exit(1)
+    job_id = launch.schedule(impl, request, spec)
+    typer.echo(f"launched {backend} job {job_id} ({spec.name})")
     typer.echo(f"  watch:  supervise status {spec.name}    logs: supervise logs {spec.name} --follow")
     typer.echo(f"  stop:   supervise stop {spec.name}      (saves and commits a final checkpoint first)")
-
-
-def _launcher(backend: str):
-    if backend == "local":
-        from supervisor.launch.local import LocalLauncher
-
-        return LocalLauncher()
-    from supervisor.launch.skypilot import SkyPilotLauncher
-
-    return SkyPilotLauncher()
 
 
 def _backend_of(name: str) -> str:
@@ -83,13 +79,15 @@ def _bucket_view(url: str | None) -> dict[str, Any]:
 
 
 def _goodput(url: str) -> float | None:
+    from supervisor.runtime import ledger_url
+
     try:
         from supervisor.ledger.journal import read_events
         from supervisor.ledger.report import summarize
     except ImportError:
         return None
     try:
-        events, problems = read_events(f"{url}/_ledger")
+        events, problems = read_events(ledger_url(url))
         value = summarize(events, problems).get("goodput") if events else None
     except Exception:  # a status view must not fail on a partial or missing journal
         return None
@@ -102,7 +100,7 @@ def _row(st: JobStatus) -> dict[str, Any]:
 
 def _collect(name: str | None) -> list[JobStatus]:
     if name is not None:
-        found = _launcher(_backend_of(name)).status(name)
+        found = get_backend(_backend_of(name)).status(name)
         if not found:
             raise SuperviseError(f"no job called {name!r}; `supervise status` lists them", exit_code=1)
         return found
@@ -110,7 +108,7 @@ def _collect(name: str | None) -> list[JobStatus]:
     backends = {j.get("backend", "skypilot") for j in registry.all_jobs()}
     for backend in sorted(backends | {"local"}):
         try:
-            jobs += _launcher(backend).status(None)
+            jobs += get_backend(backend).status(None)
         except ImportError:
             continue
         except SuperviseError as err:  # one backend down must not hide the other's jobs
@@ -144,7 +142,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new output."),
 ) -> None:
     """Print the job's output."""
-    _launcher(_backend_of(name)).logs(name, follow=follow)
+    get_backend(_backend_of(name)).logs(name, follow=follow)
 
 
 def stop(
@@ -152,10 +150,8 @@ def stop(
     now: bool = typer.Option(False, "--now", help="Hard cancel: no final checkpoint."),
 ) -> None:
     """Stop a job; by default the wrapper saves and commits a final checkpoint first."""
-    from supervisor.launch.skypilot import AlreadyFinished
-
     try:
-        _launcher(_backend_of(name)).cancel(name, graceful=not now)
+        get_backend(_backend_of(name)).cancel(name, graceful=not now)
     except AlreadyFinished as done:
         typer.echo(str(done))
         return

@@ -1,23 +1,28 @@
 """The local backend: a SkyPilot managed job emulated on this machine.
 
-Each of a job's N "nodes" is a process group running the very `supervise node
--- ...` command SkyPilot would run, with the same SKYPILOT_* environment. A
-detached controller (supervisor.launch.local_controller) watches them and
-recovers like a managed job: any node lost or exiting with a recover code
-restarts *all* nodes on a fresh rendezvous port. Everything lives in
-`$SUPERVISE_HOME/local/<name>/`, so status, logs and stop work from any
-terminal after the launching CLI has exited:
+Each of a job's N "nodes" is a process group running the task's node command
+with the SKYPILOT_* environment SkyPilot gives it, in its own node directory
+(its working directory, where setup ran once before the first incarnation,
+as SkyPilot runs `setup` before `run`). A detached controller
+(supervisor.launch.local_controller) watches them and recovers like a managed
+job: a node lost is a preemption and always recovers; otherwise SkyPilot's
+own restart rule decides (`RestartRule`, a copy of its
+`should_restart_on_failure`), and all nodes restart on a fresh rendezvous
+port. Everything lives in `$SUPERVISE_HOME/local/<name>/`, so status, logs and
+stop work from any terminal after the launching CLI has exited:
 
-    job.json        what to run (LocalJob) — written once at launch
+    job.json        what to run (LocalJob, the request) — written once at schedule
     state.json      the controller's view: state, recoveries, reason, pids, step
     cancel.json     a stop request (graceful or not), read by the controller
-    job.log         the controller's own lines (starts, exits, recoveries, chaos)
-    node-R.log      node R's output, appended across incarnations
+    job.log         the controller's own lines (setup, starts, exits, recoveries, chaos)
+    node-R.log      node R's output (setup, then every incarnation)
+    nodes/node-R/   node R's working directory (setup's relative paths land here)
     run/<inc>/node-R/  $SUPERVISE_RUN_DIR of node R in incarnation <inc>
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -29,44 +34,73 @@ from pathlib import Path
 from supervisor import registry
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
-from supervisor.launch.base import JobStatus
+from supervisor.launch.base import CANCELLED, FAILED, PENDING, AlreadyFinished, JobStatus, is_terminal
 from supervisor.runtime import read_json, write_json_atomic
 
 BACKEND = "local"
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 CONTROLLER_START_S = 60.0  # a controller that has not written its pid by then never started
 NOTICE_IN = "chaos-notice.json"  # in a node's run dir; handed to `supervise node --notice-file`
+# SkyPilot gives a node that was force-cancelled after a peer failed this code
+# (sky/backends/task_codegen.py, get_or_fail: "SIGKILL=128+9").
+CANCELLED_RETURN_CODE = 137
 
 
 @dataclass
 class LocalJob:
-    """Everything the controller needs; plain data so it survives as JSON."""
+    """The local backend's request: everything the controller needs, as plain JSON data."""
 
     name: str
     node_argv: list[str]  # the per-node command, e.g. ["supervise", "node", "--checkpoints", URL, "--", ...]
+    setup: str = ""  # bash, run once in each node directory before the first incarnation
     num_nodes: int = 1
     gpus_per_node: int = 1  # SKYPILOT_NUM_GPUS_PER_NODE (ranks per node on CPU)
     checkpoints_url: str | None = None
+    ledger_url: str | None = None
     max_restarts_on_errors: int = 0
     recover_on_exit_codes: list[int] = field(default_factory=lambda: [int(ExitCode.PREEMPTED_SAVED)])
-    env: dict[str, str] = field(default_factory=dict)  # extra environment (store credentials, ...)
+    env: dict[str, str] = field(default_factory=dict)  # the task's envs
     chaos: list[dict] = field(default_factory=list)  # ChaosEvent dicts
     graceful_timeout_s: float = 120.0  # stop: time for the nodes to save and commit
     peer_grace_s: float = 60.0  # after one node exits cleanly, time for the others to follow
     submitted_at: float = 0.0  # UTC epoch
+    missing_secrets: list[str] = field(default_factory=list)  # names of task secrets this shell lacks
 
-    @property
-    def ledger_url(self) -> str | None:
-        return f"{self.checkpoints_url.rstrip('/')}/_ledger" if self.checkpoints_url else None
+    def render(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
 
 
 # ---- pure logic ----------------------------------------------------------------
 
 
+class RestartRule:
+    """SkyPilot 0.14.1's restart rule, copied literally: `StrategyExecutor.
+    should_restart_on_failure` in sky/jobs/recovery_strategy.py (same attribute
+    names, same counter; its logger calls dropped). One instance lives for the whole job, like the
+    executor of a managed job."""
+
+    def __init__(self, max_restarts_on_errors: int, recover_on_exit_codes: list[int] | None = None):
+        self.max_restarts_on_errors = max_restarts_on_errors
+        self.recover_on_exit_codes = recover_on_exit_codes or []
+        self.restart_cnt_on_failure = 0
+
+    def should_restart_on_failure(self, exit_codes: list[int] | None = None) -> bool:
+        # Check if any exit code matches the configured recover_on_exit_codes
+        # This triggers recovery without incrementing the counter
+        if exit_codes and self.recover_on_exit_codes:
+            for exit_code in exit_codes:
+                if exit_code in self.recover_on_exit_codes:
+                    return True
+
+        # Otherwise, check the max_restarts_on_errors counter
+        self.restart_cnt_on_failure += 1
+        if self.restart_cnt_on_failure > self.max_restarts_on_errors:
+            return False
+        return True
+
+
 @dataclass(frozen=True)
 class Decision:
     action: str  # "finish" | "recover" | "fail"
-    counts: bool  # uses one of max_restarts_on_errors
     reason: str
 
 
@@ -79,49 +113,48 @@ def _signame(code: int) -> str:
         return f"signal {-code}"
 
 
-def decide(
-    codes: dict[int, int | None],
-    *,
-    num_nodes: int,
-    errors_so_far: int,
-    max_restarts_on_errors: int,
-    recover_on_exit_codes: list[int] | tuple[int, ...],
-) -> Decision:
+def skypilot_exit_codes(codes: dict[int, int | None], num_nodes: int) -> list[int]:
+    """The exit-code list SkyPilot would hand `should_restart_on_failure`: one per
+    node in rank order, a node still running when its peers ended counted as
+    force-cancelled (137), as sky/backends/task_codegen.py's get_or_fail does."""
+    return [CANCELLED_RETURN_CODE if codes.get(r) is None else int(codes[r]) for r in range(num_nodes)]
+
+
+_MEANING = {int(ExitCode.PREEMPTED_SAVED): "preempted, state saved", int(ExitCode.RETRYABLE): "retryable",
+            int(ExitCode.USER_ERROR): "user/config error"}
+
+
+def decide(codes: dict[int, int | None], *, num_nodes: int, rule: RestartRule) -> Decision:
     """What a managed job does after an incarnation ended.
 
-    `codes` maps node rank -> its wrapper's return code (negative: killed by that
-    signal; None or absent: still running when the controller tore it down).
-    Order matters: a user error anywhere fails fast; a lost node is a
-    preemption (free, like SkyPilot's cluster recovery); a code listed in
-    recover_on_exit_codes recovers regardless of the error budget (SkyPilot
-    semantics) except RETRYABLE, which always spends the budget so that a crash
-    or hang loop ends; anything else spends the budget.
+    `codes` maps node rank -> its wrapper's return code (negative: its process
+    group was killed by that signal, the emulator's stand-in for a VM that is
+    gone; None or absent: still running when the controller tore it down).
+    A lost node is a preemption: SkyPilot's controller sees the cluster not UP
+    and recovers without consulting the exit codes (sky/jobs/controller.py).
+    Otherwise all nodes' codes go through SkyPilot's rule, which counts on `rule`.
     """
-    ranks = range(num_nodes)
     exited = {r: c for r, c in codes.items() if c is not None}
     if len(exited) == num_nodes and all(c == 0 for c in exited.values()):
-        return Decision("finish", False, "all nodes finished")
-    user = [r for r in ranks if exited.get(r) == ExitCode.USER_ERROR]
-    if user:
-        return Decision("fail", False, f"user/config error: node {user[0]} exited {int(ExitCode.USER_ERROR)}; not retried")
-    lost = [r for r in ranks if (exited.get(r) or 0) < 0]
+        return Decision("finish", "all nodes finished")
+    lost = [r for r in range(num_nodes) if (exited.get(r) or 0) < 0]
     if lost:
-        return Decision("recover", False, f"node {lost[0]} lost ({_signame(exited[lost[0]])})")
-    free = [r for r in ranks if exited.get(r) in recover_on_exit_codes and exited.get(r) != ExitCode.RETRYABLE]
-    if free:
-        code = exited[free[0]]
-        why = "preempted, state saved" if code == ExitCode.PREEMPTED_SAVED else "in recover_on_exit_codes"
-        return Decision("recover", False, f"node {free[0]} exited {code} ({why})")
-    failed = [r for r in ranks if exited.get(r) not in (None, 0)]
-    if failed:
-        code = exited[failed[0]]
-        what = f"node {failed[0]} exited {code}" + (" (retryable)" if code == ExitCode.RETRYABLE else "")
-    else:
-        stuck = [r for r in ranks if r not in exited]
-        what = f"node {stuck[0]} did not exit after its peers finished"
-    if errors_so_far < max_restarts_on_errors:
-        return Decision("recover", True, f"{what}; restart {errors_so_far + 1} of {max_restarts_on_errors} on errors")
-    return Decision("fail", True, f"{what}; max_restarts_on_errors={max_restarts_on_errors} used up")
+        return Decision("recover", f"node {lost[0]} lost ({_signame(exited[lost[0]])}): a preemption, recovered")
+    exit_codes = skypilot_exit_codes(codes, num_nodes)
+    first = next((r for r, c in enumerate(exit_codes) if c != 0), 0)
+    code = exit_codes[first]
+    what = f"node {first} exited {code}" + (f" ({_MEANING[code]})" if code in _MEANING else "")
+    if code == CANCELLED_RETURN_CODE and codes.get(first) is None:
+        what = f"node {first} did not exit after its peers ended"
+    if rule.should_restart_on_failure(exit_codes):
+        matched = [c for c in exit_codes if c in rule.recover_on_exit_codes]
+        if matched:
+            return Decision("recover", f"{what}; exit code(s) {matched} in recover_on_exit_codes "
+                                       f"{rule.recover_on_exit_codes}")
+        return Decision("recover", f"{what}; restart {rule.restart_cnt_on_failure} of "
+                                   f"{rule.max_restarts_on_errors} on errors")
+    return Decision("fail", f"{what}; not in recover_on_exit_codes {rule.recover_on_exit_codes}, "
+                            f"max_restarts_on_errors={rule.max_restarts_on_errors}: not retried")
 
 
 def node_argv_for(argv: list[str], *, master_port: int, notice_file: Path) -> list[str]:
@@ -152,6 +185,7 @@ def node_env(job: LocalJob, *, rank: int, incarnation: int, run_dir: Path, task_
     }
     if job.checkpoints_url:
         env[ENV_CHECKPOINTS] = job.checkpoints_url
+    if job.ledger_url:
         env[ENV_LEDGER] = job.ledger_url
     return env
 
@@ -161,6 +195,11 @@ def node_env(job: LocalJob, *, rank: int, incarnation: int, run_dir: Path, task_
 
 def job_dir(name: str) -> Path:
     return registry.home() / "local" / name
+
+
+def node_dir(name: str, rank: int) -> Path:
+    """Node `rank`'s working directory, kept across incarnations (its "disk")."""
+    return job_dir(name) / "nodes" / f"node-{rank}"
 
 
 def read_state(name: str) -> dict | None:
@@ -187,41 +226,47 @@ def _load_job(name: str) -> LocalJob:
     return LocalJob(**data)
 
 
-def job_from_spec(spec, *, name: str) -> LocalJob:
-    """A JobSpec, run the way SkyPilot would run it, as a LocalJob.
+class LocalBackend:
+    """Backend for this machine; see the module docstring."""
 
-    There are no bucket mounts here, so the nodes write checkpoints straight
-    through the S3 API (checkpoint mode DIRECT)."""
-    from supervisor.spec import node_argv
+    name = BACKEND
 
-    if spec.checkpoint.mode != "DIRECT":
+    def adapt(self, spec):
+        """The nodes are this machine: no bucket mounts here, so checkpoints go
+        straight through the S3 API (DIRECT), and the packages are the ones this
+        command runs from (setup installs nothing; it still fetches/builds assets)."""
+        if spec.checkpoint.mode == "DIRECT" and not spec.install.pip:
+            return spec
         spec = spec.model_copy(deep=True)
         spec.checkpoint.mode = "DIRECT"
-    return LocalJob(
-        name=name,
-        node_argv=node_argv(spec),
-        num_nodes=spec.num_nodes,
-        gpus_per_node=spec.gpus_per_node,
-        checkpoints_url=spec.checkpoints_url,
-        max_restarts_on_errors=spec.recovery.max_restarts_on_errors,
-        recover_on_exit_codes=list(spec.recovery.recover_on_exit_codes),
-        env=spec.env,
-    )
+        spec.install.pip = False
+        return spec
 
+    def dryrun(self, task, *, chaos: list | tuple = (), graceful_timeout_s: float | None = None) -> LocalJob:
+        job = LocalJob(
+            name=task.name,
+            node_argv=list(task.run),
+            setup=task.setup,
+            num_nodes=task.num_nodes,
+            gpus_per_node=task.ranks_per_node,
+            checkpoints_url=task.checkpoints_url,
+            ledger_url=task.ledger_url,
+            max_restarts_on_errors=task.restart.max_restarts_on_errors,
+            recover_on_exit_codes=list(task.restart.recover_on_exit_codes),
+            env=dict(task.envs),
+            chaos=[ev.to_dict() for ev in chaos],
+        )
+        if graceful_timeout_s is not None:
+            job.graceful_timeout_s = graceful_timeout_s
+        # Local nodes inherit this shell's environment: a secret must be in it.
+        job.missing_secrets = [k for k in task.secrets if not os.environ.get(k)]
+        return job
 
-class LocalLauncher:
-    """Launcher for the local backend; see the module docstring."""
-
-    backend = BACKEND
-
-    def launch(self, spec, *, name: str) -> str:
-        return self.launch_job(job_from_spec(spec, name=name))
-
-    def launch_job(self, job: LocalJob) -> str:
+    def schedule(self, job: LocalJob) -> str:
         """Start the detached controller for `job`; returns its job id at once."""
         folder = job_dir(job.name)
         old = read_state(job.name)
-        if old and old.get("state") not in TERMINAL and controller_alive(old):
+        if old and not is_terminal(old.get("state")) and controller_alive(old):
             raise SuperviseError(f"local job {job.name!r} is still {old['state']}; `supervise stop {job.name}` first")
         if folder.exists():
             shutil.rmtree(folder)
@@ -229,7 +274,7 @@ class LocalLauncher:
         job.submitted_at = job.submitted_at or time.time()
         job_id = f"local-{job.name}-{int(job.submitted_at)}"
         write_json_atomic(folder / "job.json", asdict(job))
-        write_json_atomic(folder / "state.json", {"state": "PENDING", "job_id": job_id, "recoveries": 0})
+        write_json_atomic(folder / "state.json", {"state": PENDING, "job_id": job_id, "recoveries": 0})
         registry.record(job.name, backend=BACKEND, checkpoints_url=job.checkpoints_url or "", job_id=job_id, state_dir=str(folder))
         log = open(folder / "controller.out", "ab")
         # Double fork through a throwaway interpreter: the controller gets its own
@@ -259,10 +304,10 @@ class LocalLauncher:
                     raise SuperviseError(f"no local job called {name!r} (see `supervise status`)")
                 continue
             job = read_json(job_dir(n) / "job.json") or {}
-            current, reason = state.get("state", "PENDING"), state.get("reason")
-            stuck = current == "PENDING" and time.time() - job.get("submitted_at", time.time()) > CONTROLLER_START_S
-            if current not in TERMINAL and (current != "PENDING" or stuck) and not controller_alive(state):
-                current, reason = "FAILED", "the local controller died (see controller.out in the job folder)"
+            current, reason = state.get("state", PENDING), state.get("reason")
+            stuck = current == PENDING and time.time() - job.get("submitted_at", time.time()) > CONTROLLER_START_S
+            if not is_terminal(current) and (current != PENDING or stuck) and not controller_alive(state):
+                current, reason = FAILED, "the local controller died (see controller.out in the job folder)"
             out.append(
                 JobStatus(
                     name=n,
@@ -299,28 +344,27 @@ class LocalLauncher:
             if not follow:
                 return
             st = self.status(name)[0]
-            if st.state in TERMINAL:
+            if is_terminal(st.state):
                 follow = False  # one last pass prints whatever is left
                 continue
             time.sleep(0.5)
 
-    def cancel(self, name: str, *, graceful: bool = True, timeout_s: float | None = None) -> JobStatus:
+    def cancel(self, name: str, *, graceful: bool = True) -> None:
         """Ask the controller to stop the job and wait until it has: nodes SIGTERMed so
         they save and commit (graceful), then killed; no process left."""
         from supervisor.launch.procs import kill_tagged
 
         job = _load_job(name)
         state = read_state(name) or {}
-        if state.get("state") in TERMINAL:
-            return self.status(name)[0]
+        if is_terminal(state.get("state")):
+            raise AlreadyFinished(f"local job {name} already finished: {state['state']}; nothing to stop")
         write_json_atomic(job_dir(name) / "cancel.json", {"graceful": graceful, "time": time.time()})
-        limit = (timeout_s if timeout_s is not None else job.graceful_timeout_s) + 30.0
-        deadline = time.monotonic() + limit
+        deadline = time.monotonic() + job.graceful_timeout_s + 30.0
         while time.monotonic() < deadline:
             state = read_state(name) or {}
-            if state.get("state") in TERMINAL and not controller_alive(state):
+            if is_terminal(state.get("state")) and not controller_alive(state):
                 break
-            if state.get("state") != "PENDING" and not controller_alive(state):
+            if state.get("state") != PENDING and not controller_alive(state):
                 break
             time.sleep(0.2)
         if controller_alive(state):
@@ -329,15 +373,14 @@ class LocalLauncher:
             psutil.Process(state["controller_pid"]).kill()
         kill_tagged(f"{name}/")
         state = read_state(name) or {}
-        if state.get("state") not in TERMINAL:
-            state.update(state="CANCELLED", reason=state.get("reason") or "stopped by the user")
+        if not is_terminal(state.get("state")):
+            state.update(state=CANCELLED, reason=state.get("reason") or "stopped by the user")
             write_json_atomic(job_dir(name) / "state.json", state)
-        return self.status(name)[0]
 
     def forget(self, name: str) -> None:
         """Remove a finished job's folder and registry entry (the demo cleans up after itself)."""
         state = read_state(name)
-        if state and state.get("state") not in TERMINAL and controller_alive(state):
+        if state and not is_terminal(state.get("state")) and controller_alive(state):
             raise SuperviseError(f"local job {name!r} is still {state['state']}; stop it first")
         shutil.rmtree(job_dir(name), ignore_errors=True)
         (registry.home() / "jobs" / f"{name}.json").unlink(missing_ok=True)
@@ -347,7 +390,7 @@ class LocalLauncher:
         deadline = time.monotonic() + timeout_s
         while True:
             st = self.status(name)[0]
-            if st.state in TERMINAL:
+            if is_terminal(st.state):
                 return st
             if time.monotonic() > deadline:
                 raise SuperviseError(f"local job {name!r} still {st.state} after {timeout_s:.0f} s")

@@ -1,9 +1,10 @@
 """The detached process that runs one local job like a SkyPilot managed job.
 
 `python -m supervisor.launch.local_controller JOB_DIR` (started by
-LocalLauncher.launch_job). Loop: start all nodes on a fresh rendezvous port,
-watch them (exit codes, heartbeats, stop requests, chaos), tear everything
-down, then finish, fail or recover according to `local.decide`.
+LocalBackend.schedule). First the task's setup on every node directory, then
+the loop: start all nodes on a fresh rendezvous port, watch them (exit codes,
+heartbeats, stop requests, chaos), tear everything down, then finish, fail or
+recover according to `local.decide` (SkyPilot's rule).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.launch import chaos, procs
-from supervisor.launch.local import NOTICE_IN, LocalJob, decide, node_argv_for, node_env
+from supervisor.launch.base import CANCELLED, FAILED, FAILED_SETUP, RECOVERING, RUNNING, STARTING, SUCCEEDED
+from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, node_argv_for, node_dir, node_env,
+                                     skypilot_exit_codes)
 from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
 
 POLL_S = 0.2
 HEARTBEAT_EVERY_S = 0.5
 FAILURE_GRACE_S = 3.0  # after a node fails, time for its peers' own exits to be seen
+SETUP_DONE = ".supervise-setup-done"  # in a node directory once its setup succeeded
 
 
 def free_port() -> int:
@@ -84,28 +88,69 @@ class Controller:
 
     # ---- one incarnation ----
 
+    def node_env(self, rank: int, inc: int, run_dir: Path) -> dict[str, str]:
+        """This shell's environment (the node "image"), the task's envs, SkyPilot's names;
+        this interpreter's bin first on PATH, as a node's venv would be."""
+        task_id = f"sky-managed-{time.strftime('%Y-%m-%d-%H-%M-%S', time.gmtime(self.job.submitted_at))}_{self.job.name}_1"
+        env = {**os.environ, **self.job.env}
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.update(node_env(self.job, rank=rank, incarnation=inc, run_dir=run_dir, task_id=task_id))
+        return env
+
+    def popen(self, rank: int, argv: list[str], env: dict[str, str], banner: str) -> subprocess.Popen:
+        cwd = node_dir(self.job.name, rank)
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"node-{rank}.log", "ab") as out:
+            out.write(f"=== {banner} ===\n".encode())
+            out.flush()
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=cwd)
+
+    def setup(self) -> list[int] | None:
+        """Run the task's setup on every node directory that has not finished it, all
+        at once, as SkyPilot's task codegen runs `setup` on every node before `run`
+        (sky/backends/task_codegen.py, add_setup: one setup worker per node, then
+        FAILED_SETUP with every node's return codes if any is non-zero).
+        Returns those codes when setup failed, else None."""
+        todo = [r for r in range(self.job.num_nodes) if not (node_dir(self.job.name, r) / SETUP_DONE).exists()]
+        if not self.job.setup.strip() or not todo:
+            return None
+        self.log(f"setup on node(s) {todo}")
+        procs_ = {}
+        for rank in todo:
+            run_dir = self.folder / "run" / "setup" / f"node-{rank}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            procs_[rank] = self.popen(rank, ["bash", "-c", self.job.setup], self.node_env(rank, 0, run_dir),
+                                      f"setup, node {rank}/{self.job.num_nodes}")
+        codes = {}
+        while len(codes) < len(procs_):
+            if read_json(self.folder / "cancel.json") is not None:
+                for proc in procs_.values():
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+            for rank, proc in procs_.items():
+                if rank not in codes and (code := proc.poll()) is not None:
+                    codes[rank] = code
+            time.sleep(POLL_S)
+        for rank, code in codes.items():
+            if code == 0:
+                (node_dir(self.job.name, rank) / SETUP_DONE).touch()
+        self.log(f"setup exit codes {dict(sorted(codes.items()))}")
+        return None if all(c == 0 for c in codes.values()) else [codes[r] for r in sorted(codes)]
+
     def start_nodes(self, inc: int) -> list[Node]:
         port = free_port()
-        task_id = f"sky-managed-{time.strftime('%Y-%m-%d-%H-%M-%S', time.gmtime(self.job.submitted_at))}_{self.job.name}_1"
         nodes = []
         for rank in range(self.job.num_nodes):
             run_dir = self.folder / "run" / str(inc) / f"node-{rank}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, **self.job.env}
-            env.setdefault("OMP_NUM_THREADS", "1")
-            env.update(node_env(self.job, rank=rank, incarnation=inc, run_dir=run_dir, task_id=task_id))
             argv = node_argv_for(resolve_argv(self.job.node_argv), master_port=port, notice_file=run_dir / NOTICE_IN)
-            out = open(self.folder / f"node-{rank}.log", "ab")
-            out.write(f"=== incarnation {inc}, node {rank}/{self.job.num_nodes}, master port {port} ===\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=env.get("SUPERVISE_CWD") or None,
-            )
-            out.close()
+            proc = self.popen(rank, argv, self.node_env(rank, inc, run_dir),
+                              f"incarnation {inc}, node {rank}/{self.job.num_nodes}, master port {port}")
             nodes.append(Node(rank, proc, run_dir))
         self.log(f"incarnation {inc}: started {len(nodes)} node(s) (pids {[n.proc.pid for n in nodes]}), master port {port}")
-        self.save(state="STARTING" if inc == 0 else "RECOVERING", incarnation=inc, master_port=port,
+        self.save(state=STARTING if inc == 0 else RECOVERING, incarnation=inc, master_port=port,
                   nodes=[{"rank": n.rank, "pid": n.proc.pid} for n in nodes])
         return nodes
 
@@ -177,9 +222,9 @@ class Controller:
                 last_hb = time.monotonic()
                 step = self.step(nodes)
                 if step is not None and step != self.state.get("step"):
-                    if self.state.get("state") != "RUNNING" and inc > 0:
+                    if self.state.get("state") != RUNNING and inc > 0:
                         self.emit("recovery_finished", inc, step=step)
-                    self.save(step=step, state="RUNNING")
+                    self.save(step=step, state=RUNNING)
                 if first_exit is None:  # a node is already leaving: let the incarnation end as it is
                     for i in chaos.due(self.plan, self.fired, step, live=True):
                         self.fire(i, inc, nodes, step)
@@ -219,34 +264,57 @@ class Controller:
         procs.become_subreaper()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.save(controller_pid=os.getpid(), state="STARTING", recoveries=0, errors=0, reason=None, chaos_fired=[])
+        self.save(controller_pid=os.getpid(), state=STARTING, recoveries=0, errors=0, reason=None, chaos_fired=[])
         self.log(f"controller {os.getpid()} for job {self.job.name!r}: {self.job.num_nodes} node(s), command {self.job.node_argv}")
         for ev in self.plan:
             self.log(f"chaos plan: {ev.describe()}")
-        self.emit("launch", 0, backend="local", name=self.job.name, nodes=self.job.num_nodes, submitted_at=self.job.submitted_at)
-        inc, errors, recoveries = 0, 0, 0
+        # One rule object for the whole job, like SkyPilot's StrategyExecutor.
+        rule = RestartRule(self.job.max_restarts_on_errors, self.job.recover_on_exit_codes)
+        inc, recoveries = 0, 0
         while True:
+            failed_setup = self.setup()
+            if read_json(self.folder / "cancel.json") is not None:
+                return self.finish(inc, CANCELLED, "stopped by the user")
+            if failed_setup is not None:
+                # SkyPilot sends setup's return codes through the same rule (FAILED_SETUP).
+                if not rule.should_restart_on_failure(failed_setup):
+                    tail = self.last_line(failed_setup)
+                    return self.finish(inc, FAILED_SETUP, f"setup exited {failed_setup}" + (f"; {tail}" if tail else "")
+                                       + f" (see `supervise logs {self.job.name}`)")
+                recoveries += 1
+                self.save(state=RECOVERING, recoveries=recoveries, errors=rule.restart_cnt_on_failure)
+                continue
             nodes = self.start_nodes(inc)
             stopped = self.watch(nodes, inc)
             codes = {n.rank: n.code for n in nodes}
             self.teardown(inc, nodes)
             if stopped:
-                return self.finish(inc, "CANCELLED", "stopped by the user")
-            d = decide(codes, num_nodes=self.job.num_nodes, errors_so_far=errors,
-                       max_restarts_on_errors=self.job.max_restarts_on_errors,
-                       recover_on_exit_codes=self.job.recover_on_exit_codes)
+                return self.finish(inc, CANCELLED, "stopped by the user")
+            d = decide(codes, num_nodes=self.job.num_nodes, rule=rule)
             self.log(f"incarnation {inc}: exit codes {codes} -> {d.action}: {d.reason}")
             if d.action == "finish":
-                return self.finish(inc, "SUCCEEDED", None)
+                return self.finish(inc, SUCCEEDED, None)
             if d.action == "fail":
-                return self.finish(inc, "FAILED", d.reason)
-            errors += d.counts
+                tail = self.last_line(skypilot_exit_codes(codes, self.job.num_nodes))
+                return self.finish(inc, FAILED, d.reason + (f"; {tail}" if tail else ""))
             recoveries += 1
-            self.save(state="RECOVERING", recoveries=recoveries, errors=errors, last_recovery_reason=d.reason)
+            self.save(state=RECOVERING, recoveries=recoveries, errors=rule.restart_cnt_on_failure,
+                      last_recovery_reason=d.reason)
             self.emit("recovery_started", inc, reason=d.reason)
             for i in chaos.due(self.plan, self.fired, self.state.get("step"), live=False):
                 self.fire(i, inc, nodes, self.state.get("step"))
             inc += 1
+
+    def last_line(self, codes: list[int]) -> str:
+        """The last line the first failing node printed (the wrapper's one-line reason)."""
+        rank = next((r for r, c in enumerate(codes) if c not in (0, None)), 0)
+        try:
+            with open(self.folder / f"node-{rank}.log", "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 4096))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return f"node {rank} said: {lines[-1][:300]}" if lines else ""
 
     def finish(self, inc: int, state: str, reason: str | None) -> int:
         self.save(state=state, reason=reason, nodes=[], finished_at=time.time())
@@ -267,7 +335,7 @@ def main() -> int:
 
         traceback.print_exc()
         procs.kill_tagged(f"{ctl.job.name}/")
-        ctl.finish(int(ctl.state.get("incarnation") or 0), "FAILED", f"local controller error: {err!r}")
+        ctl.finish(int(ctl.state.get("incarnation") or 0), FAILED, f"local controller error: {err!r}")
         return 1
 
 

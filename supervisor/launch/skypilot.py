@@ -21,23 +21,23 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from importlib import metadata
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from supervisor import registry
 from supervisor.errors import SuperviseError
-from supervisor.launch.base import JobStatus
-from supervisor.spec import S3_COMPATIBLE, JobSpec, node_command
+from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
+from supervisor.launch.setup import VENV
+from supervisor.launch.task import NodeTask
+from supervisor.spec import S3_COMPATIBLE, JobSpec
 
 BACKEND = "skypilot"
-VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
-# The venv is usable when what `supervise node` imports at start imports.
-VENV_CHECK = f"{VENV}/bin/python -c 'import supervisor.cli, supervisor.node, torch, torchtitan'"
 # Store credentials forwarded as secrets when set in the launching shell
 # (on AWS/GCP with instance roles they are not needed).
 STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 GRACEFUL_TIMEOUT_S = 900  # stop: time for the final save + MOUNT_CACHED upload
+UNSET = "<unset>"  # stands in for a secret the launching shell does not have (dry runs)
 
 
 class SkyPilotUnavailable(SuperviseError):
@@ -56,114 +56,42 @@ def _sky():
     return sky
 
 
-def _pinned(dist: str) -> str:
-    """The launching machine's version of `dist`, without a local tag (+cpu)."""
-    try:
-        return metadata.version(dist).split("+")[0]
-    except metadata.PackageNotFoundError:
-        return ""
-
-
 # ---------------------------------------------------------------- rendering
 
 
-def setup_script(spec: JobSpec) -> str:
-    """Install pinned torch/TorchTitan/supervise into a venv and fetch the tokenizer."""
-    inst = spec.install
-    lines = ["set -euo pipefail"]
-    if inst.pip:
-        torch = inst.torch or _pinned("torch")
-        titan = inst.torchtitan or _pinned("torchtitan")
-        torch_req = f"torch=={torch}" if torch else "torch"
-        index = ["--index-url", inst.index_url] if inst.index_url else []
-        # A venv left half-deleted (e.g. by the clean-up of a cancelled cluster
-        # whose HOME survives) is rebuilt from scratch; a healthy one is reused
-        # and the pip installs below are then quick no-ops.
-        lines += [
-            f"if ! {VENV_CHECK} >/dev/null 2>&1; then",
-            f"  echo 'supervise setup: (re)building {VENV}'",
-            f"  rm -rf {VENV}",
-            f"  python3 -m venv {VENV} || ~/.local/bin/uv venv --seed {VENV}",
-            "fi",
-            f". {VENV}/bin/activate",
-            "pip install --upgrade pip",
-            shlex.join(["pip", "install", torch_req, *index]),
-            shlex.join(["pip", "install", f"torchtitan=={titan}" if titan else "torchtitan",
-                        _requirement("supervise", inst.supervise), *_store_packages(spec), *inst.extra]),
-        ]
-    else:  # the image provides the packages; a damaged venv must not shadow them
-        lines += [
-            f"if [ -e {VENV} ] && ! {VENV_CHECK} >/dev/null 2>&1; then",
-            f"  echo 'supervise setup: removing damaged {VENV}; using the image python'",
-            f"  rm -rf {VENV}",
-            "fi",
-            f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi",
-        ]
-    tok = spec.tokenizer
-    if tok.tiny:
-        lines.append(shlex.join([
-            "python", "-c",
-            "import sys; from supervisor.titan.tinydata import build_assets; build_assets(sys.argv[1])",
-            _tiny_root(spec)]))
-    elif tok.hf_repo:
-        lines.append(shlex.join([
-            "hf", "download", tok.hf_repo, "--local-dir", tok.path,
-            "--include", "tokenizer*", "special_tokens_map.json", "original/tokenizer.model"]))
-    return "\n".join(lines) + "\n"
-
-
-def _tiny_root(spec: JobSpec) -> str:
-    """build_assets(root) makes root/hf_assets; the recipe names that folder as tokenizer.path."""
-    return spec.tokenizer.path.rstrip("/").rsplit("/", 1)[0] or "."
-
-
-def _requirement(dist: str, pin: str) -> str:
-    """`1.2.3` -> `dist==1.2.3`; a URL, path or full requirement is used as given."""
-    return f"{dist}=={pin}" if pin and pin[0].isdigit() else pin or dist
-
-
-def _store_packages(spec: JobSpec) -> list[str]:
-    return ["gcsfs"] if spec.checkpoints_url.startswith("gs://") else []
-
-
-def run_script(spec: JobSpec) -> str:
+def run_script(task: NodeTask) -> str:
     """The node command, exec'd so its exit code (75/69/78) is the job's and SIGTERM reaches it."""
     return (
         "set -euo pipefail\n"
         f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi\n"
-        f"exec {node_command(spec)}\n"
+        f"exec {shlex.join(task.run)}\n"
     )
 
 
-def task_envs(spec: JobSpec, environ: Mapping[str, str]) -> dict[str, str]:
-    envs = {"PYTHONUNBUFFERED": "1"}
-    envs.update({k: environ[k] for k in STORE_ENVS if environ.get(k)})
-    envs.update(spec.envs)
+def task_envs(task: NodeTask, environ: Mapping[str, str]) -> dict[str, str]:
+    envs = {k: environ[k] for k in STORE_ENVS if environ.get(k)}
+    envs.update(task.envs)
     return envs
 
 
-def task_secrets(spec: JobSpec, environ: Mapping[str, str], *, placeholder: str | None) -> dict[str, str]:
-    """Secret values from the launching shell; missing ones get `placeholder`, or fail when None."""
-    secrets = {}
-    for key in spec.secrets:
+def task_secrets(task: NodeTask, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Secret values from the launching shell, and the names it lacks (those get UNSET)."""
+    secrets, missing = {}, []
+    for key in task.secrets:
         if environ.get(key):
             secrets[key] = environ[key]
-        elif placeholder is None:
-            raise SuperviseError(
-                f"field 'secrets': {key} is not set in this shell; export {key}=... "
-                f"(or drop it with --set secrets=[...])"
-            )
         else:
-            secrets[key] = placeholder
+            secrets[key] = UNSET
+            missing.append(key)
     secrets.update({k: environ[k] for k in STORE_SECRETS if environ.get(k) and k not in secrets})
-    return secrets
+    return secrets, missing
 
 
-def check_store(spec: JobSpec, environ: Mapping[str, str]) -> None:
+def check_store(task: NodeTask, environ: Mapping[str, str]) -> None:
     """Bucket rules that depend on the launching environment."""
-    scheme = spec.checkpoint.bucket.split("://", 1)[0]
+    scheme = task.checkpoint.bucket.split("://", 1)[0]
     endpoint = environ.get("AWS_ENDPOINT_URL")
-    if scheme == "s3" and endpoint and spec.checkpoint.mode != "DIRECT":
+    if scheme == "s3" and endpoint and task.checkpoint.mode != "DIRECT":
         raise SuperviseError(
             f"field 'checkpoint.mode': SkyPilot 0.14 mounts s3:// buckets from AWS only, but AWS_ENDPOINT_URL="
             f"{endpoint} points elsewhere; use --set checkpoint.mode=DIRECT (TorchTitan writes through the endpoint), "
@@ -176,21 +104,20 @@ def check_store(spec: JobSpec, environ: Mapping[str, str]) -> None:
         )
 
 
-def build_task(spec: JobSpec, environ: Mapping[str, str] | None = None, *, placeholder: str | None = None):
-    """The sky.Task for `spec`. `placeholder` stands in for unset secrets (dry runs)."""
+def build_task(task: NodeTask, environ: Mapping[str, str]):
+    """The sky.Task for `task`, and the secret names the launching shell lacks."""
     sky = _sky()
     from sky import exceptions
 
-    environ = os.environ if environ is None else environ
-    check_store(spec, environ)
-    res = spec.resources
+    check_store(task, environ)
+    res = task.resources
     common: dict[str, Any] = {
         "use_spot": res.spot,
         "disk_size": res.disk_size,
         "job_recovery": {
-            "strategy": spec.recovery.strategy,
-            "max_restarts_on_errors": spec.recovery.max_restarts_on_errors,
-            "recover_on_exit_codes": spec.recovery.recover_on_exit_codes,
+            "strategy": task.restart.strategy,
+            "max_restarts_on_errors": task.restart.max_restarts_on_errors,
+            "recover_on_exit_codes": task.restart.recover_on_exit_codes,
         },
     }
     for key in ("infra", "cpus", "memory", "image_id"):
@@ -202,19 +129,20 @@ def build_task(spec: JobSpec, environ: Mapping[str, str] | None = None, *, place
     except (ValueError, exceptions.InvalidCloudConfigs, exceptions.NotSupportedError) as err:
         field = "resources.infra" if res.infra and "infra" in str(err).lower() or "cloud" in str(err).lower() else "resources"
         raise SuperviseError(f"field {field!r}: SkyPilot rejects it: {_first_line(err)}") from None
-    task = sky.Task(
-        name=spec.name,
-        setup=setup_script(spec),
-        run=run_script(spec),
-        num_nodes=res.num_nodes,
-        envs=task_envs(spec, environ),
-        secrets=task_secrets(spec, environ, placeholder=placeholder),
+    secrets, missing = task_secrets(task, environ)
+    sky_task = sky.Task(
+        name=task.name,
+        setup=task.setup,
+        run=run_script(task),
+        num_nodes=task.num_nodes,
+        envs=task_envs(task, environ),
+        secrets=secrets,
     )
-    task.set_resources(resources)
-    if spec.checkpoint.mode != "DIRECT":
-        storage = sky.data.Storage(source=spec.checkpoint.bucket, mode=sky.data.StorageMode[spec.checkpoint.mode])
-        task.set_storage_mounts({spec.checkpoint.mount_path: storage})
-    return task
+    sky_task.set_resources(resources)
+    if task.checkpoint.mode != "DIRECT":
+        storage = sky.data.Storage(source=task.checkpoint.bucket, mode=sky.data.StorageMode[task.checkpoint.mode])
+        sky_task.set_storage_mounts({task.checkpoint.mount_path: storage})
+    return sky_task, missing
 
 
 def task_config(task) -> dict[str, Any]:
@@ -229,8 +157,8 @@ def task_config(task) -> dict[str, Any]:
     return config
 
 
-def render_yaml(spec: JobSpec, environ: Mapping[str, str] | None = None) -> str:
-    """What `start --dry-run` prints: the exact task YAML, secrets redacted."""
+def render_yaml(task) -> str:
+    """The sky.Task as YAML, secrets redacted: what `start --dry-run` prints."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
@@ -242,8 +170,20 @@ def render_yaml(spec: JobSpec, environ: Mapping[str, str] | None = None) -> str:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     Dumper.add_representer(str, text)
-    task = build_task(spec, environ, placeholder="<unset>")
     return yaml.dump(task_config(task), Dumper=Dumper, sort_keys=False, width=1000)
+
+
+@dataclass
+class SkyPilotRequest:
+    """A managed job ready for `sky.jobs.launch`: the sky.Task, built once."""
+
+    name: str
+    task: Any  # sky.Task
+    checkpoints_url: str
+    missing_secrets: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        return render_yaml(self.task)
 
 
 def _first_line(err: BaseException) -> str:
@@ -302,8 +242,9 @@ def summary(spec: JobSpec) -> list[tuple[str, str]]:
         ("capacity", "spot" if res.spot else "on-demand"),
         ("infra", res.infra or "any enabled (SkyPilot chooses)"),
         ("checkpoints", f"{spec.checkpoints_url} ({ck.mode}, every {ck.interval} steps)"),
-        ("recovery", f"{rec.strategy or 'SkyPilot default'}; restart on exit codes "
-                     f"{rec.recover_on_exit_codes}, up to {rec.max_restarts_on_errors} restarts on errors"),
+        ("recovery", f"{rec.strategy or 'SkyPilot default'}; restart on exit codes {rec.recover_on_exit_codes}, "
+                     f"other codes never (gives up after {rec.max_restarts_without_progress} restarts "
+                     f"without a new checkpoint)"),
     ]
     price, source = estimate_hourly(spec)
     rows.append(("estimated cost", f"${price:.2f}/h ({source})"))
@@ -320,19 +261,23 @@ def estimate_hourly(spec: JobSpec) -> tuple[float, str]:
     return (price.spot if res.spot else price.on_demand) * res.num_nodes, price.source
 
 
-class SkyPilotLauncher:
-    """Launcher over SkyPilot managed jobs."""
+class SkyPilotBackend:
+    """Backend over SkyPilot managed jobs."""
 
-    backend = BACKEND
+    name = BACKEND
 
-    def launch(self, spec: JobSpec, *, name: str) -> str:
+    def adapt(self, spec: JobSpec) -> JobSpec:
+        return spec  # SkyPilot provides everything a JobSpec can ask for
+
+    def dryrun(self, task: NodeTask, *, environ: Mapping[str, str] | None = None) -> SkyPilotRequest:
+        sky_task, missing = build_task(task, os.environ if environ is None else environ)
+        return SkyPilotRequest(task.name, sky_task, task.checkpoints_url, missing)
+
+    def schedule(self, request: SkyPilotRequest) -> str:
         sky = _sky()
-        if name != spec.name:
-            spec = spec.model_copy(update={"name": name})
-        task = build_task(spec)
-        job_ids, _handle = _call(sky.jobs.launch, task, name=name)
+        job_ids, _handle = _call(sky.jobs.launch, request.task, name=request.name)
         job_id = str(job_ids[0]) if job_ids else ""
-        registry.record(name, backend=BACKEND, checkpoints_url=spec.checkpoints_url, job_id=job_id)
+        registry.record(request.name, backend=BACKEND, checkpoints_url=request.checkpoints_url, job_id=job_id)
         return job_id
 
     def status(self, name: str | None = None) -> list[JobStatus]:
@@ -361,39 +306,26 @@ class SkyPilotLauncher:
         sky = _sky()
         job_id, state = self._resolve(name)
         try:
-            code = sky.jobs.tail_logs(job_id=job_id, follow=follow and not is_finished(state),
+            code = sky.jobs.tail_logs(job_id=job_id, follow=follow and not is_terminal(state),
                                       output_stream=sys.stdout)
         except Exception as err:
             raise explain_sky_error(err) from err
         if code:
             sys.exit(code)
 
-    def cancel(self, name: str, *, graceful: bool = True, graceful_timeout: int = GRACEFUL_TIMEOUT_S) -> None:
+    def cancel(self, name: str, *, graceful: bool = True) -> None:
         sky = _sky()
         job_id, state = self._resolve(name)
-        if is_finished(state):
+        if is_terminal(state):
             raise AlreadyFinished(f"{name} (managed job {job_id}) already finished: {state}; nothing to stop")
         if graceful:
-            _call(sky.jobs.cancel, job_ids=[job_id], graceful=True, graceful_timeout=graceful_timeout)
+            _call(sky.jobs.cancel, job_ids=[job_id], graceful=True, graceful_timeout=GRACEFUL_TIMEOUT_S)
         else:
             _call(sky.jobs.cancel, job_ids=[job_id])
 
     def _resolve(self, name: str) -> tuple[int, str | None]:
         recorded = (registry.lookup(name) or {}).get("job_id")
         return find_job(_queue(), name, recorded)
-
-
-class AlreadyFinished(SuperviseError):
-    """`stop` of a job that already ended: nothing to do, not a failure."""
-
-    exit_code = 0
-
-
-FINISHED_STATES = ("SUCCEEDED", "CANCELLED", "FAILED")  # FAILED covers FAILED_SETUP, FAILED_NO_RESOURCE, ...
-
-
-def is_finished(state: str | None) -> bool:
-    return bool(state) and state.startswith(FINISHED_STATES)
 
 
 def find_job(records: list[dict[str, Any]], name: str, recorded_id: str | int | None) -> tuple[int, str | None]:

@@ -12,7 +12,7 @@ import psutil
 
 from supervisor import registry
 from supervisor.exitcodes import ExitCode
-from supervisor.launch.local import LocalJob, decide, node_argv_for, read_state
+from supervisor.launch.local import LocalJob, RestartRule, decide, node_argv_for, read_state
 from supervisor.launch.procs import tagged
 
 STANDIN = str(Path(__file__).with_name("standin_node.py"))
@@ -28,57 +28,58 @@ def starts(tmp_path, rank) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-# ---- pure policy ----
+# ---- pure policy (the rule itself: test_restart_rule.py) ----
 
-POLICY = dict(num_nodes=2, max_restarts_on_errors=2, recover_on_exit_codes=[75, 69])
+LISTED = [75, 69]
 
 
 def test_decide_finish_only_when_every_node_finished():
-    assert decide({0: 0, 1: 0}, errors_so_far=0, **POLICY).action == "finish"
-    d = decide({0: 0, 1: None}, errors_so_far=0, **POLICY)
-    assert (d.action, d.counts) == ("recover", True) and "did not exit" in d.reason
+    assert decide({0: 0, 1: 0}, num_nodes=2, rule=RestartRule(0, LISTED)).action == "finish"
+    d = decide({0: 0, 1: None}, num_nodes=2, rule=RestartRule(1, LISTED))
+    assert d.action == "recover" and "did not exit" in d.reason and "restart 1 of 1" in d.reason
 
 
-def test_decide_user_error_fails_fast_even_with_budget_left():
-    d = decide({0: 78, 1: -9}, errors_so_far=0, **POLICY)
+def test_decide_user_error_fails_with_a_zero_budget_even_beside_a_lost_peer_codes():
+    d = decide({0: 78, 1: None}, num_nodes=2, rule=RestartRule(0, LISTED))
     assert d.action == "fail" and "user/config error" in d.reason and "not retried" in d.reason
 
 
-def test_decide_node_loss_and_saved_preemption_are_free():
-    lost = decide({0: None, 1: -9}, errors_so_far=2, **POLICY)
-    assert (lost.action, lost.counts) == ("recover", False) and "SIGKILL" in lost.reason
-    saved = decide({0: 75, 1: 75}, errors_so_far=2, **POLICY)
-    assert (saved.action, saved.counts) == ("recover", False) and "preempted, state saved" in saved.reason
+def test_decide_node_loss_is_a_preemption_whatever_the_budget():
+    rule = RestartRule(0, LISTED)
+    lost = decide({0: None, 1: -9}, num_nodes=2, rule=rule)
+    assert lost.action == "recover" and "SIGKILL" in lost.reason and "preemption" in lost.reason
+    assert rule.restart_cnt_on_failure == 0
 
 
-def test_decide_retryable_spends_the_budget_even_when_listed():
-    assert decide({0: 69, 1: None}, errors_so_far=1, **POLICY) == decide(
-        {0: 69}, errors_so_far=1, **POLICY)
-    d = decide({0: 69, 1: None}, errors_so_far=1, **POLICY)
-    assert (d.action, d.counts) == ("recover", True) and "restart 2 of 2" in d.reason
-    d = decide({0: 69, 1: None}, errors_so_far=2, **POLICY)
-    assert d.action == "fail" and "max_restarts_on_errors=2" in d.reason and "exited 69" in d.reason
+def test_decide_listed_codes_recover_without_counting():
+    rule = RestartRule(0, LISTED)
+    for codes in ({0: 75, 1: 75}, {0: 69, 1: None}, {0: 78, 1: 69}):
+        d = decide(codes, num_nodes=2, rule=rule)
+        assert d.action == "recover" and "recover_on_exit_codes" in d.reason
+    assert rule.restart_cnt_on_failure == 0
 
 
 def test_decide_other_codes_spend_the_budget():
-    d = decide({0: 1, 1: 0}, errors_so_far=0, num_nodes=2, max_restarts_on_errors=0, recover_on_exit_codes=[75])
-    assert d.action == "fail" and "node 0 exited 1" in d.reason
+    rule = RestartRule(1, [75])
+    assert decide({0: 1, 1: 0}, num_nodes=2, rule=rule).action == "recover"
+    d = decide({0: 1, 1: 0}, num_nodes=2, rule=rule)
+    assert d.action == "fail" and "node 0 exited 1" in d.reason and "max_restarts_on_errors=1" in d.reason
 
 
 # ---- real processes ----
 
 
 def test_user_error_is_not_retried(launcher, tmp_path):
-    launcher.launch_job(job(tmp_path, "usererr", "--exit", str(int(ExitCode.USER_ERROR)), max_restarts_on_errors=3))
+    launcher.schedule(job(tmp_path, "usererr", "--exit", str(int(ExitCode.USER_ERROR)), recover_on_exit_codes=[75, 69]))
     st = launcher.wait("usererr", timeout_s=60)
     assert st.state == "FAILED" and st.recoveries == 0
-    assert "user/config error" in st.reason
+    assert "user/config error" in st.reason and "not retried" in st.reason
     assert len(starts(tmp_path, 0)) == 1
     assert registry.lookup("usererr")["backend"] == "local"
 
 
-def test_retryable_is_retried_up_to_the_limit_then_failed(launcher, tmp_path):
-    launcher.launch_job(job(tmp_path, "flaky", "--exit", "69", num_nodes=2, max_restarts_on_errors=2))
+def test_unlisted_code_is_retried_up_to_the_limit_then_failed(launcher, tmp_path):
+    launcher.schedule(job(tmp_path, "flaky", "--exit", "69", num_nodes=2, max_restarts_on_errors=2))
     st = launcher.wait("flaky", timeout_s=90)
     assert st.state == "FAILED" and st.recoveries == 2
     assert "exited 69" in st.reason and "max_restarts_on_errors=2" in st.reason
@@ -97,7 +98,7 @@ def test_preemptions_restart_all_nodes_with_skypilot_env(launcher, tmp_path):
     j = job(tmp_path, "twonodes", "--steps", "16", num_nodes=2, gpus_per_node=1, max_restarts_on_errors=0,
             chaos=[{"kind": "notice", "at_step": 3, "node": 0, "deadline_s": 30.0},
                    {"kind": "kill", "at_step": 8, "node": 1}])
-    launcher.launch_job(j)
+    launcher.schedule(j)
     st = launcher.wait("twonodes", timeout_s=90)
     assert st.state == "SUCCEEDED" and st.recoveries == 2, "preemptions do not spend the error budget"
     s0, s1 = starts(tmp_path, 0), starts(tmp_path, 1)
@@ -122,14 +123,15 @@ def test_preemptions_restart_all_nodes_with_skypilot_env(launcher, tmp_path):
 
 
 def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
-    launcher.launch_job(job(tmp_path, "stopme", "--steps", "1000", num_nodes=2))
+    launcher.schedule(job(tmp_path, "stopme", "--steps", "1000", num_nodes=2))
     import time
 
     deadline = time.monotonic() + 30
     while (read_state("stopme") or {}).get("state") != "RUNNING":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    st = launcher.cancel("stopme")
+    launcher.cancel("stopme")
+    st = launcher.status("stopme")[0]
     assert st.state == "CANCELLED" and st.reason == "stopped by the user"
     assert not tagged("stopme/")
     # SIGTERM reached the wrappers, which saved (committed) before exiting 75
@@ -140,7 +142,7 @@ def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
 
 
 def test_stall_stops_a_worker_and_teardown_still_kills_it(launcher, tmp_path):
-    launcher.launch_job(job(tmp_path, "stall", "--steps", "12", num_nodes=2,
+    launcher.schedule(job(tmp_path, "stall", "--steps", "12", num_nodes=2,
                             chaos=[{"kind": "stall", "at_step": 3, "node": 1}]))
     st = launcher.wait("stall", timeout_s=60)
     assert st.state == "SUCCEEDED"

@@ -19,16 +19,16 @@ def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_url,
     """Two real nodes; `stop` while training: the wrappers save and commit the current
     step, every process is gone, and no checkpoint is half committed."""
     args = titan_args(tmp_path / "dump", steps=500, checkpoint_interval=3)
-    launcher.launch_job(LocalJob(name="stopme", node_argv=node_argv(s3_url, args), num_nodes=2,
-                                 checkpoints_url=s3_url, graceful_timeout_s=90))
+    launcher.schedule(LocalJob(name="stopme", node_argv=node_argv(s3_url, args), num_nodes=2,
+                               checkpoints_url=s3_url, ledger_url=f"{s3_url}/_ledger", graceful_timeout_s=90))
     deadline = time.monotonic() + 240
     while (read_state("stopme") or {}).get("step", 0) < 4:
         assert launcher.status("stopme")[0].state in ("PENDING", "STARTING", "RUNNING"), launcher.status("stopme")
         assert time.monotonic() < deadline, "training did not reach step 4"
         time.sleep(0.5)
     step_at_stop = read_state("stopme")["step"]
-    st = launcher.cancel("stopme", graceful=True)
-    assert st.state == "CANCELLED"
+    launcher.cancel("stopme", graceful=True)
+    assert launcher.status("stopme")[0].state == "CANCELLED"
     assert not tagged("stopme/")
 
     catalog = Catalog(s3_url)

@@ -17,7 +17,9 @@ import yaml
 from supervisor import cli, registry
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
-from supervisor.launch import skypilot
+from supervisor import launch
+from supervisor.launch import setup, skypilot
+from supervisor.launch.base import is_terminal
 from supervisor.recipes import RECIPES_DIR, build_spec
 
 GOLDEN = Path(__file__).parent / "golden" / "skypilot"
@@ -70,7 +72,7 @@ def test_dry_run_matches_golden_and_round_trips(monkeypatch, capsys, recipe):
         rec = r.job_recovery
         assert rec["recover_on_exit_codes"] == [ExitCode.PREEMPTED_SAVED, ExitCode.RETRYABLE]
         assert ExitCode.USER_ERROR not in rec["recover_on_exit_codes"]
-        assert rec["max_restarts_on_errors"] == spec.recovery.max_restarts_on_errors
+        assert rec["max_restarts_on_errors"] == 0  # 78 never retried: SkyPilot's only "no retry" is a zero budget
         assert rec.get("strategy") is None  # SkyPilot's default unless the recipe says otherwise
         assert r.disk_size == spec.resources.disk_size
 
@@ -90,7 +92,7 @@ def test_dry_run_matches_golden_and_round_trips(monkeypatch, capsys, recipe):
 
 
 def test_live_task_carries_secret_values_only_in_secrets():
-    task = skypilot.build_task(build_spec("llama3_8b", spot=True))
+    task = launch.dryrun(build_spec("llama3_8b", spot=True), backend="skypilot")[1].task
     assert task.secrets["HF_TOKEN"].get_secret_value() == SECRET
     assert SECRET not in json.dumps(task.envs)
 
@@ -187,9 +189,9 @@ def test_status_json_lists_local_jobs_without_skypilot(monkeypatch, capsys):
     from supervisor.launch import local
     from supervisor.launch.base import JobStatus
 
-    monkeypatch.setattr(local.LocalLauncher, "status",
+    monkeypatch.setattr(local.LocalBackend, "status",
                         lambda self, name=None: [JobStatus("mine", "local", "RUNNING", recoveries=2)])
-    monkeypatch.setattr(skypilot.SkyPilotLauncher, "status",
+    monkeypatch.setattr(skypilot.SkyPilotBackend, "status",
                         lambda self, name=None: (_ for _ in ()).throw(SuperviseError("SkyPilot down; `sky api start`")))
     registry.record("other", backend="skypilot", checkpoints_url="s3://my-ckpts/supervise/other")
     monkeypatch.setattr(sys, "argv", ["supervise", "status", "--json"])
@@ -233,7 +235,7 @@ def _run_setup(tmp_path, spec, *, venv_state: str | None) -> tuple[subprocess.Co
     for exe in ("python3", "python"):
         (bindir / exe).chmod(0o755)
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home)}
-    proc = subprocess.run(["bash", "-c", skypilot.setup_script(spec)], env=env, capture_output=True,
+    proc = subprocess.run(["bash", "-c", setup.setup_script(spec)], env=env, capture_output=True,
                           text=True, timeout=60)
     return proc, venv
 
@@ -274,10 +276,10 @@ def test_find_job_prefers_the_recorded_id_then_the_newest_of_the_name():
 
 
 def test_finished_states():
-    assert all(skypilot.is_finished(s) for s in ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP",
-                                                 "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"))
-    assert not any(skypilot.is_finished(s) for s in ("PENDING", "STARTING", "RUNNING", "RECOVERING",
-                                                     "CANCELLING", None))
+    assert all(is_terminal(s) for s in ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP",
+                                        "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"))
+    assert not any(is_terminal(s) for s in ("PENDING", "STARTING", "RUNNING", "RECOVERING",
+                                            "CANCELLING", None))
 
 
 def _cli(monkeypatch, *argv) -> int:

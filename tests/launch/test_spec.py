@@ -29,7 +29,7 @@ def _env(monkeypatch, tmp_path):
 def launches(monkeypatch):
     """Records launch attempts instead of reaching SkyPilot (must stay empty)."""
     calls = []
-    monkeypatch.setattr(skypilot.SkyPilotLauncher, "launch", lambda self, spec, name: calls.append(name) or "0")
+    monkeypatch.setattr(skypilot.SkyPilotBackend, "schedule", lambda self, request: calls.append(request.name) or "0")
     return calls
 
 
@@ -106,7 +106,7 @@ BAD = [
     (["--set", "checkpoint.mount_path=ckpt"], "checkpoint.mount_path"),
     (["--set", "overrides.checkpoint.folder=/tmp/x"], "overrides"),
     (["--set", "overrides.--training.steps=3"], "overrides"),
-    (["--set", "recovery.max_restarts_on_errors=-1"], "recovery.max_restarts_on_errors"),
+    (["--set", "recovery.max_restarts_without_progress=-1"], "recovery.max_restarts_without_progress"),
     (["--set", "recovery.strategy=pray"], "recovery.strategy"),
     (["--set", "secrets=[]"], "secrets"),  # gated tokenizer without HF_TOKEN
     (["--set", "secrets=[NOT-A-NAME]"], "secrets"),
