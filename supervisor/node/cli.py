@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from supervisor.node.budget import DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS
 from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
 from supervisor.runtime import ENV_CHECKPOINTS
 
@@ -39,12 +40,18 @@ def node(
     grace: float = typer.Option(300.0, "--grace", help="After a notice without deadline, seconds to wait for the save."),
     hang_timeout: float = typer.Option(1800.0, "--hang-timeout", help="Seconds without any rank advancing = hang."),
     startup_timeout: float = typer.Option(1800.0, "--startup-timeout", help="Seconds allowed before the first heartbeat."),
+    max_restarts_without_progress: int = typer.Option(
+        DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, "--max-restarts-without-progress", min=0, metavar="K",
+        help="Exit 78 at a start that follows K incarnations in a row that ended 69 without a new "
+        "committed checkpoint (0: never give up).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resume decision and the torchrun command; start nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: one JSON object (command, resume_step, ...)."),
 ) -> None:
     """Resume from the newest verified checkpoint, run torchrun, save on preemption notices.
 
-    Exit codes: 0 finished, 75 preempted and saved, 69 retryable failure, 78 bad input.
+    Exit codes: 0 finished, 75 preempted and saved, 69 retryable failure, 78 bad input
+    or given up (restarts without progress).
     """
     from supervisor.errors import SuperviseError
     from supervisor.exitcodes import ExitCode
@@ -59,6 +66,7 @@ def node(
         notice_file=notice_file, cloud=cloud,
         metadata_urls={"aws": aws_metadata_url, "gcp": gcp_metadata_url, "azure": azure_metadata_url},
         notice_poll_s=notice_poll, grace_s=grace, hang_timeout_s=hang_timeout, startup_timeout_s=startup_timeout,
+        max_restarts_without_progress=max_restarts_without_progress,
     )  # fmt: skip
     trainer_args = list(ctx.args)
     if dry_run:

@@ -1,11 +1,14 @@
 """`supervise node`: turn SkyPilot's bare restart of `run` into a correct resume.
 
 On every start: validate the trainer args, read the topology from SKYPILOT_*,
-ask the catalog for the newest verified step, start torchrun (own session) with
-the checkpoint flags rewritten, then watch three things until torchrun exits:
-preemption notices (signals, file, cloud metadata), the ranks' heartbeats, and
-torchrun itself. Whatever happens, no process it started survives it, and the
-exit code says what the managed job should do next (supervisor.exitcodes).
+ask the catalog for the newest verified step, consult the restart record (give
+up after K restarts without progress, see budget.py), start torchrun (own
+session) with the checkpoint flags rewritten and, beside it, TorchTitan's own
+parser on the args; then watch four things until torchrun exits: that parser's
+verdict, preemption notices (signals, file, cloud metadata), the ranks'
+heartbeats, and torchrun itself. Whatever happens, no process it started
+survives it, and the exit code says what the managed job should do next
+(supervisor.exitcodes).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
-from supervisor.node import process
+from supervisor.node import budget, process
 from supervisor.node.notices import Notice, NoticeWatcher, cloud_urls
 from supervisor.node.resume import (
     ResumePlan,
@@ -32,10 +36,12 @@ from supervisor.node.resume import (
     decide,
     ledger_url,
     rewrite_trainer_args,
+    store_errors,
     validate_trainer_args,
 )
 from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE, Topology, topology_from_env, torchrun_argv
 from supervisor.node.watchdog import Watchdog
+from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, strip_node_owned
 from supervisor.runtime import (
     ENV_CHECKPOINTS,
     ENV_COMMIT_WAIT_S,
@@ -48,12 +54,14 @@ from supervisor.runtime import (
     OUTCOME_FILE,
     heartbeat_steps,
     read_json,
+    stop_request_url,
     write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+ARGS_VERDICT_WAIT_S = 300.0  # after torchrun failed: how long to wait for TorchTitan's parser
 
 
 @dataclass
@@ -73,6 +81,7 @@ class NodeOptions:
     grace_s: float = 300.0  # wait after a notice without deadline before killing
     hang_timeout_s: float = 1800.0
     startup_timeout_s: float = 1800.0
+    max_restarts_without_progress: int = budget.DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS  # 0: never give up
 
 
 @dataclass
@@ -129,8 +138,13 @@ def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, h
     step = (outcome or {}).get("step")
     if kind == "finished":
         return ExitCode.FINISHED, f"training finished at step {step}"
+    if notice is not None and notice.source == "stop":  # `supervise stop`: done, not a preemption to recover
+        saved = f"state saved and committed at step {step}" if kind == "preempted_saved" else "no save reported"
+        return ExitCode.FINISHED, f"stopped on request; {saved}"
     if kind == "preempted_saved":
         return ExitCode.PREEMPTED_SAVED, f"preempted; state saved and committed at step {step}"
+    if kind == "commit_failed":  # the trainer stopped: training on unsaved helps nobody
+        return ExitCode.RETRYABLE, (outcome or {}).get("reason") or "checkpoint commits failed"
     if hang:
         return ExitCode.RETRYABLE, hang
     if kind == "preempted_unsaved":
@@ -182,12 +196,78 @@ def _say(line: str) -> None:
     print(f"supervise node: {line}", flush=True)
 
 
+def _prove_commit_support(url: str) -> None:
+    """The store canary (owner: store): a store that cannot refuse a second create
+    cannot keep two writers from both committing a step -- a config error (78)."""
+    from supervisor.errors import SuperviseError
+    from supervisor.store.catalog import Catalog, StoreInputError, StoreUnreachable
+
+    try:
+        Catalog(url).prove_conditional_create()
+    except StoreUnreachable as err:
+        raise SuperviseError(str(err), ExitCode.RETRYABLE) from err
+    except StoreInputError as err:
+        raise SuperviseError(str(err), ExitCode.USER_ERROR) from err
+
+
+class _Record:
+    """This start's view of the restart record; node rank 0 alone writes it."""
+
+    def __init__(self, url: str, trainer_args: list[str], step: int | None, incarnation: str, writer: bool):
+        self.io = budget.RestartRecord(url)
+        with store_errors(url):
+            stored = self.io.load()
+        self.data = budget.close_open(budget.for_config(stored, budget.config_hash(trainer_args)), step)
+        self.incarnation, self.step, self.writer = incarnation, step, writer
+
+    def save(self) -> None:
+        if not self.writer:
+            return
+        try:
+            self.io.save(self.data)
+        except SuperviseError as err:  # the run matters more; the next start sees this one as lost
+            log.warning("restart record %s not written: %s", self.io.url, err)
+
+
+def _titan_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("torchtitan")
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _newest_step(url: str) -> int | None:
+    """The newest committed step now (the record's end of an incarnation); None if unknown."""
+    from supervisor.store.catalog import Catalog
+
+    try:
+        return Catalog(url).latest().step
+    except (SuperviseError, OSError, ValueError) as err:
+        log.warning("newest checkpoint at exit unknown: %s", err)
+        return None
+
+
 def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
     t0 = time.monotonic()
     plan = make_plan(opts, trainer_args)
     topo = plan.topology
     incarnation = _incarnation(opts)
+    url = plan.env[ENV_CHECKPOINTS]
+    record = _Record(url, trainer_args, plan.resume.step, incarnation, writer=topo.node_rank == 0)
+    verdict = budget.decide_start(record.data, plan.resume.step, opts.max_restarts_without_progress)
+    if verdict.give_up:
+        if verdict.earlier:
+            raise SuperviseError(
+                f"{verdict.reason} (recorded by an earlier start of this config; change the config, "
+                f"or delete {record.io.url} to try it again)", ExitCode.USER_ERROR,
+            )  # fmt: skip
+        budget.end(budget.begin(record.data, incarnation, plan.resume.step), incarnation,
+                   ExitCode.USER_ERROR, verdict.reason, plan.resume.step)  # fmt: skip
+        record.save()
+        raise SuperviseError(verdict.reason, ExitCode.USER_ERROR)
     _say(plan.describe())
     run_dir = _fresh_run_dir(opts, incarnation, topo.node_rank)
     env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation}
@@ -217,17 +297,27 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         urls=cloud_urls(opts.metadata_urls),
         poll_s=opts.notice_poll_s,
     )
+    # TorchTitan's own parser, beside torchrun rather than before it: it costs what
+    # the trainer's own start costs (torch + model code), so it must not delay a good start.
+    titan_version = _titan_version()
+    checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck()
     rc: int | None = None
     hang: str | None = None
+    bad_args: str | None = None
     try:
+        if checker is not None:
+            checker.submit(strip_node_owned(trainer_args))
         proc = process.start(plan.command, env)
         overhead_s = round(time.monotonic() - t0, 3)
-        # Ledger writes are store round trips: after torchrun is on its way, not before.
+        # Store round trips (record, ledger): after torchrun is on its way, not before.
+        budget.begin(record.data, incarnation, plan.resume.step)
+        record.save()
         journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
         journal.emit("node_start", node_rank=topo.node_rank, num_nodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
                      host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
         journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason)
-        journal.emit("trainer_start", command=plan.command, pid=proc.pid, wrapper_overhead_s=overhead_s)
+        journal.emit("trainer_start", command=plan.command, pid=proc.pid, world_size=topo.nnodes * topo.nproc_per_node,
+                     wrapper_overhead_s=overhead_s)  # fmt: skip
         watcher.start()
         dog = Watchdog(hang_timeout_s=opts.hang_timeout_s, startup_timeout_s=opts.startup_timeout_s, now=time.monotonic())
         give_up_at: float | None = None
@@ -235,16 +325,28 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         while rc is None:
             try:
                 rc = proc.wait(TICK_S)
-                break
             except subprocess.TimeoutExpired:
                 pass
+            if checker is not None:
+                state, bad_args = _verdict(checker, ARGS_VERDICT_WAIT_S if rc not in (None, 0) else 0.0)
+                if state != "pending":
+                    checker.close()
+                    checker = None
+                if state == "rejected":
+                    _say(f"TorchTitan rejects the trainer arguments: {bad_args}; stopping the workers")
+                    break
+                if state == "accepted":
+                    record.data["args_ok"] = titan_version
+                    record.save()
+            if rc is not None:
+                break
             now = time.monotonic()
             if notices and not reported:
                 reported = True
                 n = notices[0]
-                budget = (n.deadline - time.time()) if n.deadline else opts.grace_s
-                give_up_at = now + max(budget, 0.0)
-                _say(f"preemption notice from {n.source}; asking the trainer to save (waiting up to {max(budget, 0):.0f} s)")
+                budget_s = (n.deadline - time.time()) if n.deadline else opts.grace_s
+                give_up_at = now + max(budget_s, 0.0)
+                _say(f"preemption notice from {n.source}; asking the trainer to save (waiting up to {max(budget_s, 0):.0f} s)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
             hang = dog.observe(heartbeat_steps(run_dir), now)
             if hang:
@@ -254,19 +356,42 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                 _say("the trainer did not finish saving in time; killing the workers")
                 break
     finally:
+        if checker is not None:
+            checker.close()
         watcher.stop()
-        process.kill_all(grace_s=0 if hang else 5.0)
+        process.kill_all(grace_s=0 if (hang or bad_args) else 5.0)
         for s, handler in old.items():
             signal.signal(s, handler)
 
     outcome = read_json(run_dir / OUTCOME_FILE)
     notice = notices[0] if notices else None
-    code, reason = exit_decision(outcome, rc, notice, hang)
+    if bad_args:
+        code, reason = ExitCode.USER_ERROR, f"TorchTitan rejects the trainer arguments: {bad_args}"
+    else:
+        code, reason = exit_decision(outcome, rc, notice, hang)
     if outcome and outcome.get("outcome", "").startswith("preempted"):
         saved = outcome.get("outcome") == "preempted_saved"
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
     journal.emit("exit", code=int(code), reason=reason)
+    if record.writer:
+        end_step = plan.resume.step if bad_args else _newest_step(url)
+        budget.end(record.data, incarnation, code, reason, end_step)
+        record.save()
     _say(f"exit {int(code)}: {reason}")
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
         shutil.rmtree(run_dir, ignore_errors=True)
     return int(code)
+
+
+def _verdict(checker: TitanArgsCheck, wait_s: float) -> tuple[str, str | None]:
+    """("accepted" | "rejected" | "pending" | "unknown", reason) from TorchTitan's
+    parser. A parser that cannot run, or is too slow once torchrun has failed,
+    gives no verdict: the trainer's own exit then decides, as without the check."""
+    try:
+        reason = checker.result(wait_s)
+    except TimeoutError:
+        return ("unknown" if wait_s > 0 else "pending"), None
+    except CheckUnavailable as err:
+        log.warning("trainer args not checked: %s", err)
+        return "unknown", None
+    return ("rejected" if reason else "accepted"), reason

@@ -1,7 +1,10 @@
 """A stand-in for supervisor.titan.train, for wrapper tests that need real
 torchrun, real signals and real processes but not real training: it keeps the
 runtime contract (heartbeats, notice.json -> outcome.json) and nothing else.
-`--standin.step_s S` sets the step time; `--training.steps N` the length."""
+`--training.steps N` sets the length; the environment the rest, so that the args
+stay ones TorchTitan's parser accepts (the wrapper checks them): STANDIN_STEP_S the
+step time (default 0.1 s), STANDIN_EXIT a non-zero exit of every rank after the
+last step instead of finishing (a crash, which the wrapper reports as 69)."""
 
 import os
 import sys
@@ -20,7 +23,7 @@ def main() -> None:
     run_dir = Path(os.environ[ENV_RUN_DIR])
     rank = int(os.environ["RANK"])
     steps = int(_arg("--training.steps", "1000"))
-    step_s = float(_arg("--standin.step_s", "0.1"))
+    step_s = float(os.environ.get("STANDIN_STEP_S", "0.1"))
     (run_dir / f"pid-{rank}").write_text(str(os.getpid()))
     for step in range(1, steps + 1):
         time.sleep(step_s)
@@ -29,6 +32,8 @@ def main() -> None:
             if rank == 0:
                 write_json_atomic(run_dir / OUTCOME_FILE, {"outcome": "preempted_saved", "step": step, "reason": "notice"})
             return
+    if os.environ.get("STANDIN_EXIT"):
+        sys.exit(int(os.environ["STANDIN_EXIT"]))
     if rank == 0:
         write_json_atomic(run_dir / OUTCOME_FILE, {"outcome": "finished", "step": steps, "reason": ""})
 

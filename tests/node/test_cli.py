@@ -1,5 +1,6 @@
-"""`supervise node` as users call it: bad input -> one line + exit 78; --dry-run --json
-with a real catalog (a real DCP save, committed, then corrupted)."""
+"""`supervise node` as users call it: bad input -> one line + exit 78, a store that
+cannot be reached -> one line + exit 69; --dry-run --json with a real catalog (a real
+DCP save, committed, then corrupted)."""
 
 import json
 import os
@@ -39,14 +40,29 @@ def _closed_port() -> int:
         (["--dry-run", "--", "--module", "llama3", "--config", "llama3_tiny"], {}, "unknown TorchTitan config"),
         (["--dry-run", "--", *TT], {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "2",
                                     "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1"}, "out of range"),
-        (["--dry-run", "--checkpoints", "s3://bucket/run", "--", *TT],
-         {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "x",
-          "AWS_SECRET_ACCESS_KEY": "y", "SUPERVISE_STORE_RETRY_S": "1"}, "unreachable"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_78(args, env, words):
-    res = node(*args, env=env)
-    assert res.returncode == ExitCode.USER_ERROR, res.stderr
+    _one_error_line(node(*args, env=env), ExitCode.USER_ERROR, words)
+
+
+def test_unreachable_store_is_retryable_69():
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y", "SUPERVISE_STORE_RETRY_S": "1"}  # fmt: skip
+    _one_error_line(node("--dry-run", "--checkpoints", "s3://bucket/run", "--", *TT, env=env), ExitCode.RETRYABLE,
+                    "unreachable")  # fmt: skip
+
+
+def test_store_that_refuses_is_78(s3_store, s3_env):
+    """A real store that answers "no such bucket" / "access denied": no retry can fix that."""
+    res = node("--dry-run", "--checkpoints", "s3://no-such-bucket/run", "--", *TT, env=s3_env)
+    _one_error_line(res, ExitCode.USER_ERROR, "does not exist")
+    res = node("--dry-run", "--checkpoints", s3_store.url("run"), "--", *TT, env={**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    _one_error_line(res, ExitCode.USER_ERROR, "refused")
+
+
+def _one_error_line(res, code, words):
+    assert res.returncode == code, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]  # retry warnings may precede it
     assert len(errors) == 1 and lines[-1] == errors[0] and words in errors[0], res.stderr

@@ -1,0 +1,334 @@
+"""TorchTitan's config, as recipe validation (spec.py) and the node wrapper both read it.
+
+Three things live here, one copy each:
+- `OWNED`: the TorchTitan flags supervise sets itself (the node wrapper on every
+  start, or the recipe's own fields), and why a user must not.
+- `registry_file` / `titan_configs`: the `--module`'s config_registry.py, found
+  the way TorchTitan 0.3.0's `ConfigManager._load_config`
+  (torchtitan/config/manager.py) imports it, but read from source: importing it
+  pulls torch and the model code (seconds; on CPU it needs triton).
+- `check_args`: TorchTitan's own parser (`ConfigManager().parse_args`, tyro) on
+  the trainer args, in a child process (`python -m supervisor.titan_config`)
+  that imports TorchTitan once and then answers each check in well under a
+  second. Its verdict is one line that names the bad flag.
+
+Spec and node both import this module; it imports only supervisor.errors (and,
+in the child, supervisor.titan.cpu_compat, as the trainer does on CPU).
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Owned:
+    by: str  # "node": the wrapper rewrites it on every start; "recipe": a recipe field renders it
+    takes_value: bool
+    why: str
+
+
+# TorchTitan keys (section.key, underscores) that supervise sets.
+OWNED: dict[str, Owned] = {
+    "checkpoint.enable": Owned("node", False, "it is always on under supervise"),
+    "checkpoint.folder": Owned("node", True, "set checkpoint.bucket instead"),
+    "checkpoint.load_step": Owned("node", True, "the node wrapper picks the newest committed step"),
+    "checkpoint.keep_latest_k": Owned("node", True, "retention is supervise's (supervise checkpoints prune)"),
+    "checkpoint.interval": Owned("recipe", True, "set checkpoint.interval instead"),
+    "dump_folder": Owned("recipe", True, "checkpoints go to checkpoint.bucket"),
+    "job.dump_folder": Owned("recipe", True, "checkpoints go to checkpoint.bucket"),
+    "dataloader.dataset": Owned("recipe", True, "set dataset.name instead"),
+    "dataloader.dataset_path": Owned("recipe", True, "set dataset.path instead"),
+    "hf_assets_path": Owned("recipe", True, "set tokenizer.path instead"),
+    "module": Owned("recipe", True, "set model.module instead"),
+    "config": Owned("recipe", True, "set model.config instead"),
+}
+PARALLEL_DEGREES = (
+    "data_parallel_replicate_degree",
+    "data_parallel_shard_degree",
+    "tensor_parallel_degree",
+    "pipeline_parallel_degree",
+    "context_parallel_degree",
+)
+_BOOL_WORDS = {"true", "false"}
+
+
+def split_flag(arg: str) -> tuple[str, str | None]:
+    """`--a.b=c` -> ("--a.b", "c"); `--a.b` -> ("--a.b", None)."""
+    if arg.startswith("--") and "=" in arg:
+        key, value = arg.split("=", 1)
+        return key, value
+    return arg, None
+
+
+def owned_key(flag: str) -> str | None:
+    """The OWNED key a flag sets (`--checkpoint.keep-latest-k`, `--checkpoint.no-enable`
+    and tyro's other spellings included), or None."""
+    if not flag.startswith("--"):
+        return None
+    key = split_flag(flag)[0][2:].replace("-", "_")
+    if key in OWNED:
+        return key
+    section, _, leaf = key.rpartition(".")
+    if leaf.startswith("no_"):
+        positive = f"{section + '.' if section else ''}{leaf[3:]}"
+        if positive in OWNED and not OWNED[positive].takes_value:
+            return positive
+    return None
+
+
+def strip_node_owned(args: list[str]) -> list[str]:
+    """`args` without the flags (and their values) that the node wrapper sets itself."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        key = owned_key(args[i])
+        if key is None or OWNED[key].by != "node":
+            out.append(args[i])
+            i += 1
+            continue
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        takes_value = OWNED[key].takes_value or (nxt is not None and nxt.lower() in _BOOL_WORDS)
+        i += 1 if (split_flag(args[i])[1] is not None or not takes_value) else 2
+    return out
+
+
+def arg_value(args: list[str], *names: str) -> str | None:
+    """The last value given for any of `names` (both `--k v` and `--k=v`)."""
+    found = None
+    for i, arg in enumerate(args):
+        key, value = split_flag(arg)
+        if key in names:
+            if value is not None:
+                found = value
+            elif i + 1 < len(args):
+                found = args[i + 1]
+    return found
+
+
+# -- the config registry, read from source ---------------------------------------------
+
+
+def titan_modules() -> set[str] | None:
+    """TorchTitan's short module names (`--module llama3`), None without TorchTitan."""
+    try:
+        from torchtitan.experiments import _supported_experiments
+        from torchtitan.models import _supported_models
+    except ImportError:
+        return None
+    return set(_supported_models) | set(_supported_experiments)
+
+
+def registry_file(module: str) -> Path | None:
+    """The config_registry.py TorchTitan would import for `--module`, or None.
+
+    Short names are looked up where `_load_config` tries them (models,
+    experiments, experiments/rl/examples); anything else as an importable
+    module `X.config_registry` or `X` (which imports X's parent packages).
+    """
+    short = titan_modules()
+    if short is None or not re.match(r"^[A-Za-z0-9_.]+$", module):
+        return None
+    if module in short:
+        root = Path(importlib.util.find_spec("torchtitan").origin).parent
+        rel = module.replace(".", "/")
+        for sub in ("models", "experiments", "experiments/rl/examples"):
+            if (candidate := root / sub / rel / "config_registry.py").is_file():
+                return candidate
+        return None
+    for name in (f"{module}.config_registry", module):
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if found and found.origin and found.origin.endswith(".py"):
+            return Path(found.origin)
+    return None
+
+
+@lru_cache(maxsize=None)
+def titan_configs(module: str) -> dict[str, dict[str, int]] | None:
+    """`--config` names of `module` -> the parallelism degrees they set; None when
+    TorchTitan has no such module. A config is a public top-level function that
+    takes no arguments (TorchTitan calls `config_fn()`)."""
+    path = registry_file(module)
+    if path is None:
+        return None
+    tree = ast.parse(path.read_text())
+    configs: dict[str, dict[str, int]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and not node.args.args:
+            configs[node.name] = {
+                kw.arg: kw.value.value
+                for call in ast.walk(node)
+                if isinstance(call, ast.Call)
+                for kw in call.keywords
+                if kw.arg in PARALLEL_DEGREES and isinstance(kw.value, ast.Constant)
+            }
+    return configs
+
+
+def model_problem(module: str | None, config: str | None) -> str | None:
+    """What is wrong with a --module/--config pair, or None (one rule for recipe and node)."""
+    if not module or not config:
+        return "TorchTitan needs --module and --config (e.g. `--module llama3 --config llama3_debugmodel`)"
+    short = titan_modules()
+    if short is None:
+        return "TorchTitan is not installed here (pip install torchtitan)"
+    configs = titan_configs(module)
+    if configs is None:
+        return (f"unknown TorchTitan module {module!r}: not one of TorchTitan's models "
+                f"({', '.join(sorted(short))}) and not an importable module with a config_registry")  # fmt: skip
+    if config not in configs:
+        names = sorted(c for c in configs if c.startswith(module.rsplit(".", 1)[-1])) or sorted(configs)
+        return f"unknown TorchTitan config {config!r} for module {module!r}; available: {', '.join(names[:16])}"
+    return None
+
+
+# -- TorchTitan's own parser, in a child process ---------------------------------------
+
+
+class CheckUnavailable(Exception):
+    """The child could not give a verdict (it crashed, or TorchTitan does not import)."""
+
+
+def explain(tyro_text: str, args: list[str]) -> str:
+    """TorchTitan's (tyro's) error box -> one line that names the flag at fault."""
+    sections: list[list[str]] = [[]]
+    for raw in tyro_text.splitlines():
+        if not raw.startswith("│"):
+            continue
+        line = raw.strip("│ ").rstrip()
+        if set(line) <= set("─ "):
+            sections.append([])
+        elif line:
+            sections[-1].append(line)
+    sections = [s for s in sections if s]
+    if not sections:
+        lines = [ln.strip() for ln in tyro_text.splitlines() if ln.strip()]
+        return lines[-1] if lines else "rejected by TorchTitan's parser"
+    head = " ".join(sections[0])
+    if head.startswith("Unrecognized options:"):
+        flags = [t for t in head.split(":", 1)[1].replace(",", " ").split() if t.startswith("-")]
+        hint = next((s for s in sections if s[0] == "Perhaps you meant:"), None)
+        guess = f" (did you mean {hint[1].split()[0]}?)" if hint and len(hint) > 1 else ""
+        return f"unknown option {', '.join(flags) or head}{guess}"
+    m = re.match(r"Error parsing (\S+): (.*)", head)
+    if m:
+        target, why = m.groups()
+        if target.startswith("--"):
+            value = arg_value(args, target)
+            return f"{target}{'' if value is None else ' ' + value}: {why}"
+        flags = dict.fromkeys(split_flag(a)[0] for a in args if a.startswith(f"--{target}."))
+        given = [f"{f} {arg_value(args, f) or ''}".rstrip() for f in flags]
+        return f"{', '.join(given) or target}: {why}"
+    return head
+
+
+def _parse_in_this_process(args: list[str]) -> str | None:
+    from torchtitan.config import ConfigManager
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            ConfigManager().parse_args(list(args))
+    except SystemExit:
+        return explain(captured.getvalue(), args)
+    except Exception as err:  # noqa: BLE001 - TorchTitan raises ValueError, ImportError, plain Exception
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return None
+
+
+def _serve() -> None:
+    """Child: one JSON list of args per stdin line -> one {"error": ...} per stdout line."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever TorchTitan prints must not reach the reply channel
+    from supervisor.titan import cpu_compat
+
+    cpu_compat.apply()  # as supervisor.titan.train does before TorchTitan is imported
+    for line in sys.stdin:
+        reply.write(json.dumps({"error": _parse_in_this_process(json.loads(line))}) + "\n")
+
+
+class TitanArgsCheck:
+    """A child process running TorchTitan's parser; `submit` then `poll`/`result`."""
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()
+
+    def submit(self, args: list[str]) -> None:
+        if self._proc is None:
+            env = {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.titan_config"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self._log, env=env, text=True, start_new_session=True,
+            )  # fmt: skip
+        self._proc.stdin.write(json.dumps(list(args)) + "\n")
+        self._proc.stdin.flush()
+
+    def result(self, timeout_s: float) -> str | None:
+        """The oldest pending verdict: None = accepted, else the reason. Raises
+        TimeoutError when none came in time, CheckUnavailable when the child died."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            if not sel.select(max(0.0, timeout_s)):
+                raise TimeoutError("no verdict from TorchTitan's parser yet")
+        line = self._proc.stdout.readline()
+        if not line:
+            self._log.seek(0)
+            tail = self._log.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise CheckUnavailable(f"TorchTitan's parser did not run: {tail[0]}")
+        return json.loads(line)["error"]
+
+    def poll(self) -> tuple[bool, str | None]:
+        """(done, verdict) without waiting."""
+        try:
+            return True, self.result(0)
+        except TimeoutError:
+            return False, None
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
+_shared: TitanArgsCheck | None = None
+_verdicts: dict[tuple[str, ...], str | None] = {}
+
+
+def check_args(args: list[str], timeout_s: float = 300.0) -> str | None:
+    """None when TorchTitan's parser accepts `args`, else one line naming the bad flag.
+    One child serves every check of this process; verdicts are remembered."""
+    global _shared
+    key = tuple(args)
+    if key not in _verdicts:
+        if _shared is None:
+            _shared = TitanArgsCheck()
+            atexit.register(_shared.close)
+        _shared.submit(list(args))
+        end = time.monotonic() + timeout_s
+        _verdicts[key] = _shared.result(end - time.monotonic())
+    return _verdicts[key]
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,75 @@
+"""The progress budget's rules (supervisor/node/budget.py): plain functions of the record."""
+
+from supervisor.exitcodes import ExitCode
+from supervisor.node import budget
+
+TT = ["--module", "llama3", "--config", "llama3_debugmodel"]
+CRASH = "torchrun failed (exit 1)"
+
+
+def _run(record, *incarnations):
+    """Play incarnations (start step, exit code, step committed at the end; None = vanished)
+    through the same calls the wrapper makes, and return the verdict for the next start."""
+    for i, (start, code, end_step) in enumerate(incarnations):
+        budget.close_open(record, start)
+        assert not budget.decide_start(record, start, 3).give_up, (i, record)
+        budget.begin(record, f"i{i}", start)
+        if code is not None:
+            budget.end(record, f"i{i}", code, CRASH if code == 69 else "other", end_step)
+    return record
+
+
+def _fresh():
+    return budget.for_config(None, budget.config_hash(TT))
+
+
+def test_three_69s_without_a_new_checkpoint_give_up():
+    record = _run(_fresh(), (None, 69, None), (None, 69, None), (None, 69, None))
+    verdict = budget.decide_start(budget.close_open(record, None), None, 3)
+    assert verdict.give_up and not verdict.earlier
+    assert verdict.reason == f"gave up: 3 restarts without a new checkpoint; last error: {CRASH}"
+
+
+def test_a_69_after_a_new_commit_does_not_spend_the_budget():
+    record = _run(_fresh(), (None, 69, None), (None, 69, None), (None, 69, 4), (4, 69, 4), (4, 69, 4))
+    assert len(budget.no_progress_streak(record["incarnations"], 4)) == 2
+    assert not budget.decide_start(record, 4, 3).give_up
+
+
+def test_progress_seen_only_at_the_next_start_counts_too():
+    """A commit whose end was not recorded (node lost) shows up as the next start's step."""
+    record = _run(_fresh(), (None, 69, None), (None, 69, None), (None, None, None))
+    budget.close_open(record, 8)
+    assert record["incarnations"][-1]["reason"] == budget.LOST
+    assert budget.no_progress_streak(record["incarnations"], 8) == []
+
+
+def test_lost_nodes_and_notices_neither_count_nor_reset():
+    record = _run(_fresh(), (4, 69, 4), (4, None, None), (4, 75, 4), (4, 69, 4))
+    budget.close_open(record, 4)
+    assert [i["code"] for i in budget.no_progress_streak(record["incarnations"], 4)] == [69, 69]
+    assert budget.decide_start(record, 4, 2).give_up
+    assert not budget.decide_start(record, 4, 0).give_up  # 0: never give up
+
+
+def test_recorded_78_short_circuits_the_same_config_only():
+    record = _run(_fresh(), (None, 78, None))
+    verdict = budget.decide_start(record, None, 3)
+    assert verdict.give_up and verdict.earlier and verdict.reason == "other"
+    changed = budget.for_config(record, budget.config_hash([*TT, "--training.steps", "9"]))
+    assert not budget.decide_start(changed, None, 3).give_up and changed["incarnations"] == []
+
+
+def test_config_hash_ignores_the_flags_the_wrapper_owns():
+    owned = [*TT, "--checkpoint.folder", "/x", "--checkpoint.load_step=4", "--checkpoint.no-enable",
+             "--checkpoint.keep-latest-k", "2"]  # fmt: skip
+    assert budget.config_hash(owned) == budget.config_hash(TT)
+    assert budget.config_hash([*TT, "--checkpoint.interval", "5"]) != budget.config_hash(TT)
+
+
+def test_record_keeps_the_newest_incarnations():
+    record = _fresh()
+    for i in range(budget.KEEP + 5):
+        budget.begin(record, f"i{i}", None)
+        budget.end(record, f"i{i}", ExitCode.PREEMPTED_SAVED, "saved", i)
+    assert len(record["incarnations"]) == budget.KEEP and record["incarnations"][-1]["id"] == f"i{budget.KEEP + 4}"
