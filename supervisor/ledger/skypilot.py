@@ -40,6 +40,7 @@ EVENTS_LIMIT = 10_000
 TERMINAL = ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
             "FAILED_CONTROLLER")
 _TZ_STEP_S = 900  # time zones are whole quarter hours
+_MATCH_S = 5.0  # a row and a record time this close are the same transition
 _RESOURCES = re.compile(r"^(?P<nodes>\d+)x\[(?P<acc>[^\]]*)\](?P<spot>\[[^\]]*\])?")
 
 
@@ -89,18 +90,17 @@ def _is_aware(job_events: Iterable[Mapping[str, Any]]) -> bool:
 def controller_offset(record: Mapping[str, Any], job_events: list[Mapping[str, Any]]) -> float | None:
     """Seconds to add to a naive event time to get UTC epoch (None: no anchor to tell).
 
-    state.set_started_async writes the first RUNNING row and start_at together,
-    set_recovered_async the last RUNNING row and last_recovered_at, and the
-    terminal row comes with end_at; their differences are the controller's UTC
-    offset plus a few ms, rounded here to the quarter hour."""
+    The newest RUNNING row is written with last_recovered_at (state.set_started_async
+    and set_recovered_async both set it), the terminal row with end_at; the newest
+    rows survive a limit, so these pairs hold even when older rows are cut. Their
+    differences are the controller's UTC offset plus a few ms, rounded here to the
+    quarter hour."""
     if _is_aware(job_events):
         return 0.0
     rec, rows = _as_dict(record), _rows(job_events)
     running = [t for t, s, _ in rows if s == "RUNNING"]
     pairs = []
-    if running and rec.get("start_at"):
-        pairs.append(rec["start_at"] - running[0])
-    if len(running) > 1 and rec.get("last_recovered_at"):
+    if running and rec.get("last_recovered_at"):
         pairs.append(rec["last_recovered_at"] - running[-1])
     ends = [t for t, s, _ in rows if s in TERMINAL]
     if ends and rec.get("end_at"):
@@ -176,13 +176,20 @@ def to_events(record: Any, job_events: list[Mapping[str, Any]]) -> tuple[list[Ev
         elif status in TERMINAL:
             out.append(_event("job_finished", t, seq, state=status,
                               reason=rec.get("failure_reason") or row.get("reason") or None))
-    kinds = {e.kind for e in out}
-    # Rows trimmed or missing: the record's own epoch times stand in.
-    if "provisioned" not in kinds and rec.get("start_at"):
-        out.append(_event("provisioned", float(rec["start_at"]), seq + 1, status="RUNNING"))
-    if "job_finished" not in kinds and rec.get("end_at") and rec.get("status") in TERMINAL:
+    # Rows cut by the limit (or never written): the record's own epoch times stand in.
+    def missing(kind: str, t: float) -> bool:
+        return not any(e.kind == kind and abs(e.t - t) < _MATCH_S for e in out)
+
+    for key in ("start_at", "last_recovered_at"):
+        if rec.get(key) and missing("provisioned", float(rec[key])):
+            out.append(_event("provisioned", float(rec[key]), seq + 1, status="RUNNING"))
+    if rec.get("end_at") and rec.get("status") in TERMINAL and missing("job_finished", float(rec["end_at"])):
         out.append(_event("job_finished", float(rec["end_at"]), seq + 2, state=rec["status"],
                           reason=rec.get("failure_reason")))
+    seen = sum(e.kind == "recovery_started" for e in out)
+    if int(rec.get("recovery_count") or 0) > seen:
+        problems.append(f"SkyPilot counts {rec['recovery_count']} recoveries but {seen} RECOVERING row(s) came back: "
+                        "when it noticed the others is unknown")
     anchor = rec.get("start_at") or rec.get("submitted_at")
     if anchor:
         out.append(_event("resources", float(anchor), 0, source=WRITER, recovery_count=rec.get("recovery_count"),
