@@ -2,22 +2,40 @@
 
 SkyPilot runs it on every node of a fresh cluster (so again after each
 recovery, which re-provisions); the local backend runs it once per node
-directory before the first incarnation. It installs pinned torch/TorchTitan/
-supervise into a venv (`install.pip`) and fetches or builds the tokenizer.
-Relative paths in it (the recipe's asset paths) are relative to the node's
-working directory.
+directory before the first incarnation. With `install.pip` it makes a
+Python >= 3.11 venv (TorchTitan 0.3.0 needs it; SkyPilot's default images are
+Ubuntu 22.04 with 3.10, so uv fetches the interpreter) and installs pinned
+torch/TorchTitan plus the wheel of the supervise code being launched (shipped
+with the job: see launch.wheel); then it checks that `import supervisor` is
+ours (supervisord ships a package of that name) and fetches or builds the
+tokenizer. Relative paths in it (the recipe's asset paths) are relative to the
+node's working directory.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 from importlib import metadata
+from pathlib import Path
 
+from supervisor import DIST
+from supervisor.launch import wheel
+from supervisor.runtime import ledger_url
 from supervisor.spec import JobSpec
 
 VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
-# The venv is usable when what `supervise node` imports at start imports.
-VENV_CHECK = f"{VENV}/bin/python -c 'import supervisor.cli, supervisor.node, torch, torchtitan'"
+# Where SkyPilot's runtime set-up puts uv on every node (sky/skylet/constants.py, SKY_UV_INSTALL_DIR).
+SKY_UV = "$HOME/.local/bin/uv"
+# `import supervisor` must be supervise's, not supervisord's package of the same name.
+_OURS = f'getattr(supervisor, "DIST", None) == "{DIST}"'
+# The venv is reused when it has a new enough Python and what `supervise node` imports at start imports.
+VENV_CHECK = (f"{VENV}/bin/python -c " + shlex.quote(
+    f"import sys, supervisor, supervisor.cli, supervisor.node, torch, torchtitan; "
+    f"sys.exit(not (sys.version_info >= (3, 11) and {_OURS}))"))
+# huggingface_hub 1.x's `hf download`: one value per --include (checked against its CLI in tests).
+HF_HUB = "huggingface_hub>=1.0,<2"
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "original/tokenizer.model")
 
 
 def _pinned(dist: str) -> str:
@@ -28,29 +46,41 @@ def _pinned(dist: str) -> str:
         return ""
 
 
-def setup_script(spec: JobSpec) -> str:
-    """Install pinned torch/TorchTitan/supervise into a venv and fetch the tokenizer."""
+def wheel_root() -> Path:
+    """Where `start` keeps the wheels it built (one folder per content hash)."""
+    return Path(os.environ.get("SUPERVISE_HOME", Path.home() / ".supervise")) / "wheels"
+
+
+def shipped_wheel(spec: JobSpec) -> wheel.Wheel | None:
+    """The wheel setup installs, when supervise is not given as a pip spec (built once per content)."""
+    if not spec.install.pip or spec.install.supervise:
+        return None
+    return wheel.build(wheel_root())
+
+
+def shipped_files(built: wheel.Wheel | None) -> dict[str, str]:
+    """Node folder -> local folder that must travel with the job (a directory mount, never a file)."""
+    return {wheel.REMOTE_DIR: str(built.directory)} if built else {}
+
+
+def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
+    """Install pinned torch/TorchTitan/supervise (`built`: the shipped wheel, from
+    shipped_wheel) into a venv and fetch the tokenizer."""
     inst = spec.install
-    lines = ["set -euo pipefail"]
+    lines = ["set -euo pipefail", "SUPERVISE_SETUP_T0=$(date +%s.%N)"]
     if inst.pip:
+        lines += _venv_lines(inst.python)
         torch = inst.torch or _pinned("torch")
         titan = inst.torchtitan or _pinned("torchtitan")
-        torch_req = f"torch=={torch}" if torch else "torch"
         index = ["--index-url", inst.index_url] if inst.index_url else []
-        # A venv left half-deleted (e.g. by the clean-up of a cancelled cluster
-        # whose HOME survives) is rebuilt from scratch; a healthy one is reused
-        # and the pip installs below are then quick no-ops.
+        ours = f'"$HOME/{built.remote_path.removeprefix("~/")}"' if built else shlex.quote(inst.supervise or "")
+        rest = [f"torchtitan=={titan}" if titan else "torchtitan", *_store_packages(spec), *inst.extra]
+        if spec.tokenizer.hf_repo:
+            rest.append(HF_HUB)
         lines += [
-            f"if ! {VENV_CHECK} >/dev/null 2>&1; then",
-            f"  echo 'supervise setup: (re)building {VENV}'",
-            f"  rm -rf {VENV}",
-            f"  python3 -m venv {VENV} || ~/.local/bin/uv venv --seed {VENV}",
-            "fi",
-            f". {VENV}/bin/activate",
-            "pip install --upgrade pip",
-            shlex.join(["pip", "install", torch_req, *index]),
-            shlex.join(["pip", "install", f"torchtitan=={titan}" if titan else "torchtitan",
-                        _requirement("supervise", inst.supervise), *_store_packages(spec), *inst.extra]),
+            "python -m pip install --upgrade pip",
+            shlex.join(["pip", "install", f"torch=={torch}" if torch else "torch", *index]),
+            f"{shlex.join(['pip', 'install', *rest])} {ours}",
         ]
     else:  # the image provides the packages; a damaged venv must not shadow them
         lines += [
@@ -60,6 +90,7 @@ def setup_script(spec: JobSpec) -> str:
             "fi",
             f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi",
         ]
+    lines.append(shlex.join(["python", "-c", _ours_check(built.version if built else None)]))
     tok = spec.tokenizer
     if tok.tiny:
         lines.append(shlex.join([
@@ -67,20 +98,59 @@ def setup_script(spec: JobSpec) -> str:
             "import sys; from supervisor.titan.tinydata import build_assets; build_assets(sys.argv[1])",
             _tiny_root(spec)]))
     elif tok.hf_repo:
-        lines.append(shlex.join([
-            "hf", "download", tok.hf_repo, "--local-dir", tok.path,
-            "--include", "tokenizer*", "special_tokens_map.json", "original/tokenizer.model"]))
+        include = [arg for pattern in TOKENIZER_FILES for arg in ("--include", pattern)]
+        lines.append(shlex.join(["hf", "download", tok.hf_repo, "--local-dir", tok.path, *include]))
+    # The run's ledger gets setup's time (never fails setup; the report's setup phase).
+    lines += [
+        shlex.join(["python", "-m", "supervisor.ledger.mark", "setup", "--started-at"])
+        + ' "$SUPERVISE_SETUP_T0" ' + shlex.join(["--ledger", ledger_url(spec.checkpoints_url)]) + " || true",
+        'echo "supervise setup: done in $(( $(date +%s) - ${SUPERVISE_SETUP_T0%.*} )) s"',
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _venv_lines(python: str) -> list[str]:
+    """Reuse a healthy venv, else (re)build it for `python` (a venv left half-deleted,
+    e.g. by the clean-up of a cancelled cluster whose HOME survives, is rebuilt)."""
+    need = tuple(int(p) for p in python.split(".")[:2])
+    return [
+        f"if ! {VENV_CHECK} >/dev/null 2>&1; then",
+        f"  echo 'supervise setup: (re)building {VENV} with Python {python}'",
+        f"  rm -rf {VENV}",
+        f'  uv="{SKY_UV}"; [ -x "$uv" ] || uv="$(command -v uv || true)"',
+        '  if [ -n "$uv" ]; then',
+        f'    "$uv" venv --seed --python {shlex.quote(python)} {VENV}',
+        f"  elif python3 -c 'import sys; sys.exit(sys.version_info[:2] < {need})'; then",
+        f"    python3 -m venv {VENV}",
+        "  else",
+        f"    echo 'supervise setup: error: needs Python >= {python} (TorchTitan 0.3.0) and found neither uv "
+        f"nor a python3 that new; use an image with uv or python{python}' >&2",
+        "    exit 1",
+        "  fi",
+        "fi",
+        f". {VENV}/bin/activate",
+    ]
+
+
+def _ours_check(version: str | None) -> str:
+    """Python that exits with one `error:` line unless `supervisor` is ours (and the shipped version)."""
+    code = [
+        "import sys, supervisor",
+        f'{_OURS} or sys.exit("supervise setup: error: import supervisor gives " + supervisor.__file__ + '
+        f'", which is not {DIST} (supervisord ships a package of that name); remove it from the image or venv")',
+    ]
+    if version:
+        code += [
+            "from importlib.metadata import version",
+            f'version("{DIST}") == "{version}" or sys.exit("supervise setup: error: {DIST} " + version("{DIST}") + '
+            f'" is installed, not the shipped {version}")',
+        ]
+    return "; ".join(code)
 
 
 def _tiny_root(spec: JobSpec) -> str:
     """build_assets(root) makes root/hf_assets; the recipe names that folder as tokenizer.path."""
     return spec.tokenizer.path.rstrip("/").rsplit("/", 1)[0] or "."
-
-
-def _requirement(dist: str, pin: str) -> str:
-    """`1.2.3` -> `dist==1.2.3`; a URL, path or full requirement is used as given."""
-    return f"{dist}=={pin}" if pin and pin[0].isdigit() else pin or dist
 
 
 def _store_packages(spec: JobSpec) -> list[str]:

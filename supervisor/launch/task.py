@@ -44,15 +44,17 @@ class NodeTask:
     secrets: list[str] = field(default_factory=list)  # names; values come from the launching shell
     resources: Resources = field(default_factory=Resources)  # what to ask a cloud for
     checkpoint: Checkpoint | None = None  # bucket, mount mode and path (backends that mount)
+    files: dict[str, str] = field(default_factory=dict)  # node folder -> local folder to ship (the supervise wheel)
 
 
 def render(spec: JobSpec) -> NodeTask:
     """The one rendering of `spec` every backend starts from."""
-    from supervisor.launch.setup import setup_script
+    from supervisor.launch.setup import setup_script, shipped_files, shipped_wheel
 
+    built = shipped_wheel(spec)  # once: the setup names the very file that is shipped
     return NodeTask(
         name=spec.name,
-        setup=setup_script(spec),
+        setup=setup_script(spec, built),
         run=node_argv(spec),
         num_nodes=spec.num_nodes,
         ranks_per_node=spec.gpus_per_node,
@@ -63,4 +65,5 @@ def render(spec: JobSpec) -> NodeTask:
         secrets=list(spec.secrets),
         resources=spec.resources.model_copy(deep=True),
         checkpoint=spec.checkpoint.model_copy(deep=True),
+        files=shipped_files(built),
     )
