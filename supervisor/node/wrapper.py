@@ -68,7 +68,7 @@ ARGS_VERDICT_WAIT_S = 300.0  # after torchrun failed: how long to wait for Torch
 class NodeOptions:
     checkpoints: str | None = None  # catalog URL; default from the trainer args
     checkpoint_mount: str | None = None  # where TorchTitan writes, when the bucket is mounted
-    commit_wait_s: float = 0.0
+    commit_wait_s: float | None = None  # None: the trainer's default (titan.policy.DEFAULT_COMMIT_WAIT_S)
     nproc_per_node: int | None = None
     master_port: int = DEFAULT_MASTER_PORT
     trainer_module: str = DEFAULT_TRAINER_MODULE
@@ -122,7 +122,7 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
         ENV_LEDGER: ledger_url(url),
         ENV_RESUME_STEP: "none" if resume.step is None else str(resume.step),
     }
-    if opts.commit_wait_s:
+    if opts.commit_wait_s is not None:  # 0 is a choice (no wait), not "unset"
         env[ENV_COMMIT_WAIT_S] = f"{opts.commit_wait_s:g}"
     return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env)
 
@@ -253,6 +253,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
     t0 = time.monotonic()
     plan = make_plan(opts, trainer_args)
+    _prove_commit_support(plan.env[ENV_CHECKPOINTS])
     topo = plan.topology
     incarnation = _incarnation(opts)
     url = plan.env[ENV_CHECKPOINTS]
