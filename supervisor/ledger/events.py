@@ -45,7 +45,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "checkpoint_quarantined": {"step": (int,), "reason": (str,)},
     "notice": {"source": (str,), "deadline": _NUM},  # preemption notice received (deadline: epoch or null)
     "preempted": {"with_notice": (bool,), "saved_step": (int,)},  # the node went away (after saving, if noticed)
-    "exit": {"code": (int,), "reason": (str,)},  # a node wrapper / trainer exited
+    "exit": {"code": (int,), "reason": (str,), "step": (int,)},  # a node wrapper / trainer exited (step: last one done)
     "recovery_started": {"reason": (str,), "code": (str,)},  # the backend noticed the loss, brings the job back
     "recovery_finished": {},
     "chaos": {"action": (str,), "step": (int,)},  # a fault injected on purpose (step: the trainer's step then)

@@ -480,17 +480,37 @@ def young_daly(save_cost_s: float | None, mtbf_s: float | None) -> float | None:
     return math.sqrt(2.0 * save_cost_s * mtbf_s)
 
 
+def work_losing(interruptions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The interruptions that count toward the MTBF: all but preemptions saved on notice,
+    which cost no recomputation whatever the interval."""
+    return [ep for ep in interruptions if not (ep["cause"] == "notice" and ep["saved_step"] is not None)]
+
+
+def configured_interval(events: list[Event]) -> int | None:
+    """The checkpoint interval (steps) the newest incarnation was started with: the `resume`
+    event's `checkpoint_interval` (auto), else `--checkpoint.interval` in trainer_start's command."""
+    for e in reversed(events):
+        if e.kind == "resume" and isinstance(e.get("checkpoint_interval"), int):
+            return e.get("checkpoint_interval")
+        if e.kind == "trainer_start" and isinstance(e.get("command"), list):
+            argv = [str(a) for a in e.get("command")]
+            for flag, value in zip(argv, argv[1:]):
+                if flag == "--checkpoint.interval" and value.isdigit():
+                    return int(value)
+            for arg in argv:
+                if arg.startswith("--checkpoint.interval=") and arg.split("=", 1)[1].isdigit():
+                    return int(arg.split("=", 1)[1])
+    return None
+
+
 def _advice(tl: Timeline, totals: dict[str, float], ckpt: dict[str, Any], steps: dict[str, Any],
             events: list[Event]) -> dict[str, Any]:
-    """Checkpoint interval advice. Only interruptions that lost work count toward the MTBF:
-    a preemption saved on notice costs no recomputation, whatever the interval."""
-    unsaved = [ep for ep in tl.interruptions if not (ep.cause == "notice" and ep.saved_step is not None)]
+    """Checkpoint interval advice (Young/Daly), against the interval the run is configured with."""
+    unsaved = work_losing([ep.to_dict() for ep in tl.interruptions])
     held = tl.tend - tl.t0 - totals["queue_wait"]
     mean_step = steps["mean_step_s"]
-    commits = sorted({(e.t, int(e.get("step"))) for e in events if e.kind == "checkpoint_committed"})
-    gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(commits, commits[1:]) if b[1] > a[1]]
-    current_s = sum(g[0] for g in gaps) / len(gaps) if gaps else None
-    current_steps = sum(g[1] for g in gaps) / len(gaps) if gaps else None
+    current_steps = configured_interval(events)
+    current_s = current_steps * mean_step if current_steps and mean_step else None
     out: dict[str, Any] = {"mtbf_s": None, "interruptions_counted": len(unsaved), "save_cost_s": ckpt["mean_cost_s"],
                            "interval_s": None, "interval_steps": None, "current_interval_s": current_s,
                            "current_interval_steps": current_steps}
@@ -506,7 +526,9 @@ def _advice(tl: Timeline, totals: dict[str, float], ckpt: dict[str, Any], steps:
     out["interval_s"] = young_daly(ckpt["mean_cost_s"], out["mtbf_s"])
     if mean_step:
         out["interval_steps"] = max(1, round(out["interval_s"] / mean_step))
-    now = f"; now every {current_steps:.0f} steps (~{current_s:.0f} s)" if current_s else ""
+    now = ""
+    if current_steps:
+        now = f"; now every {current_steps} steps" + (f" (~{current_s:.0f} s)" if current_s else "")
     steps_txt = f"~{out['interval_steps']} steps " if out["interval_steps"] else ""
     out["message"] = (f"checkpoint every {steps_txt}(~{out['interval_s']:.0f} s): save cost "
                       f"{ckpt['mean_cost_s']:.2f} s, MTBF {out['mtbf_s']:.0f} s over {len(unsaved)} "
