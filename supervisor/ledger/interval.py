@@ -65,3 +65,13 @@ def from_ledger(events: list[Event], low: int, high: int) -> IntervalChoice:
     mtbf = held / len(losing) if losing else held
     return choose(r["checkpoints"]["mean_cost_s"], mtbf, r["steps"]["mean_step_s"], low, high,
                   interruptions=len(losing))
+
+
+def for_run(ledger_url: str, low: int, high: int) -> IntervalChoice:
+    """from_ledger() on the run's stored journal; an unreadable ledger gives the low end, said so."""
+    from supervisor.ledger.journal import read_events
+
+    events, problems = read_events(ledger_url)
+    if not events and problems and not problems[0].startswith("no journal"):
+        return IntervalChoice(low, f"auto: {low} steps (ledger unreadable: {problems[0]}; the range's low end)")
+    return from_ledger(events, low, high)

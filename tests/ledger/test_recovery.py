@@ -114,3 +114,12 @@ def test_auto_interval_from_a_ledger():
     assert c.steps == round(math.sqrt(2 * 0.75 * held) / r["steps"]["mean_step_s"])
     assert c.fields()["checkpoint_interval"] == c.steps and c.fields()["interval_source"] == "auto"
     assert interval.from_ledger([], 3, 30).steps == 3
+
+
+def test_auto_interval_for_a_stored_run(tmp_path):
+    events, _ = chaos_run()
+    url = tmp_path / "_ledger"
+    assert interval.for_run(str(url), 4, 40).steps == 4  # first start: nothing recorded yet
+    (url / "all").mkdir(parents=True)  # the journal's layout: <ledger>/<incarnation>/<writer>.<token>.<segment>.jsonl
+    (url / "all" / "replay.0.00000.jsonl").write_text("".join(e.to_line() + "\n" for e in events))
+    assert interval.for_run(str(url), 1, 10_000).steps == interval.from_ledger(events, 1, 10_000).steps
