@@ -109,9 +109,10 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     from supervisor.demo import Demo, DemoConfig
-    from supervisor.launch.local import LocalLauncher, job_dir, read_state
+    from supervisor.launch.local import LocalBackend, job_dir, read_state
     from supervisor.ledger.cli import build_report
     from supervisor.ledger.journal import read_events
+    from supervisor.runtime import ledger_url
 
     interval = a.interval or max(1, a.steps // 4)
     demo = Demo(DemoConfig(steps=a.steps, seed=a.seed, interval=interval, quiet=True, keep=True,
@@ -120,7 +121,7 @@ def main() -> int:
     try:
         chaos_report = demo.run()
         ref_name = f"{demo.id}-ref"
-        ref_report = build_report(f"{demo.store.url(ref_name)}/_ledger")
+        ref_report = build_report(ledger_url(demo.store.url(ref_name)))
         events, _ = read_events(chaos_report["ledger"])
         fired = (read_state(demo.id) or {}).get("chaos_fired", [])
         corrupt = {c["incarnation"]: c.get("duration_s", 0.0) for c in fired if c["kind"] == "corrupt"}
@@ -132,7 +133,7 @@ def main() -> int:
                                    **recovery_split(events, c, job_dir(demo.id))})
     finally:
         kept = demo.store
-        launcher = LocalLauncher()
+        launcher = LocalBackend()
         for name in demo.jobs:
             launcher.forget(name)
         if kept is not None:

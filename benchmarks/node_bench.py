@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from supervisor.exitcodes import ExitCode  # noqa: E402
-from supervisor.runtime import heartbeat_steps  # noqa: E402
+from supervisor.runtime import heartbeat_steps, ledger_url  # noqa: E402
 from supervisor.store.local_server import LocalObjectStore  # noqa: E402
 from supervisor.titan import cpu_compat  # noqa: E402
 from supervisor.titan.tinydata import build_assets, debug_model_args  # noqa: E402
@@ -188,7 +188,7 @@ class Bench:
             overheads.append(t_torchrun - t0)
             first_steps.append(beat - t0)
             fractions.append((t_torchrun - t0) / (beat - t0))
-        events, _ = read_events(url + "/_ledger")
+        events, _ = read_events(ledger_url(url))
         events.sort(key=lambda e: e.t)
         notice = next((e for e in events if e.kind == "notice"), None)
         committed = next((e for e in events if notice and e.kind == "checkpoint_committed" and e.t >= notice.t), None)

@@ -439,9 +439,11 @@ def node_argv(spec: JobSpec) -> list[str]:
     The catalog is always read through the bucket URL (`--checkpoints`). With a
     mount, TorchTitan writes to the mount path (`--checkpoint-mount`) and the
     wrapper waits up to `--commit-wait` seconds for the upload to land before
-    committing.
+    committing. `--max-restarts-without-progress` bounds a retryable (69) loop:
+    SkyPilot restarts 69 without limit, the wrapper gives up with 78.
     """
-    argv = ["supervise", "node", "--checkpoints", spec.checkpoints_url]
+    argv = ["supervise", "node", "--checkpoints", spec.checkpoints_url,
+            "--max-restarts-without-progress", str(spec.recovery.max_restarts_without_progress)]
     if spec.checkpoint.mode != "DIRECT":
         argv += ["--checkpoint-mount", spec.checkpoint_dir,
                  "--commit-wait", f"{spec.checkpoint.commit_wait_s:g}"]

@@ -13,8 +13,7 @@ from typing import Any, Optional
 import typer
 
 from supervisor.errors import SuperviseError
-
-LEDGER_DIR = "_ledger"
+from supervisor.runtime import LEDGER_DIR
 
 
 def ledger_url_of(target: str) -> str:

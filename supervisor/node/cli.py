@@ -22,7 +22,9 @@ def node(
         None, "--checkpoint-mount", metavar="PATH",
         help="Where TorchTitan writes when the bucket is mounted; the catalog still reads --checkpoints.",
     ),
-    commit_wait: float = typer.Option(0.0, "--commit-wait", help="Seconds a commit waits for a mount's upload to land."),
+    commit_wait: float = typer.Option(
+        None, "--commit-wait", help="Seconds a commit waits for a mount's upload to land (0 = no wait; default: the trainer's, 60)."
+    ),
     nproc_per_node: int = typer.Option(
         None, "--nproc-per-node", help="Ranks on this node (default: SKYPILOT_NUM_GPUS_PER_NODE, local GPUs, or 1 on CPU)."
     ),

@@ -53,10 +53,6 @@ def checkpoint_url(trainer_args: list[str], checkpoints: str | None, cwd: str | 
     return os.path.normpath(os.path.join(cwd, os.path.expanduser(url)))
 
 
-def ledger_url(checkpoints: str) -> str:
-    return checkpoints.rstrip("/") + "/_ledger"
-
-
 def rewrite_trainer_args(trainer_args: list[str], url: str, resume_step: int | None) -> list[str]:
     """User args minus the checkpoint flags the wrapper owns (titan_config.OWNED), plus ours.
     `--job.dump_folder` (pre-0.3 spelling) becomes TorchTitan 0.3's `--dump_folder`."""

@@ -112,3 +112,15 @@ def test_every_recipe_renders_the_same_rule_for_both_backends(recipe):
     rule = emulator_rule(recipe)
     assert sky_exec.max_restarts_on_errors == rule.max_restarts_on_errors == 0
     assert sky_exec.recover_on_exit_codes == rule.recover_on_exit_codes == [P, R]
+    assert U not in sky_exec.recover_on_exit_codes
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_no_progress_bound_goes_to_the_node_wrapper(recipe):
+    """K = recovery.max_restarts_without_progress reaches `supervise node` on both backends."""
+    spec = build_spec(recipe, sets=["recovery.max_restarts_without_progress=5"])
+    _, job = dryrun(spec, backend="local")
+    _, request = dryrun(spec, backend="skypilot")
+    flag = ["supervise", "node", "--checkpoints", spec.checkpoints_url, "--max-restarts-without-progress", "5"]
+    assert job.node_argv[:6] == flag
+    assert " ".join(flag) in request.task.run
