@@ -122,8 +122,26 @@ class Checkpoint(_Strict):
     bucket: str  # s3://bucket[/prefix]; the run's checkpoints go to <bucket>/<name>
     mode: Literal["MOUNT_CACHED", "MOUNT", "DIRECT"] = "MOUNT_CACHED"
     mount_path: str = "/checkpoints"  # where the bucket is mounted on the node
-    interval: int = Field(500, ge=1)  # steps between saves
+    # steps between saves, or "auto": Young/Daly from the ledger at each (re)start (docs/ledger.md)
+    interval: int | Literal["auto"] = 500
+    interval_range: tuple[int, int] = (50, 5000)  # bounds of `auto`, in steps
     commit_wait_s: float = Field(600.0, ge=0)  # bounded wait for a cached mount to upload
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        if isinstance(v, str) and v.isdigit() and int(v) >= 1:
+            return int(v)
+        raise ValueError(f"{v!r} must be a number of steps >= 1, or auto")
+
+    @field_validator("interval_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"{list(v)} must be [low, high] steps with 1 <= low <= high, e.g. [50, 5000]")
+        return v
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -414,7 +432,8 @@ def titan_args(spec: JobSpec) -> list[str]:
             "--dataloader.dataset", spec.dataset.name]
     if spec.dataset.path:
         args += ["--dataloader.dataset_path", spec.dataset.path]
-    args += ["--checkpoint.interval", str(spec.checkpoint.interval)]
+    if spec.checkpoint.interval != "auto":  # auto: the node wrapper picks it at each (re)start
+        args += ["--checkpoint.interval", str(spec.checkpoint.interval)]
     for key, value in spec.overrides.items():
         args += _override_args(key, value)
     return args
@@ -447,6 +466,8 @@ def node_argv(spec: JobSpec) -> list[str]:
     if spec.checkpoint.mode != "DIRECT":
         argv += ["--checkpoint-mount", spec.checkpoint_dir,
                  "--commit-wait", f"{spec.checkpoint.commit_wait_s:g}"]
+    if spec.checkpoint.interval == "auto":
+        argv += ["--checkpoint-interval-auto", "{}:{}".format(*spec.checkpoint.interval_range)]
     if not spec.resources.accelerators and spec.resources.procs_per_node:
         argv += ["--nproc-per-node", str(spec.resources.procs_per_node)]
     return argv + ["--", *titan_args(spec)]

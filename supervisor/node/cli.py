@@ -47,6 +47,11 @@ def node(
         help="Exit 78 at a start that follows K incarnations in a row that ended 69 without a new "
         "committed checkpoint (0: never give up).",
     ),
+    checkpoint_interval_auto: str = typer.Option(
+        None, "--checkpoint-interval-auto", metavar="LOW:HIGH",
+        help="checkpoint.interval auto: pass TorchTitan the Young/Daly interval from the run's ledger, "
+        "clamped to LOW..HIGH steps (docs/ledger.md).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resume decision and the torchrun command; start nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: one JSON object (command, resume_step, ...)."),
 ) -> None:
@@ -69,6 +74,7 @@ def node(
         metadata_urls={"aws": aws_metadata_url, "gcp": gcp_metadata_url, "azure": azure_metadata_url},
         notice_poll_s=notice_poll, grace_s=grace, hang_timeout_s=hang_timeout, startup_timeout_s=startup_timeout,
         max_restarts_without_progress=max_restarts_without_progress,
+        interval_auto=_interval_range(checkpoint_interval_auto),
     )  # fmt: skip
     trainer_args = list(ctx.args)
     if dry_run:
@@ -83,3 +89,17 @@ def node(
             typer.echo(shlex.join(plan.command))
         return
     raise typer.Exit(run(opts, trainer_args))
+
+
+def _interval_range(text: str | None) -> tuple[int, int] | None:
+    """`--checkpoint-interval-auto LOW:HIGH` -> (low, high); a bad value is a config error (78)."""
+    if text is None:
+        return None
+    low, _, high = text.partition(":")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        from supervisor.errors import SuperviseError
+        from supervisor.exitcodes import ExitCode
+
+        raise SuperviseError(f"--checkpoint-interval-auto {text!r}: use LOW:HIGH steps with 1 <= LOW <= HIGH, "
+                             "e.g. 50:5000", ExitCode.USER_ERROR)
+    return int(low), int(high)

@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
@@ -58,6 +59,9 @@ from supervisor.runtime import (
     write_json_atomic,
 )
 
+if TYPE_CHECKING:
+    from supervisor.ledger.interval import IntervalChoice
+
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
@@ -82,6 +86,7 @@ class NodeOptions:
     hang_timeout_s: float = 1800.0
     startup_timeout_s: float = 1800.0
     max_restarts_without_progress: int = budget.DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS  # 0: never give up
+    interval_auto: tuple[int, int] | None = None  # checkpoint.interval auto: (low, high) steps
 
 
 @dataclass
@@ -90,11 +95,14 @@ class Plan:
     resume: ResumePlan
     command: list[str]
     env: dict[str, str]  # the SUPERVISE_* names added to the trainer's environment
+    interval: IntervalChoice | None = None  # checkpoint.interval auto: what was chosen and why
 
     def describe(self) -> str:
         if self.resume.step is None:
-            return f"fresh start: {self.resume.reason} under {self.resume.checkpoints}"
-        return f"{self.resume.reason} (under {self.resume.checkpoints})"
+            line = f"fresh start: {self.resume.reason} under {self.resume.checkpoints}"
+        else:
+            line = f"{self.resume.reason} (under {self.resume.checkpoints})"
+        return line if self.interval is None else f"{line}; checkpoint.interval {self.interval.reason}"
 
     def as_json(self) -> dict:
         return {
@@ -115,6 +123,12 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     topo = topology_from_env(environ, nproc_per_node=opts.nproc_per_node, master_port=opts.master_port)
     url = checkpoint_url(trainer_args, opts.checkpoints)
     resume = decide(url)
+    choice = None
+    if opts.interval_auto:  # Young/Daly from the run's ledger (supervisor.ledger.interval)
+        from supervisor.ledger.interval import for_run
+
+        choice = for_run(ledger_url(url), *opts.interval_auto)
+        trainer_args = [*trainer_args, "--checkpoint.interval", str(choice.steps)]
     folder = checkpoint_url([], opts.checkpoint_mount) if opts.checkpoint_mount else url
     args = rewrite_trainer_args(trainer_args, folder, resume.step)
     env = {
@@ -124,7 +138,7 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     }
     if opts.commit_wait_s is not None:  # 0 is a choice (no wait), not "unset"
         env[ENV_COMMIT_WAIT_S] = f"{opts.commit_wait_s:g}"
-    return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env)
+    return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env, interval=choice)
 
 
 def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, hang: str | None) -> tuple[int, str]:
@@ -316,7 +330,8 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
         journal.emit("node_start", node_rank=topo.node_rank, num_nodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
                      host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
-        journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason)
+        journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason,
+                     **(plan.interval.fields() if plan.interval else {}))
         journal.emit("trainer_start", command=plan.command, pid=proc.pid, world_size=topo.nnodes * topo.nproc_per_node,
                      wrapper_overhead_s=overhead_s)  # fmt: skip
         watcher.start()
