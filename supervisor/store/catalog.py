@@ -42,6 +42,8 @@ __all__ = [
 
 log = logging.getLogger("supervisor.store")
 
+STALE_UPLOAD_S = 3600.0  # a multipart upload this old under the catalog is a killed writer's leftover
+
 
 @dataclass
 class StepInfo:
@@ -175,8 +177,10 @@ class Catalog:
                 info.state, info.reason = mf.CORRUPT, str(err)
                 return info
             problems = mf.manifest_problems(info.manifest, listing)
-            if not problems and deep:
-                problems = self._deep_problems(d, info.manifest["objects"])
+            rehash = None if deep else mf.etag_changed(info.manifest, listing)
+            if not problems and (deep or rehash):
+                objects = info.manifest["objects"]
+                problems = self._deep_problems(d, objects if deep else {n: objects[n] for n in rehash})
             info.state = mf.CORRUPT if problems else mf.COMMITTED
             info.reason = "; ".join(problems)
             return info
@@ -269,6 +273,22 @@ class Catalog:
             h.update(chunk)
         return h.hexdigest()
 
+    def set_aside(self, step: int) -> tuple[str, list[str]] | None:
+        """Before a new save into an existing `step-N`: move its old marker (and,
+        for a quarantined step, its files too: evidence) into
+        `step-N/_superseded/<time>/`, so the new save is committed on its own and
+        never mistaken for the old commit. Nothing is deleted. Returns (where, names)."""
+        d = mf.step_dir(step)
+        listing = self.store.listdir(d)
+        markers = [n for n in (mf.COMMIT, mf.QUARANTINE) if n in listing]
+        if not markers:
+            return None
+        names = markers + (sorted(mf.checkpoint_files(listing)) if mf.QUARANTINE in listing else [])
+        where = f"{mf.SUPERSEDED}/{_now().replace(':', '')}"
+        for name in names:  # the commit marker first: from here on the step is uncommitted
+            self.store.move((d, name), (d, where, name))
+        return f"{self.path(step)}/{where}", names
+
     def _is_ours(self, d: str, data: bytes) -> bool:
         """A retried create whose first attempt landed (response lost) finds its own marker."""
         try:
@@ -338,6 +358,51 @@ class Catalog:
         self.store.put(body, mf.step_dir(step), mf.QUARANTINE)
         log.warning("quarantined step %d: %s", step, reason)
 
+    # -- copies ---------------------------------------------------------------
+    def copy_to(self, dst: "Catalog", steps: list[int] | None = None) -> list[int]:
+        """Copy committed steps (all, or `steps`) with their manifests to `dst`, each
+        deep-verified there before its marker is created. Same store type: server-side
+        copy; else the bytes are streamed through this process."""
+        wanted = steps if steps is not None else [i.step for i in self.list() if i.state == mf.COMMITTED]
+        copied = []
+        for step in wanted:
+            info = self.inspect(step)
+            if info.state != mf.COMMITTED:
+                raise CheckpointInvalid(f"step {step} is {info.state} at {self.url}, not copied: {info.reason}")
+            d = mf.step_dir(step)
+            if mf.COMMIT in dst.store.listdir(d):
+                raise AlreadyCommitted(f"step {step} is already committed at {dst.url}: nothing copied")
+            for name in sorted(info.manifest["objects"]):
+                self._copy_object(dst, d, name)
+            manifest = mf.rebased(info.manifest, dst.store.listdir(d), copied_from=self.path(step), copied=_now())
+            problems = dst._deep_problems(d, manifest["objects"])
+            if problems:
+                raise CheckpointInvalid(f"step {step} copied to {dst.url} does not verify: {'; '.join(problems)}")
+            data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            if not dst.store.create_exclusive(data, d, mf.COMMIT):
+                raise AlreadyCommitted(f"step {step} was committed at {dst.url} by another writer during the copy")
+            dst._raise_pointer(step)
+            copied.append(step)
+            log.info("copied step %d to %s", step, dst.path(step))
+        return copied
+
+    def _copy_object(self, dst: "Catalog", d: str, name: str) -> None:
+        src_path, dst_path = self.store.path(d, name), dst.store.path(d, name)
+        if type(self.store.fs) is type(dst.store.fs) and self.store.remote == dst.store.remote:
+            if not dst.store.remote:
+                os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            self.store._call("copy", self.store.fs.copy, src_path, dst_path)
+            return
+        if not dst.store.remote:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+
+        def stream():
+            with dst.store.fs.open(dst_path, "wb") as out:
+                for chunk in self.store.iter_bytes(d, name):
+                    out.write(chunk)
+
+        dst.store._call("write", stream)
+
     # -- retention ------------------------------------------------------------
     def prune(self, keep: int, pinned=(), dry_run: bool = True) -> PruneResult:
         """Delete old committed checkpoints beyond the newest `keep` (see manifest.prune_plan)."""
@@ -351,6 +416,9 @@ class Catalog:
                 return PruneResult(None, [], f"newest checkpoint step {anchor} no longer verifies: nothing deleted", dry_run)
             for step in delete:
                 self._delete_step(step)
+        aborted = self.store.abort_stale_uploads(STALE_UPLOAD_S, dry_run=dry_run)
+        if aborted:
+            reason += f"; {'aborted' if not dry_run else 'would abort'} {len(aborted)} multipart upload(s) older than 1 h"
         return PruneResult(anchor, delete, reason, dry_run)
 
     def _delete_step(self, step: int) -> None:

@@ -1,4 +1,4 @@
-"""`supervise checkpoints list|latest|verify|commit|prune URL`.
+"""`supervise checkpoints list|latest|verify|commit|copy|prune URL`.
 
 Exit codes: 0 ok, 1 nothing valid / verification failed, 2 usage or input
 error. Errors are SuperviseError (one line, printed by supervisor.cli.main).
@@ -109,6 +109,21 @@ def commit(
     manifest = _catalog(url).commit(step, wait_s=wait)
     total = sum(o["size"] for o in manifest["objects"].values())
     typer.echo(f"committed step {step}: {len(manifest['objects'])} objects, {total} bytes")
+
+
+@app.command()
+def copy(
+    src: str = typer.Argument(..., help="Catalog to copy from, e.g. s3://bucket/run1/checkpoint"),
+    dst: str = typer.Argument(..., help="Catalog to copy to (another prefix, bucket or store)"),
+    step: list[int] = typer.Option([], "--step", help="Step to copy (repeatable; default: every committed step)."),
+) -> None:
+    """Copy committed steps with their manifests; each is deep-verified at DST before it is committed there."""
+    from supervisor.store.catalog import Catalog
+
+    copied = _catalog(src).copy_to(Catalog(dst), steps=list(step) or None)
+    if not copied:
+        raise CheckpointInvalid(f"no committed step to copy under {src}")
+    typer.echo(f"copied and verified: {', '.join(f'step-{s}' for s in copied)} -> {dst}")
 
 
 @app.command()

@@ -141,6 +141,13 @@ class Store:
                 return False
             raise
 
+    def move(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+        """Rename within the store (object stores: copy, then delete the source)."""
+        target = self.path(*dst)
+        if not self.remote:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        self._call("move", self.fs.mv, self.path(*src), target)
+
     def rm(self, paths: list[str]) -> None:
         for p in paths:
             try:
@@ -179,6 +186,30 @@ class Store:
             if "NoSuchBucket" in str(err) or "does not exist" in str(err):
                 raise StoreInputError(f"bucket {bucket!r} does not exist ({self.url})") from err
             raise
+
+    def abort_stale_uploads(self, older_than_s: float, dry_run: bool = True) -> list[str]:
+        """Unfinished S3 multipart uploads under this folder started more than
+        `older_than_s` ago (a writer killed mid-upload leaves them, billed, invisible
+        to listings): their keys; aborted unless `dry_run`. Other stores: []."""
+        if not self.remote or not _is_s3(self.fs):
+            return []
+        import datetime as dt
+
+        bucket, _, prefix = self.root.partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+        found, kwargs = [], {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = self._call("list uploads", self.fs.call_s3, "list_multipart_uploads", **kwargs)
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] < cutoff:
+                    found.append(upload["Key"])
+                    if not dry_run:
+                        self._call("abort upload", self.fs.call_s3, "abort_multipart_upload", Bucket=bucket,
+                                   Key=upload["Key"], UploadId=upload["UploadId"])  # fmt: skip
+            if not page.get("IsTruncated"):
+                return found
+            kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
 
     def part_sizes(self, n: int, *parts: str) -> list[int] | None:
         """Sizes of the n parts of a multipart S3 object (HEAD ?partNumber=i), None if unknown."""

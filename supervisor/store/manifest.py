@@ -19,6 +19,7 @@ METADATA = ".metadata"
 COMMIT = "_COMMIT.json"
 QUARANTINE = "_QUARANTINE.json"
 POINTER = "LATEST"
+SUPERSEDED = "_superseded"  # step-N/_superseded/<time>/: old markers of a step saved again
 CANARY_DIR = "_canary"  # the start-up probe's scratch objects (see Catalog.prove_conditional_create)
 FORMAT = "supervise.commit/1"
 
@@ -144,7 +145,9 @@ def parse_manifest(data: bytes, step: int) -> dict:
 
 
 def manifest_problems(manifest: dict, listing: dict[str, dict]) -> list[str]:
-    """Shallow verification: every object still there with the recorded size and ETag."""
+    """Shallow verification: every object still there with the recorded size.
+    An ETag that changed at the same size is not a problem by itself (a copy
+    or re-upload changes it): `etag_changed` names those for a re-hash."""
     problems = []
     for name, record in sorted(manifest["objects"].items()):
         entry = listing.get(name)
@@ -156,9 +159,27 @@ def manifest_problems(manifest: dict, listing: dict[str, dict]) -> list[str]:
             problems.append(f"{_label(name)} truncated ({size} of {want} bytes)")
         elif size != want:
             problems.append(f"{_label(name)} size changed ({size}, committed {want} bytes)")
-        elif record.get("etag") and etag_of(entry) and etag_of(entry) != record["etag"]:
-            problems.append(f"{_label(name)} changed since commit (ETag {etag_of(entry)}, committed {record['etag']})")
     return problems
+
+
+def etag_changed(manifest: dict, listing: dict[str, dict]) -> list[str]:
+    """Objects whose ETag differs from the commit's at the same size: only their bytes can tell."""
+    return sorted(
+        name
+        for name, record in manifest["objects"].items()
+        if name in listing and record.get("etag") and etag_of(listing[name]) and etag_of(listing[name]) != record["etag"]
+    )
+
+
+def rebased(manifest: dict, listing: dict[str, dict], **extra) -> dict:
+    """The same manifest for a copy of the step: the copy's ETags, the original's md5s."""
+    objects = {}
+    for name, record in manifest["objects"].items():
+        record = {k: v for k, v in record.items() if k != "etag"}
+        if etag_of(listing.get(name, {})):
+            record["etag"] = etag_of(listing[name])
+        objects[name] = record
+    return {**manifest, "objects": objects, **extra}
 
 
 _PART_SIZES_MIB = (5, 8, 10, 16, 25, 32, 50, 64, 100, 128, 256, 512, 1024)

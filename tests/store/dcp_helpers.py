@@ -14,16 +14,19 @@ import sys
 import warnings
 
 
-def _state(step: int, rank: int):
+def _state(step: int, rank: int, extra_mb: int = 0):
     import torch
 
     torch.manual_seed(step)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 32))
     # A per-rank tensor so every rank's shard holds data (replicated ones are deduplicated).
-    return {"model": model.state_dict(), f"rank{rank}": torch.full((256,), float(rank + step))}
+    state = {"model": model.state_dict(), f"rank{rank}": torch.full((256,), float(rank + step))}
+    if extra_mb:  # a shard big enough for multipart uploads
+        state["big"] = torch.rand(extra_mb * 2**18)
+    return state
 
 
-def save(url: str, step: int) -> str:
+def save(url: str, step: int, extra_mb: int = 0) -> str:
     """One writer, no process group: DCP writes straight to s3:// or a path through fsspec."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -35,7 +38,7 @@ def save(url: str, step: int) -> str:
     path = f"{url}/step-{step}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_state(step, 0), storage_writer=FsspecWriter(path, sync_files=False))
+        dcp.save(_state(step, 0, extra_mb), storage_writer=FsspecWriter(path, sync_files=False))
     return path
 
 

@@ -174,3 +174,24 @@ def test_empty_catalog_and_commit_of_missing_step(s3_url):
         cat.commit(9)
     assert not isinstance(AlreadyCommitted("x"), IncompleteCheckpoint)
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+
+
+def test_prune_aborts_only_stale_multipart_uploads_under_the_catalog(s3_url):
+    cat = Catalog(s3_url)
+    save(s3_url, 1)
+    cat.commit(1)
+    fs, root = _fs(s3_url)
+    bucket, _, prefix = root.partition("/")
+    mine = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=f"{prefix}/step-2/__0_0.distcp")
+    other = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=f"{prefix}-other/x")
+
+    def open_uploads():
+        return {u["UploadId"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])}
+
+    result = cat.prune(keep=1, dry_run=False)
+    assert "multipart" not in result.reason and mine["UploadId"] in open_uploads()  # minutes old: a save in flight
+    assert cat.store.abort_stale_uploads(0, dry_run=True) == [f"{prefix}/step-2/__0_0.distcp"]
+    assert mine["UploadId"] in open_uploads()
+    assert cat.store.abort_stale_uploads(0, dry_run=False) == [f"{prefix}/step-2/__0_0.distcp"]
+    assert mine["UploadId"] not in open_uploads() and other["UploadId"] in open_uploads()  # outside the prefix
+    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=f"{prefix}-other/x", UploadId=other["UploadId"])

@@ -44,11 +44,23 @@ def test_manifest_round_trip_and_drift():
     assert mf.parse_manifest(__import__("json").dumps(m).encode(), 7) == m
     assert mf.manifest_problems(m, listing) == []
     changed = dict(listing, **{"__0_0.distcp": {"size": 9, "ETag": '"cc"'}})
-    assert "changed since commit" in mf.manifest_problems(m, changed)[0]
+    assert mf.manifest_problems(m, changed) == []  # same size, other ETag: a copy, maybe; the bytes decide
+    assert mf.etag_changed(m, changed) == ["__0_0.distcp"]
+    copy = mf.rebased(m, changed, copied_from="src")
+    assert copy["objects"]["__0_0.distcp"]["etag"] == "cc" and copy["copied_from"] == "src"
+    assert mf.etag_changed(copy, changed) == []
+    assert "size changed" in mf.manifest_problems(m, dict(listing, **{"__0_0.distcp": {"size": 10}}))[0]
     with pytest.raises(ValueError, match="names step 7"):
         mf.parse_manifest(__import__("json").dumps(m).encode(), 8)
     with pytest.raises(ValueError, match="unreadable"):
         mf.parse_manifest(b"{trunc", 7)
+
+
+def test_content_md5_from_what_the_store_reports():
+    assert mf.content_md5({"ETag": '"0CC175B9C0F1B6A831C399E269772661"'}) == "0cc175b9c0f1b6a831c399e269772661"
+    assert mf.content_md5({"ETag": '"0cc175b9c0f1b6a831c399e269772661-3"'}) is None  # multipart: re-read
+    assert mf.content_md5({"md5Hash": "DMF1ucDxtqgxw5niaXcmYQ==", "etag": "CJ+x"}) == "0cc175b9c0f1b6a831c399e269772661"
+    assert mf.content_md5({}) is None
 
 
 def test_content_check_plain_and_multipart_etags():
