@@ -105,14 +105,18 @@ def render(report: dict[str, Any]):
     time_table.add_column("time", justify="right")
     time_table.add_column("share", justify="right")
     b = report["breakdown"]
+    start, rec = report["phases"]["start"], report["phases"]["recovery"]
     rows = [
         ("productive training", report["productive_s"], ""),
         ("checkpoint save + commit", report["checkpoint_s"], ""),
         ("lost work (recomputed)", report["lost_s"], f"{report['steps']['recomputed']} steps"),
-        ("recovery", report["recovery_s"], f"shut down after notice save {_fmt_s(b['shutdown_s'])}, detect "
-         f"{_fmt_s(b['detection_s'])}, restart to first step {_fmt_s(b['restart_s'])}"),
+        ("recovery", report["recovery_s"], f"detect {_fmt_s(rec['detection_s'])}, shut down after a notice save "
+         f"{_fmt_s(rec['shutdown_s'])}, TorchTitan start-up {_fmt_s(rec['startup_s'])}, checkpoint load "
+         f"{_fmt_s(rec['checkpoint_load_s'])}, first step {_fmt_s(rec['first_step_s'])}"),
         ("queue / provisioning / start-up", report["queue_s"],
-         f"queue {_fmt_s(b['queue_s'])}, start-up {_fmt_s(b['startup_s'])}, re-provision {_fmt_s(b['provisioning_s'])}, "
+         f"queue {_fmt_s(start['queue_s'])}, provisioning {_fmt_s(start['provisioning_s'])}, setup "
+         f"{_fmt_s(start['setup_s'])}, first start-up to step 1 {_fmt_s(start['startup_s'] + start['checkpoint_load_s'] + start['first_step_s'])}, "
+         f"re-provisioning {_fmt_s(rec['provisioning_s'] + rec['queue_s'])} + setup {_fmt_s(rec['setup_s'])}, "
          f"tear-down {_fmt_s(b['teardown_s'])}"),
     ]
     for label, value, note in rows:

@@ -35,7 +35,9 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,)},  # setup script ran (emitted at its end)
     "node_start": {"node_rank": (int,), "num_nodes": (int,)},  # node wrapper began on a machine
     "trainer_start": {"world_size": (int,)},  # torchrun / trainer processes started
-    "resume": {"step": (int,), "skipped": (list,)},  # step to load (null = fresh start)
+    # step to load (null = fresh start); with checkpoint.interval auto, the interval chosen and why
+    "resume": {"step": (int,), "skipped": (list,), "checkpoint_interval": (int,), "interval_source": (str,),
+               "interval_reason": (str,)},
     "trainer_ready": {},  # TorchTitan built the model; the checkpoint load starts
     "checkpoint_loaded": {"step": (int,)},  # the resumed state is in memory (step 0 = fresh start)
     "first_step": {"step": (int,)},  # first training step of this incarnation completed
