@@ -11,44 +11,18 @@ so all backends run exactly the same thing.
 
 from __future__ import annotations
 
-import ast
-import importlib.util
+import logging
 import math
 import re
 import shlex
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import RECOVER_ON
+from supervisor.titan_config import OWNED, PARALLEL_DEGREES, CheckUnavailable, check_args, model_problem, titan_configs
 
-# Keys of TorchTitan's own config that the node wrapper sets on every start
-# (catalog decides what to load; retention is ours). A recipe setting them
-# would silently fight the wrapper.
-WRAPPER_OWNED = {
-    "checkpoint.enable": "it is always on under supervise",
-    "checkpoint.folder": "set checkpoint.bucket instead",
-    "checkpoint.load_step": "the node wrapper picks the newest committed step",
-    "checkpoint.keep_latest_k": "retention is supervise's (supervise checkpoints prune)",
-    "checkpoint.interval": "set checkpoint.interval instead",
-    "dump_folder": "checkpoints go to checkpoint.bucket",
-    "job.dump_folder": "checkpoints go to checkpoint.bucket",
-    "dataloader.dataset": "set dataset.name instead",
-    "dataloader.dataset_path": "set dataset.path instead",
-    "hf_assets_path": "set tokenizer.path instead",
-    "module": "set model.module instead",
-    "config": "set model.config instead",
-}
-PARALLEL_DEGREES = (
-    "data_parallel_replicate_degree",
-    "data_parallel_shard_degree",
-    "tensor_parallel_degree",
-    "pipeline_parallel_degree",
-    "context_parallel_degree",
-)
 BUCKET_SCHEMES = ("s3", "gs", "r2", "nebius")
 # S3-compatible stores SkyPilot mounts under their own scheme; the catalog reads
 # them through the S3 API (AWS_ENDPOINT_URL + AWS_* credentials on the node).
@@ -57,6 +31,7 @@ _BUCKET_RE = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<bucket>[^/]+)(?P<prefix>(
 _S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _JOB_NAME = re.compile(r"^[a-z][a-z0-9\-]{0,62}$")
+log = logging.getLogger(__name__)
 
 Scalar = str | int | float | bool
 
@@ -247,8 +222,8 @@ class JobSpec(_Strict):
             bare = key.lstrip("-").replace("-", "_")
             if key.startswith("-") or not re.match(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$", key):
                 raise ValueError(f"{key!r}: write TorchTitan keys as section.key without dashes, e.g. training.steps")
-            if bare in WRAPPER_OWNED:
-                raise ValueError(f"{key!r} is managed by supervise: {WRAPPER_OWNED[bare]}")
+            if bare in OWNED:
+                raise ValueError(f"{key!r} is managed by supervise: {OWNED[bare].why}")
         return v
 
     @property
@@ -297,6 +272,7 @@ def validate(data: dict[str, Any]) -> JobSpec:
     _check_model(spec)
     _check_parallelism(spec)
     _check_secrets(spec)
+    _check_titan_args(spec)
     return spec
 
 
@@ -331,59 +307,24 @@ def _known_fields(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-@lru_cache(maxsize=None)
-def titan_configs(module: str) -> dict[str, dict[str, int]] | None:
-    """TorchTitan's config names for `module` -> parallelism degrees they set.
-
-    Read from the installed config_registry's source rather than imported:
-    importing it pulls torch and, on CPU machines, fails on missing triton.
-    None when TorchTitan has no such module.
-    """
-    path = _registry_file(module)
-    if path is None:
-        return None
-    tree = ast.parse(path.read_text())
-    configs: dict[str, dict[str, int]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and not node.args.args:
-            degrees = {
-                kw.arg: kw.value.value
-                for call in ast.walk(node)
-                if isinstance(call, ast.Call)
-                for kw in call.keywords
-                if kw.arg in PARALLEL_DEGREES and isinstance(kw.value, ast.Constant)
-            }
-            configs[node.name] = degrees
-    return configs
-
-
-def _registry_file(module: str) -> Path | None:
-    if not re.match(r"^[a-z0-9_]+$", module):
-        return None
-    for prefix in ("torchtitan.models", "torchtitan.experiments"):
-        try:
-            found = importlib.util.find_spec(f"{prefix}.{module}")
-        except (ImportError, ValueError):
-            continue
-        if found and found.submodule_search_locations:
-            candidate = Path(list(found.submodule_search_locations)[0]) / "config_registry.py"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def _check_model(spec: JobSpec) -> None:
-    configs = titan_configs(spec.model.module)
-    if configs is None:
-        raise SuperviseError(
-            f"field 'model.module': TorchTitan has no module {spec.model.module!r}; use e.g. llama3"
-        )
-    if spec.model.config not in configs:
-        names = ", ".join(sorted(c for c in configs if c.startswith(spec.model.module))[:12])
-        raise SuperviseError(
-            f"field 'model.config': {spec.model.config!r} is not a TorchTitan {spec.model.module} config; "
-            f"choose one of: {names}"
-        )
+    """The node's rule (titan_config.model_problem), said in recipe words."""
+    problem = model_problem(spec.model.module, spec.model.config)
+    if problem:
+        field = "model.config" if titan_configs(spec.model.module) is not None else "model.module"
+        raise SuperviseError(f"field {field!r}: {problem}")
+
+
+def _check_titan_args(spec: JobSpec) -> None:
+    """TorchTitan's own parser on the run's arguments, here rather than on a node
+    the job already pays for. A parser that cannot run here is not the recipe's fault."""
+    try:
+        problem = check_args(titan_args(spec))
+    except (CheckUnavailable, TimeoutError) as err:
+        log.warning("TorchTitan arguments not checked before launch: %s", err)
+        return
+    if problem:
+        raise SuperviseError(f"field 'overrides': TorchTitan rejects the trainer arguments: {problem}")
 
 
 def parallelism(spec: JobSpec) -> dict[str, int]:

@@ -138,8 +138,8 @@ def registry_file(module: str) -> Path | None:
     """The config_registry.py TorchTitan would import for `--module`, or None.
 
     Short names are looked up where `_load_config` tries them (models,
-    experiments, experiments/rl/examples); anything else as an importable
-    module `X.config_registry` or `X` (which imports X's parent packages).
+    experiments, experiments/rl/examples); anything else as a module
+    `X.config_registry` or `X` on the import path.
     """
     short = titan_modules()
     if short is None or not re.match(r"^[A-Za-z0-9_.]+$", module):
@@ -152,12 +152,28 @@ def registry_file(module: str) -> Path | None:
                 return candidate
         return None
     for name in (f"{module}.config_registry", module):
-        try:
-            found = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        if found and found.origin and found.origin.endswith(".py"):
-            return Path(found.origin)
+        if (found := _source_of(name)) is not None:
+            return found
+    return None
+
+
+def _source_of(dotted: str) -> Path | None:
+    """The .py file of a dotted module, found on disk below its top-level package
+    (no parent package is imported: TorchTitan's import torch, and on CPU fail on triton)."""
+    top, *rest = dotted.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+    for base in spec.submodule_search_locations or ():
+        path = Path(base, *rest)
+        for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -249,6 +265,8 @@ def _parse_in_this_process(args: list[str]) -> str | None:
             ConfigManager().parse_args(list(args))
     except SystemExit:
         return explain(captured.getvalue(), args)
+    except ImportError:
+        raise  # a package this machine lacks (e.g. torchao for float8): no verdict on the args
     except Exception as err:  # noqa: BLE001 - TorchTitan raises ValueError, ImportError, plain Exception
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
     return None
@@ -262,7 +280,11 @@ def _serve() -> None:
 
     cpu_compat.apply()  # as supervisor.titan.train does before TorchTitan is imported
     for line in sys.stdin:
-        reply.write(json.dumps({"error": _parse_in_this_process(json.loads(line))}) + "\n")
+        try:
+            answer = {"error": _parse_in_this_process(json.loads(line))}
+        except ImportError as err:
+            answer = {"unavailable": f"{type(err).__name__}: {err}"}
+        reply.write(json.dumps(answer) + "\n")
 
 
 class TitanArgsCheck:
@@ -294,9 +316,11 @@ class TitanArgsCheck:
             self._log.seek(0)
             tail = self._log.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise CheckUnavailable(f"TorchTitan's parser did not run: {tail[0]}")
-        return json.loads(line)["error"]
+        answer = json.loads(line)
+        if answer.get("unavailable"):
+            raise CheckUnavailable(answer["unavailable"])
+        return answer["error"]
 
-    def poll(self) -> tuple[bool, str | None]:
         """(done, verdict) without waiting."""
         try:
             return True, self.result(0)
@@ -317,7 +341,8 @@ _verdicts: dict[tuple[str, ...], str | None] = {}
 
 def check_args(args: list[str], timeout_s: float = 300.0) -> str | None:
     """None when TorchTitan's parser accepts `args`, else one line naming the bad flag.
-    One child serves every check of this process; verdicts are remembered."""
+    One child serves every check of this process; verdicts are remembered. Raises
+    CheckUnavailable / TimeoutError when no verdict could be had."""
     global _shared
     key = tuple(args)
     if key not in _verdicts:
@@ -325,8 +350,13 @@ def check_args(args: list[str], timeout_s: float = 300.0) -> str | None:
             _shared = TitanArgsCheck()
             atexit.register(_shared.close)
         _shared.submit(list(args))
-        end = time.monotonic() + timeout_s
-        _verdicts[key] = _shared.result(end - time.monotonic())
+        try:
+            _verdicts[key] = _shared.result(timeout_s)
+        except (TimeoutError, CheckUnavailable) as err:
+            if not str(err).startswith("ImportError"):  # a dead or late child: the next check gets a fresh one
+                _shared.close()
+                _shared = None
+            raise
     return _verdicts[key]
 
 
