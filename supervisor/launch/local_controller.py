@@ -169,7 +169,7 @@ class Controller:
             detail = f"failed: {err!r}"
         took = round(time.time() - t, 3)
         self.log(f"chaos: {ev.describe()} (observed step {step}): {detail}")
-        self.emit("chaos", inc, action=ev.kind, node=ev.node, planned_step=ev.at_step, step=step, detail=detail,
+        self.emit("chaos", inc, action=ev.kind, node_rank=ev.node, planned_step=ev.at_step, step=step, detail=detail,
                   at=t, duration_s=took)
         fired = self.state.get("chaos_fired", [])
         fired.append({**ev.to_dict(), "index": i, "observed_step": step, "incarnation": inc, "time": t,
@@ -201,7 +201,7 @@ class Controller:
                     first_exit = first_exit or time.monotonic()
                     self.log(f"incarnation {inc}: node {node.rank} exited {code}")
                     if code < 0:
-                        self.emit("preempted", inc, with_notice=False, saved_step=None, node=node.rank)
+                        self.emit("preempted", inc, with_notice=False, saved_step=None, node_rank=node.rank)
             if all(n.code is not None for n in nodes):
                 return False
             if first_exit is not None:

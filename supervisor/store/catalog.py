@@ -2,8 +2,8 @@
 
 A checkpoint is resumable only when it provably is: `step-N/_COMMIT.json` was
 created (conditionally: one writer wins) after every file `.metadata` names was
-seen through the store API with its full size, and it still matches. See
-DESIGN.md, "The checkpoint commit protocol"; the pure rules live in manifest.py.
+seen through the store API with its full size, and it still matches (docs/store.md
+describes the protocol); the pure rules live in manifest.py.
 
 The `LATEST` pointer is raised only *after* a step's commit marker was
 created, so it never names a step that was not committed. A crash between

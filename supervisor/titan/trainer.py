@@ -1,7 +1,13 @@
 """TorchTitan 0.3.0 Trainer subclass: commits checkpoints, saves on notice,
-writes heartbeats, checkpoints RNG state. No fork or patch of TorchTitan.
+writes heartbeats, checkpoints RNG state. TorchTitan is not forked or
+patched, but three *private* CheckpointManager methods are overridden (and
+call through to TorchTitan's): `_find_load_step` (no guess of a step folder
+when the catalog has no verified step), `_should_save` (a forced save on a
+notice) and `_save` (timing, async completion, commit hand-off). Private
+names can change in any release: pyproject pins torchtitan to 0.3.x
+(`>=0.3.0,<0.4`), and the CPU training tests exercise every override.
 
-Extension points used (all public or documented in 0.3.0):
+Extension points used:
 - `Trainer.should_continue_training()` runs at every step boundary (after
   the step's periodic save): heartbeats, commits, notice agreement, stop.
 - a `CheckpointManager` subclass with its own nested `Config` (TorchTitan's
