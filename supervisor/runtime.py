@@ -13,10 +13,11 @@ socket or shared memory has to survive a crash:
     $SUPERVISE_RUN_DIR/outcome.json       written by local rank 0 of every node just before
                                           a clean exit, the same on every node (global rank
                                           0's decision, broadcast): {"outcome": "finished"|
-                                          "preempted_saved"|"preempted_unsaved", "step",
-                                          "reason", "host" (rank 0's)}; "step" is the last step done
-                                          (finished), saved (preempted_saved) or
-                                          committed (preempted_unsaved, null if none)
+                                          "preempted_saved"|"preempted_unsaved"|"commit_failed",
+                                          "step", "reason", "host" (rank 0's)}; "step" is the
+                                          last step done (finished), saved and committed
+                                          (preempted_saved) or committed (preempted_unsaved,
+                                          commit_failed; null if none)
 
 All writes are atomic (write a temp file, then rename).
 """
@@ -35,6 +36,7 @@ ENV_LEDGER = "SUPERVISE_LEDGER"  # ledger URL, when the run keeps a journal
 ENV_INCARNATION = "SUPERVISE_INCARNATION"  # id of this (re)start of the job
 ENV_RESUME_STEP = "SUPERVISE_RESUME_STEP"  # catalog's verified step to load, or "none": start fresh
 ENV_COMMIT_WAIT_S = "SUPERVISE_COMMIT_WAIT_S"  # seconds a commit polls for a mount's upload to land
+ENV_CHECKPOINT_KEEP = "SUPERVISE_CHECKPOINT_KEEP"  # committed checkpoints kept during the run; unset/0: all
 
 NOTICE_FILE = "notice.json"
 OUTCOME_FILE = "outcome.json"

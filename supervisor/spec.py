@@ -101,6 +101,7 @@ class Checkpoint(_Strict):
     interval: int | Literal["auto"] = 500
     interval_range: tuple[int, int] = (50, 5000)  # bounds of `auto`, in steps
     commit_wait_s: float = Field(600.0, ge=0)  # bounded wait for a cached mount to upload
+    keep: int = Field(3, ge=0)  # committed checkpoints kept during the run (pruned after each commit); 0 = all
 
     @field_validator("interval", mode="before")
     @classmethod
@@ -407,6 +408,8 @@ def node_argv(spec: JobSpec) -> list[str]:
     if spec.checkpoint.mode != "DIRECT":
         argv += ["--checkpoint-mount", spec.checkpoint_dir,
                  "--commit-wait", f"{spec.checkpoint.commit_wait_s:g}"]
+    if spec.checkpoint.keep:
+        argv += ["--keep", str(spec.checkpoint.keep)]
     if spec.checkpoint.interval == "auto":
         argv += ["--checkpoint-interval-auto", "{}:{}".format(*spec.checkpoint.interval_range)]
     if not spec.resources.accelerators and spec.resources.procs_per_node:

@@ -98,3 +98,16 @@ def resume_load_step(env_value: str | None, configured: int) -> int | None:
     if step < 0:
         raise ValueError(f"resume step must be >= 0 or 'none', got {env_value!r}")
     return step
+
+
+COMM_MARGIN_S = 60.0  # collective timeout beyond rank 0's commit budget at the end
+STORE_MARGIN_S = 120.0  # a commit's store calls, each bounded by the retry policy's deadline
+
+
+def commit_budget_s(now: float, deadline: float | None, commit_wait_s: float) -> float:
+    """How long rank 0 waits at the end of training for its pending commits:
+    until EXIT_SLACK_S before a notice's deadline, else the commit's own bound
+    (the wait for a mount's upload plus the store calls)."""
+    if deadline is not None:
+        return max(0.0, deadline - now - EXIT_SLACK_S)
+    return commit_wait_s + STORE_MARGIN_S

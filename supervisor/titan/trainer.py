@@ -9,11 +9,18 @@ names can change in any release: pyproject pins torchtitan to 0.3.x
 
 Extension points used:
 - `Trainer.should_continue_training()` runs at every step boundary (after
-  the step's periodic save): heartbeats, commits, notice agreement, stop.
+  the step's periodic save): heartbeats, notice agreement, stop.
 - a `CheckpointManager` subclass with its own nested `Config` (TorchTitan's
   Configurable pattern) times every save, can force one, and reports it.
 - `checkpointer.states` gets one more Stateful ("rng"), saved and loaded by
   DCP together with TorchTitan's own states.
+
+Commits run on rank 0 in a background thread (titan/committer.py): no
+collective waits on them; the ranks only agree, at a step boundary, to stop
+when two commits in a row failed. At the end of training (finished or
+notice) rank 0 waits for its pending commits within the notice's deadline,
+the other ranks wait in the outcome broadcast under a collective timeout
+raised for that wait only.
 
 Import this module only after `cpu_compat.apply()` on a CPU machine.
 """
@@ -25,19 +32,31 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import filesystem
 from torchtitan.trainer import Trainer
 
 from supervisor import runtime
 from supervisor.titan import rng
-from supervisor.titan.policy import SaveTimer, Throttle, commit_wait_s, notice_plan, resume_load_step
+from supervisor.titan.committer import CommitResult, Committer
+from supervisor.titan.policy import (
+    COMM_MARGIN_S,
+    SaveTimer,
+    Throttle,
+    commit_budget_s,
+    commit_wait_s,
+    notice_plan,
+    resume_load_step,
+)
 from supervisor.titan.trainer_files import METRICS_FILE
 
 log = logging.getLogger("supervisor.titan")
@@ -53,6 +72,7 @@ class SuperviseCheckpointManager(CheckpointManager):
 
     # Class-level defaults: a disabled manager returns from __init__ early.
     force_next: bool = False
+    before_save: Callable[[int], None] | None = None  # (step): about to save into step-N
     on_saved: Callable[[int, float], None] | None = None  # (step, seconds): save returned
     on_complete: Callable[[int, float], None] | None = None  # (step, seconds): on storage
     pending_async: tuple[int, float] | None = None  # (step, monotonic start) in flight
@@ -72,12 +92,16 @@ class SuperviseCheckpointManager(CheckpointManager):
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         self.finish_async()  # an older async save completes (and commits) before a new one
+        if self.before_save is not None and self._should_save(curr_step, last_step):
+            self.before_save(curr_step)
         begin = time.monotonic()
         saved = super()._save(curr_step, last_step)
         if not saved:
             return False
         if self.on_saved is not None:
             self.on_saved(curr_step, time.monotonic() - begin)
+        if last_step and self.last_save_in_hf:
+            return True  # an HF export, not a DCP checkpoint: nothing to commit or resume from
         if self.save_future is None:  # synchronous save (always so for the last step)
             if self.on_complete is not None:
                 self.on_complete(curr_step, time.monotonic() - begin)
@@ -109,10 +133,17 @@ class SuperviseCheckpointManager(CheckpointManager):
 
 
 def _as_supervise_checkpoint_config(cfg: Any) -> Any:
-    """Same settings, our manager. Other managers (e.g. torchft's) are kept."""
+    """Same settings, our manager. Other managers (e.g. torchft's) are kept.
+
+    The last save is full state (TorchTitan defaults `last_save_model_only` to
+    True): it is committed like any other, and a run extended with more
+    `--training.steps` resumes from it. Only `last_save_in_hf` (an export,
+    model-only by TorchTitan's rule) keeps it model-only."""
     if type(cfg) is not CheckpointManager.Config:
         return cfg
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    if not values.get("last_save_in_hf"):
+        values["last_save_model_only"] = False
     return SuperviseCheckpointManager.Config(**values)
 
 
@@ -132,7 +163,7 @@ class SuperviseTrainer(Trainer):
         self.node_rank = int(env.get("GROUP_RANK", "0"))
         self.local_rank = int(env.get("LOCAL_RANK", self.rank))
 
-        self.outcome: dict[str, Any] = {"outcome": "finished"}
+        self.outcome: dict[str, Any] = {"outcome": "finished"}  # rank 0's decision, see write_outcome
         self.save_timer = SaveTimer()
         self.progress = Throttle(every_s=10.0, every_steps=100)
         self._stop = False
@@ -141,20 +172,34 @@ class SuperviseTrainer(Trainer):
         self._last_loss: tuple[int, float] | None = None
         self._last_saved_step: int | None = None
         self._last_committed_step: int | None = None
+        self._verified_step: int | None = None  # the catalog's step this start loads: committed
+        self._save_seconds: dict[int, float] = {}
+        self._stopped: tuple[bool, str] | None = None  # a notice was acted on: (saved, reason)
+        self._notice_deadline: float | None = None
+        self._commit_stop: str | None = None  # rank 0's reason to end: commits keep failing
+        self.committer: Committer | None = None
         self._journal = None
+        self._journal_lock = threading.Lock()
         self._metrics_path = Path(config.dump_folder) / METRICS_FILE
 
         ckpt = self.checkpointer
         same_place = (self.catalog_url or "").rstrip("/") == str(getattr(ckpt, "folder", "")).rstrip("/")
         self.commit_wait_s = commit_wait_s(env.get(runtime.ENV_COMMIT_WAIT_S), same_place)  # parsed at start
+        self.keep = int(env.get(runtime.ENV_CHECKPOINT_KEEP) or 0)  # in-run retention after each commit
         self.supervised_checkpoints = isinstance(ckpt, SuperviseCheckpointManager) and ckpt.enable
         if self.supervised_checkpoints:
             # Trainer.train() loads config.checkpoint.load_step: the wrapper's choice wins.
             step = resume_load_step(env.get(runtime.ENV_RESUME_STEP), config.checkpoint.load_step)
             ckpt.fresh_start = step is None
             self.config.checkpoint.load_step = -1 if step is None else step
+            if env.get(runtime.ENV_RESUME_STEP, "").strip().isdigit():
+                self._verified_step = self._last_committed_step = step
             ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
             ckpt.on_saved, ckpt.on_complete = self._on_saved, self._on_complete
+            if self.rank == 0:
+                ckpt.before_save = self._set_aside
+                if self.catalog_url is not None:
+                    self.committer = Committer(self._commit, self._on_committed)
         original_log = self.metrics_processor.log
 
         def log_and_keep_loss(step, global_avg_loss, *args, **kwargs):
@@ -169,6 +214,7 @@ class SuperviseTrainer(Trainer):
         if self.supervised_checkpoints:
             self._skip_rng_if_absent()
         super().train()
+        self._finish_commits()
 
     def should_continue_training(self) -> bool:
         first = self._boundary_step is None
@@ -180,7 +226,7 @@ class SuperviseTrainer(Trainer):
         if self.supervised_checkpoints:
             self.checkpointer.finish_async(block=False)  # commit an async save once done
         finishing = self.step >= self.config.training.steps
-        if not self._stop and not finishing and self._notice_agreed():
+        if not self._stop and not finishing and self._stop_agreed():
             self._stop = True
         return not self._stop and super().should_continue_training()
 
@@ -213,99 +259,163 @@ class SuperviseTrainer(Trainer):
         # Sync DCP save returns on every rank only after the coordinator wrote
         # .metadata; an async one's future on rank 0 completes only then too.
         # Either way rank 0 knows that every rank's shard is written.
-        self.save_timer.add(seconds + self._commit(step))
+        if self.committer is None:
+            self.save_timer.add(seconds)
+            return
+        self._save_seconds[step] = seconds
+        self.committer.submit(step)  # returns at once; the result arrives at a later boundary
 
-    def _commit(self, step: int) -> float:
-        """Commit `step` in the catalog from rank 0; seconds taken (0 elsewhere)."""
-        if self.rank != 0 or self.catalog_url is None:
-            return 0.0
+    def _set_aside(self, step: int) -> None:
+        """Before TorchTitan saves into an existing step-N (a re-save after a
+        fallback), move the old marker aside so the new save needs its own commit."""
+        from supervisor.store.catalog import Catalog
+
+        try:
+            moved = Catalog(str(self.checkpointer.folder)).set_aside(step)
+        except Exception as err:  # noqa: BLE001 - then the commit refuses (already committed, does not verify)
+            log.error("supervise: could not set aside the old files of step %d: %s", step, err)
+            return
+        if moved:
+            log.warning("supervise: step %d is saved again; its old %s moved to %s", step, ", ".join(moved[1]), moved[0])
+
+    def _commit(self, step: int) -> tuple[bool, str]:
+        """Commit `step` in the catalog (the committer's thread, rank 0). A step that
+        is already committed counts only if its manifest verifies against this save."""
         from supervisor.store.catalog import AlreadyCommitted, Catalog
 
-        begin = time.monotonic()
+        catalog = Catalog(self.catalog_url)
         try:
-            Catalog(self.catalog_url).commit(
-                step, world_size=self.world_size, writer=f"node{self.node_rank}-rank0",
-                wait_s=self.commit_wait_s,
-            )
+            catalog.commit(step, world_size=self.world_size, writer=f"node{self.node_rank}-rank0",
+                           wait_s=self.commit_wait_s)  # fmt: skip
         except AlreadyCommitted:
-            log.info("supervise: step %d was already committed", step)
-            self._last_committed_step = step
-            return time.monotonic() - begin
-        except Exception as err:  # a failed commit must not stop training: the step stays unusable
-            log.error("supervise: could not commit step %d: %s", step, err)
-            return time.monotonic() - begin
-        seconds = time.monotonic() - begin
-        self._last_committed_step = step
-        log.info("supervise: committed step %d in %.2f s", step, seconds)
-        self._emit("checkpoint_committed", step=step, duration_s=round(seconds, 3))
-        return seconds
+            info = catalog.inspect(step)
+            if info.state != "committed":
+                return False, f"an older commit marker is there and does not verify ({info.reason})"
+            return True, "already committed, verifies"
+        if self.keep > 0:
+            self._retain(catalog)
+        return True, "committed"
+
+    def _retain(self, catalog) -> None:
+        """The catalog's safe retention after a commit: the newest `keep` committed
+        steps stay, the newest verified one always, unknown folders are never touched."""
+        try:
+            result = catalog.prune(self.keep, dry_run=False)
+        except Exception as err:  # noqa: BLE001 - a bucket that grows is better than a stopped run
+            log.warning("supervise: retention (keep %d) failed: %s", self.keep, err)
+            return
+        if result.delete:
+            log.info("supervise: retention (keep %d) deleted %s", self.keep, ", ".join(f"step-{s}" for s in result.delete))
+
+    def _on_committed(self, result: CommitResult) -> None:
+        self.save_timer.add(self._save_seconds.pop(result.step, 0.0) + result.seconds)
+        if not result.ok:
+            log.error("supervise: could not commit step %d: %s", result.step, result.reason)
+            return
+        self._last_committed_step = max(result.step, self._last_committed_step or 0)
+        log.info("supervise: step %d %s in %.2f s", result.step, result.reason, result.seconds)
+        self._emit("checkpoint_committed", step=result.step, duration_s=round(result.seconds, 3))
+
+    def _is_committed(self, step: int) -> bool:
+        if self.catalog_url is None or step == self._verified_step:
+            return True
+        return self.committer is not None and self.committer.committed(step)
+
+    def _finish_commits(self) -> None:
+        """Rank 0 waits for its pending commits (within the notice's deadline); the
+        other ranks wait for it in write_outcome's broadcast, under a collective
+        timeout raised to the same bound (TorchTitan's is train_timeout_seconds)."""
+        if not self.supervised_checkpoints:
+            return
+        budget = commit_budget_s(time.time(), self._notice_deadline, self.commit_wait_s)
+        if dist.is_initialized() and self.world_size > 1:
+            dist_utils.set_pg_timeouts(timedelta(seconds=budget + COMM_MARGIN_S), self.parallel_dims)
+        if self.committer is not None and not self.committer.wait(budget):
+            log.error("supervise: commits still pending after %.0f s", budget)
 
     # -- preemption notice ------------------------------------------------------
 
-    def _notice_agreed(self) -> bool:
-        """All ranks agree on a notice (one small all_reduce); act on it. True: stop."""
+    def _stop_agreed(self) -> bool:
+        """All ranks agree (one small all_reduce) on a notice, or on rank 0's
+        commits failing; act on it. True: stop."""
         notice = runtime.read_json(self.run_dir / runtime.NOTICE_FILE) if self.run_dir else None
         deadline = notice.get("deadline") if notice else None
-        flags = torch.tensor([1.0 if notice else 0.0, -float(deadline) if deadline else float("-inf")],
-                             dtype=torch.float64, device=self.device)
+        failing = self.committer.should_stop() if self.committer is not None else None
+        flags = torch.tensor([1.0 if notice else 0.0, -float(deadline) if deadline else float("-inf"),
+                              1.0 if failing else 0.0], dtype=torch.float64, device=self.device)  # fmt: skip
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[2].item() > 0:
+            self._commit_stop = failing or "rank 0's checkpoint commits keep failing"
+            log.error("supervise: %s; ending this incarnation (retryable)", self._commit_stop)
+            return True
         if flags[0].item() == 0.0:
             return False
         earliest = -flags[1].item() if flags[1].item() != float("-inf") else None
         source = (notice or {}).get("source", "another node")
         log.warning("supervise: preemption notice (%s) at step %d", source, self.step)
-        self._act_on_notice(earliest)
+        self._notice_deadline = earliest
+        self._stopped = self._act_on_notice(earliest)
         return True
 
-    def _act_on_notice(self, deadline: float | None) -> None:
+    def _act_on_notice(self, deadline: float | None) -> tuple[bool, str]:
+        """(saved, reason); whether the save is also committed is known at the end."""
         ckpt = self.checkpointer
         if not self.supervised_checkpoints:
-            self._preempted(False, "checkpointing is off (--checkpoint.enable)")
-            return
+            return False, "checkpointing is off (--checkpoint.enable)"
         if self._last_saved_step == self.step or (self.step == self._loaded_step and self.step > 0):
             # this step is already on storage (periodic save, or just loaded)
             ckpt.finish_async()
-            if self._last_committed_step != self.step:
-                self._commit(self.step)
-            self._preempted(True, "step already saved")
-            return
+            if self.committer is not None and not self.committer.pending() and not self._is_committed(self.step):
+                self.committer.submit(self.step)  # its commit failed (or was never tried): once more
+            return True, "step already saved"
         if self.step == 0:
-            self._preempted(False, "no training step completed yet")
-            return
+            return False, "no training step completed yet"
         plan = notice_plan(time.time(), deadline, self.save_timer.expected())
         skip = torch.tensor([0.0 if plan.save else 1.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(skip, op=dist.ReduceOp.MAX)  # ranks' clocks differ: agree
         if skip.item() > 0:
-            log.warning("supervise: %s", plan.reason if not plan.save else "another rank cannot save in time")
-            self._preempted(False, plan.reason if not plan.save else "another rank cannot save in time")
-            return
+            reason = plan.reason if not plan.save else "another rank cannot save in time"
+            log.warning("supervise: %s", reason)
+            return False, reason
         log.warning("supervise: %s (step %d)", plan.reason, self.step)
-        ckpt.save_now(self.step)  # on_saved commits it (rank 0)
-        self._preempted(True, plan.reason)
+        ckpt.save_now(self.step)  # rank 0 hands it to the committer
+        return True, plan.reason
 
-    def _preempted(self, saved: bool, reason: str) -> None:
-        # rank 0 knows whether the commit succeeded; write_outcome sends its outcome to all
-        if saved and (self.catalog_url is None or self._last_committed_step == self.step):
-            self.outcome = {"outcome": "preempted_saved", "step": self.step, "reason": reason}
-        else:
+    def _decide_outcome(self) -> dict[str, Any]:
+        """Rank 0's outcome (the one broadcast): 75 promises a commit that verified."""
+        last = self._last_committed_step if self._last_committed_step is not None else (self._loaded_step or None)
+        if self._commit_stop is not None:
+            return {"outcome": "commit_failed", "step": last, "reason": self._commit_stop}
+        if self._stopped is not None:
+            saved, reason = self._stopped
+            if saved and self._is_committed(self.step):
+                return {"outcome": "preempted_saved", "step": self.step, "reason": reason}
             if saved:
                 reason = f"saved step {self.step} but could not commit it"
-            last = self._last_committed_step if self._last_committed_step is not None else self._loaded_step
-            self.outcome = {"outcome": "preempted_unsaved", "step": last or None, "reason": reason}
+            return {"outcome": "preempted_unsaved", "step": last, "reason": reason}
+        exported = getattr(self.checkpointer, "last_save_in_hf", False)  # the last save is an HF export
+        if self.supervised_checkpoints and self._last_saved_step == self.step and not exported \
+                and not self._is_committed(self.step):
+            failed = self.committer.results.get(self.step) if self.committer else None
+            why = failed.reason if failed else "the commit did not finish in time"
+            return {"outcome": "commit_failed", "step": last,
+                    "reason": f"training finished but the final step {self.step} is not committed ({why})"}
+        return {"outcome": "finished", "step": self.step, "reason": "training finished"}
 
     # -- helpers ----------------------------------------------------------------
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.rank != 0 or self.ledger_url is None:
             return
-        if self._journal is None:
-            from supervisor.ledger.journal import Journal
+        with self._journal_lock:  # the training loop and the committer both emit
+            if self._journal is None:
+                from supervisor.ledger.journal import Journal
 
-            self._journal = Journal(self.ledger_url, writer=f"node{self.node_rank}-rank0",
-                                    incarnation=self.incarnation)
-        self._journal.emit(kind, **fields)
+                self._journal = Journal(self.ledger_url, writer=f"node{self.node_rank}-rank0",
+                                        incarnation=self.incarnation)
+            self._journal.emit(kind, **fields)
 
     def _skip_rng_if_absent(self) -> None:
         """A checkpoint written without our RNG state (plain TorchTitan) still loads."""
@@ -328,8 +438,8 @@ class SuperviseTrainer(Trainer):
         """outcome.json on local rank 0 of every node (run dirs are node-local), so
         every node's wrapper can tell a saved notice from the end of training.
         All ranks call it; the content is global rank 0's, the same everywhere."""
-        if self.outcome["outcome"] == "finished":
-            self.outcome = {"outcome": "finished", "step": self.step, "reason": "training finished"}
+        if self.rank == 0:
+            self.outcome = self._decide_outcome()
         shared = [{**self.outcome, "host": socket.gethostname()}]
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast_object_list(shared, src=0, device=self.device)
