@@ -336,7 +336,9 @@ def build_timeline(events: list[Event]) -> Timeline:
         return Timeline(0.0, 0.0, "unknown", [], [], [], [], ["no events"])
     launches = [e for e in events if e.kind == "launch"]
     if launches:
-        t0 = launches[0].t
+        # the launch event is written once the backend accepted the job: a fast backend may
+        # already have queued it (SkyPilot's PENDING row) or started a node by then
+        t0 = min(launches[0].t, events[0].t)
     else:
         t0 = events[0].t
         problems.append("no launch event: wall time starts at the first event")
