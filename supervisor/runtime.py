@@ -49,6 +49,12 @@ def ledger_url(checkpoints_url: str) -> str:
     return f"{checkpoints_url.rstrip('/')}/{LEDGER_DIR}"
 
 
+def stop_request_url(checkpoints_url: str) -> str:
+    """`supervise stop` asks the nodes to save and stop by writing this object
+    (JSON {"requested_at", "deadline_s"}); the node wrapper polls it as a notice."""
+    return f"{checkpoints_url.rstrip('/')}/_supervise/stop.json"
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write `data` so that a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,21 +6,37 @@ SkyPilot would receive, with secret values redacted by SkyPilot's own
 redaction. `sky` is imported inside functions: `supervise --help` stays fast.
 
 How checkpoints reach the bucket:
-- MOUNT_CACHED (default) / MOUNT: the bucket (with its prefix) is mounted at
-  `checkpoint.mount_path`; TorchTitan writes to `<mount>/<name>` and the node
-  wrapper commits only after every object is visible through the bucket API
-  (`--checkpoints <bucket URL>`, bounded by `--commit-wait`).
+- MOUNT_CACHED (default) / MOUNT: the bucket *root* is mounted at
+  `checkpoint.mount_path` (SkyPilot mounts roots only: sky/data/storage.py,
+  Storage._validate_source); TorchTitan writes to `<mount>/<prefix>/<name>` and
+  the node wrapper commits only after every object is visible through the
+  bucket API (`--checkpoints <bucket URL>`, bounded by `--commit-wait`).
 - DIRECT: TorchTitan writes `s3://...` itself through fsspec. This is the mode
-  for generic S3-compatible endpoints (MinIO, SeaweedFS, ...) set by
-  AWS_ENDPOINT_URL: SkyPilot 0.14 mounts s3:// from AWS only, and R2/Nebius
-  under their own r2:// / nebius:// schemes.
+  for generic S3-compatible endpoints (MinIO, SeaweedFS, ...): SkyPilot 0.14
+  mounts s3:// from AWS only, and R2/Nebius under their own r2:// / nebius://
+  schemes. The endpoint reaches the nodes as AWS_ENDPOINT_URL_S3 (S3 only: the
+  all-services AWS_ENDPOINT_URL would also redirect STS, IMDS-backed roles...).
+
+What travels with the job: the wheel of the supervise code being launched
+(NodeTask.files, a directory file_mounts entry; for managed jobs SkyPilot
+uploads it to its jobs bucket and every recovery fetches it again:
+sky/utils/controller_utils.py, maybe_translate_local_file_mounts_and_sync_up).
+
+`stop` saves first: it writes a stop request into the bucket that every node
+wrapper polls as a notice (the trainer saves at the next step, commits, and the
+wrapper exits 0), waits for the nodes to report their exit in the run ledger,
+then cancels the managed job. SkyPilot's own graceful cancel cannot do this: it
+SIGTERMs every process of the job at once, torchrun's workers included, and
+SIGKILLs about 30 s later (sky/skylet/subprocess_daemon.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -29,14 +45,22 @@ from supervisor.errors import SuperviseError
 from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
 from supervisor.launch.setup import VENV
 from supervisor.launch.task import NodeTask
+from supervisor.runtime import ledger_url, stop_request_url
 from supervisor.spec import S3_COMPATIBLE, JobSpec
 
 BACKEND = "skypilot"
-# Store credentials forwarded as secrets when set in the launching shell
-# (on AWS/GCP with instance roles they are not needed).
-STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Store credentials forwarded as secrets when set in the launching shell (on AWS/GCP
+# with instance roles they are not needed). Session keys only when asked (spec.forward_aws_session).
+STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SESSION_TOKEN = "AWS_SESSION_TOKEN"
+STORE_ENVS = ("AWS_DEFAULT_REGION", "AWS_REGION")
+# The launching shell's S3 endpoint (S3-only variable first), forwarded as the S3-only one.
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+NODE_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+# Every variable of the launching shell the rendered task reads (besides the recipe's secrets).
+LAUNCH_ENV = (*STORE_SECRETS, SESSION_TOKEN, *STORE_ENVS, *ENDPOINT_ENVS)
 GRACEFUL_TIMEOUT_S = 900  # stop: time for the final save + MOUNT_CACHED upload
+STOP_POLL_S = 5.0
 UNSET = "<unset>"  # stands in for a secret the launching shell does not have (dry runs)
 
 
@@ -60,16 +84,29 @@ def _sky():
 
 
 def run_script(task: NodeTask) -> str:
-    """The node command, exec'd so its exit code (75/69/78) is the job's and SIGTERM reaches it."""
+    """The node command as the script's last command: no `exec`, no `set -e`, no `exit`.
+
+    SkyPilot appends its MOUNT_CACHED flush to `run` and exits with the status of
+    our last command (sky/backends/task_codegen.py, get_rclone_flush_script:
+    `__skypilot_user_exit_code=$?` ... `exit $__skypilot_user_exit_code`), so the
+    wrapper's code (0/75/69/78) is the job's and the flush still runs. SIGTERM
+    reaches the wrapper anyway: SkyPilot signals every process of the job.
+    """
     return (
-        "set -euo pipefail\n"
         f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi\n"
-        f"exec {shlex.join(task.run)}\n"
+        f"{shlex.join(task.run)}\n"
     )
+
+
+def store_endpoint(environ: Mapping[str, str]) -> str | None:
+    return next((environ[k] for k in ENDPOINT_ENVS if environ.get(k)), None)
 
 
 def task_envs(task: NodeTask, environ: Mapping[str, str]) -> dict[str, str]:
     envs = {k: environ[k] for k in STORE_ENVS if environ.get(k)}
+    endpoint = store_endpoint(environ)
+    if endpoint:
+        envs[NODE_ENDPOINT_ENV] = endpoint
     envs.update(task.envs)
     return envs
 
@@ -83,24 +120,34 @@ def task_secrets(task: NodeTask, environ: Mapping[str, str]) -> tuple[dict[str, 
         else:
             secrets[key] = UNSET
             missing.append(key)
-    secrets.update({k: environ[k] for k in STORE_SECRETS if environ.get(k) and k not in secrets})
+    secrets.update({k: v for k, v in store_credentials(task, environ).items() if k not in secrets})
     return secrets, missing
+
+
+def store_credentials(task: NodeTask, environ: Mapping[str, str]) -> dict[str, str]:
+    """The launching shell's store keys for the nodes. Short-lived session keys
+    (AWS_SESSION_TOKEN set) expire within hours, mid-run, and would override the
+    nodes' instance role: none of the three travel unless forward_aws_session."""
+    keys = {k: environ[k] for k in STORE_SECRETS if environ.get(k)}
+    if environ.get(SESSION_TOKEN):
+        return {**keys, SESSION_TOKEN: environ[SESSION_TOKEN]} if task.forward_aws_session else {}
+    return keys
 
 
 def check_store(task: NodeTask, environ: Mapping[str, str]) -> None:
     """Bucket rules that depend on the launching environment."""
     scheme = task.checkpoint.bucket.split("://", 1)[0]
-    endpoint = environ.get("AWS_ENDPOINT_URL")
+    endpoint = store_endpoint(environ)
     if scheme == "s3" and endpoint and task.checkpoint.mode != "DIRECT":
         raise SuperviseError(
-            f"field 'checkpoint.mode': SkyPilot 0.14 mounts s3:// buckets from AWS only, but AWS_ENDPOINT_URL="
-            f"{endpoint} points elsewhere; use --set checkpoint.mode=DIRECT (TorchTitan writes through the endpoint), "
-            f"or an r2:// / nebius:// bucket for those stores"
+            f"field 'checkpoint.mode': SkyPilot 0.14 mounts s3:// buckets from AWS only, but the S3 endpoint "
+            f"{endpoint} (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) points elsewhere; use --set checkpoint.mode=DIRECT "
+            f"(TorchTitan writes through the endpoint), or an r2:// / nebius:// bucket for those stores"
         )
     if scheme in S3_COMPATIBLE and not endpoint:
         raise SuperviseError(
             f"field 'checkpoint.bucket': {scheme}:// checkpoints are verified through the S3 API; "
-            f"export AWS_ENDPOINT_URL (and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) for that store"
+            f"export AWS_ENDPOINT_URL_S3 (and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) for that store"
         )
 
 
@@ -139,10 +186,20 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
         secrets=secrets,
     )
     sky_task.set_resources(resources)
+    if task.files:  # directories only: SkyPilot hard-links single files, which fails across filesystems
+        sky_task.set_file_mounts(dict(task.files))
     if task.checkpoint.mode != "DIRECT":
-        storage = sky.data.Storage(source=task.checkpoint.bucket, mode=sky.data.StorageMode[task.checkpoint.mode])
+        # The bucket root; its prefix is in the node's checkpoint path (JobSpec.checkpoint_dir).
+        storage = sky.data.Storage(source=bucket_root(task.checkpoint.bucket),
+                                   mode=sky.data.StorageMode[task.checkpoint.mode])
         sky_task.set_storage_mounts({task.checkpoint.mount_path: storage})
     return sky_task, missing
+
+
+def bucket_root(bucket: str) -> str:
+    """`s3://b/prefix` -> `s3://b`: what a MOUNT/MOUNT_CACHED entry accepts."""
+    scheme, rest = bucket.split("://", 1)
+    return f"{scheme}://{rest.partition('/')[0]}"
 
 
 def task_config(task) -> dict[str, Any]:
@@ -275,6 +332,7 @@ class SkyPilotBackend:
 
     def schedule(self, request: SkyPilotRequest) -> str:
         sky = _sky()
+        clear_stop_request(request.checkpoints_url)  # an old `stop` must not stop this new job
         job_ids, _handle = _call(sky.jobs.launch, request.task, name=request.name)
         job_id = str(job_ids[0]) if job_ids else ""
         registry.record(request.name, backend=BACKEND, checkpoints_url=request.checkpoints_url, job_id=job_id)
@@ -305,23 +363,49 @@ class SkyPilotBackend:
         """By job id: SkyPilot's tail_logs by name only finds jobs still running."""
         sky = _sky()
         job_id, state = self._resolve(name)
-        try:
+        try:  # refresh: a jobs controller that autostopped is started again
             code = sky.jobs.tail_logs(job_id=job_id, follow=follow and not is_terminal(state),
-                                      output_stream=sys.stdout)
+                                      output_stream=sys.stdout, refresh=True)
         except Exception as err:
             raise explain_sky_error(err) from err
         if code:
             sys.exit(code)
 
-    def cancel(self, name: str, *, graceful: bool = True) -> None:
+    def cancel(self, name: str, *, graceful: bool = True, timeout_s: float = GRACEFUL_TIMEOUT_S) -> None:
+        """Graceful: the stop request first (the nodes save, commit and exit 0), then the cancel."""
         sky = _sky()
         job_id, state = self._resolve(name)
         if is_terminal(state):
             raise AlreadyFinished(f"{name} (managed job {job_id}) already finished: {state}; nothing to stop")
-        if graceful:
-            _call(sky.jobs.cancel, job_ids=[job_id], graceful=True, graceful_timeout=GRACEFUL_TIMEOUT_S)
-        else:
-            _call(sky.jobs.cancel, job_ids=[job_id])
+        url = (registry.lookup(name) or {}).get("checkpoints_url")
+        if graceful and url and state == "RUNNING":
+            print(f"asking the nodes of {name} to save and stop ({stop_request_url(url)})", flush=True)
+            write_stop_request(url, deadline_s=timeout_s)
+            state = self._wait_for_nodes(name, url, timeout_s)
+            if is_terminal(state):
+                clear_stop_request(url)
+                raise AlreadyFinished(f"{name}: the nodes saved and exited; managed job {job_id} {state}")
+        _call(sky.jobs.cancel, job_ids=[job_id])
+        if url:
+            clear_stop_request(url)
+
+    def _wait_for_nodes(self, name: str, url: str, timeout_s: float) -> str | None:
+        """Until every node's latest run has exited (run ledger) or the job ended; returns the job state."""
+        from supervisor.ledger.journal import read_events
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            _job_id, state = self._resolve(name)
+            if is_terminal(state):
+                return state
+            events, _problems = read_events(ledger_url(url))
+            if nodes_exited(events):
+                print(f"the nodes of {name} saved and exited; cancelling", flush=True)
+                return state
+            if time.monotonic() > deadline:
+                print(f"the nodes of {name} did not report a save within {timeout_s:.0f} s; cancelling", flush=True)
+                return state
+            time.sleep(STOP_POLL_S)
 
     def _resolve(self, name: str) -> tuple[int, str | None]:
         recorded = (registry.lookup(name) or {}).get("job_id")
@@ -345,9 +429,52 @@ def find_job(records: list[dict[str, Any]], name: str, recorded_id: str | int | 
     raise SuperviseError(f"no SkyPilot managed job named {name!r}; see `sky jobs queue`")
 
 
+def nodes_exited(events: list) -> bool:
+    """Every node's latest start (`node_start`, one writer per node) has an `exit` after it."""
+    latest: dict[str, Any] = {}
+    for e in events:
+        if e.kind == "node_start":
+            latest[e.writer] = e
+    if not latest:
+        return False
+    wanted = max(int(e.get("num_nodes", 1)) for e in latest.values())
+    done = {e.writer for e in events if e.kind == "exit" and e.writer in latest
+            and e.incarnation == latest[e.writer].incarnation}
+    return len(done) >= wanted
+
+
+def write_stop_request(checkpoints_url: str, *, deadline_s: float) -> None:
+    from supervisor.store.fs import Store
+
+    folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
+    body = {"requested_at": time.time(), "deadline_s": deadline_s, "by": "supervise stop"}
+    Store(folder).put(json.dumps(body).encode(), leaf)
+
+
+def clear_stop_request(checkpoints_url: str) -> None:
+    from supervisor.store.fs import Store
+
+    folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
+    store = Store(folder)
+    store.rm([store.path(leaf)])
+
+
+# What status/stop/logs read from the queue; queue_v2's default fields drop failure_reason.
+QUEUE_FIELDS = ["job_id", "task_id", "job_name", "task_name", "status", "recovery_count", "failure_reason",
+                "submitted_at", "end_at"]
+
+
 def _queue() -> list[dict[str, Any]]:
+    """The managed-job queue; a jobs controller that autostopped is started again (refresh)."""
     sky = _sky()
-    result = _call(sky.jobs.queue_v2, refresh=False, skip_finished=False)
+    from sky import exceptions
+
+    try:
+        result = sky.stream_and_get(sky.jobs.queue_v2(refresh=False, skip_finished=False, fields=QUEUE_FIELDS))
+    except exceptions.ClusterNotUpError:  # stopped controller: only refresh=True brings it back
+        result = _call(sky.jobs.queue_v2, refresh=True, skip_finished=False, fields=QUEUE_FIELDS)
+    except Exception as err:  # SkyPilot raises many unrelated types; all become one line
+        raise explain_sky_error(err) from err
     records = result[0] if isinstance(result, tuple) else result
     return [rec if isinstance(rec, dict) else rec.model_dump() for rec in records]
 

@@ -45,6 +45,7 @@ class NodeTask:
     resources: Resources = field(default_factory=Resources)  # what to ask a cloud for
     checkpoint: Checkpoint | None = None  # bucket, mount mode and path (backends that mount)
     files: dict[str, str] = field(default_factory=dict)  # node folder -> local folder to ship (the supervise wheel)
+    forward_aws_session: bool = False  # the launching shell's AWS session keys go to the nodes (spec's switch)
 
 
 def render(spec: JobSpec) -> NodeTask:
@@ -66,4 +67,5 @@ def render(spec: JobSpec) -> NodeTask:
         resources=spec.resources.model_copy(deep=True),
         checkpoint=spec.checkpoint.model_copy(deep=True),
         files=shipped_files(built),
+        forward_aws_session=spec.forward_aws_session,
     )
