@@ -42,6 +42,7 @@ def _root(
 def _register() -> None:
     """Attach each package's commands. Packages import nothing from here."""
     from supervisor.demo import demo_command
+    from supervisor.drill import drill_command
     from supervisor.launch.cli import register as register_launch
     from supervisor.ledger.cli import report_command
     from supervisor.node.cli import node
@@ -50,6 +51,7 @@ def _register() -> None:
     register_launch(app)  # start, status, logs, stop
     app.command("report")(report_command)
     app.command("demo")(demo_command)
+    app.command("drill")(drill_command)
     app.command("node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(node)
     app.add_typer(checkpoints_app, name="checkpoints", help="Inspect and manage the verified checkpoint catalog.")
 

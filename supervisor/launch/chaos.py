@@ -33,6 +33,9 @@ class ChaosEvent:
     at_step: int  # fires once the job's training step reaches this
     node: int = 0
     deadline_s: float | None = None  # notice only: seconds the "cloud" grants
+    # live kinds only: wait for step `at_step`'s save to be in flight (its objects
+    # in the bucket, no commit marker yet) instead of firing once the step is reached
+    during_save: bool = False
 
     def describe(self) -> str:
         what = {
@@ -42,7 +45,8 @@ class ChaosEvent:
             "corrupt": "corrupt newest checkpoint",
         }[self.kind]
         where = "" if self.kind == "corrupt" else f" node {self.node}"
-        return f"{what}{where} at step {self.at_step}"
+        when = f"during the save of step {self.at_step}" if self.during_save else f"at step {self.at_step}"
+        return f"{what}{where} {when}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,16 +111,43 @@ def random_plan(*, steps: int, num_nodes: int, seed: int, count: int = 3, kinds:
     return [ChaosEvent(rng.choice(kinds), s, rng.randrange(num_nodes)) for s in picks]
 
 
-def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool) -> list[int]:
-    """Indices of plan events whose step has been reached and that have not fired,
-    in plan order; `live` picks the kinds fired while nodes run, else `corrupt`."""
+def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool,
+        saving: frozenset[int] | set[int] = frozenset()) -> list[int]:
+    """Indices of plan events that are due and have not fired, in plan order; `live`
+    picks the kinds fired while nodes run, else `corrupt`. An event is due once the
+    job's step reaches its step, or, `during_save`, once that step's save is in
+    flight (`saving`: steps whose save has objects in the bucket and no commit yet)."""
     if step is None:
         return []
     return [
         i
         for i, ev in enumerate(plan)
-        if i not in fired and step >= ev.at_step and (ev.kind in LIVE_KINDS) == live
+        if i not in fired and (ev.kind in LIVE_KINDS) == live
+        and (ev.at_step in saving if ev.during_save else step >= ev.at_step)
     ]
+
+
+def watched_saves(plan: list[ChaosEvent], fired: set[int], step: int | None) -> list[int]:
+    """Steps whose save a pending `during_save` event waits for, once training is one
+    step short of them (the save of step N runs before step N's heartbeat)."""
+    if step is None:
+        return []
+    return sorted({ev.at_step for i, ev in enumerate(plan)
+                   if i not in fired and ev.during_save and step >= ev.at_step - 1})
+
+
+def save_in_progress(checkpoints_url: str, step: int) -> bool:
+    """Step `step`'s save has put objects in the bucket and its commit marker is not
+    there yet: read through the store API (a listing of one folder)."""
+    from supervisor.errors import SuperviseError
+    from supervisor.store.fs import Store
+    from supervisor.store.manifest import COMMIT
+
+    try:
+        names = Store(checkpoints_url).listdir(f"step-{step}")
+    except SuperviseError:  # a drill's trigger must not take the job down; try again next poll
+        return False
+    return bool(names) and COMMIT not in names
 
 
 # ---- actions -----------------------------------------------------------------

@@ -159,6 +159,13 @@ class Controller:
         steps = [step for node in nodes for step in heartbeat_steps(node.run_dir).values()]
         return max(steps, default=None)
 
+    def saving(self, step: int | None) -> set[int]:
+        """Steps a during-save chaos event waits for whose save is in flight now."""
+        if not self.job.checkpoints_url:
+            return set()
+        return {s for s in chaos.watched_saves(self.plan, self.fired, step)
+                if chaos.save_in_progress(self.job.checkpoints_url, s)}
+
     def fire(self, i: int, inc: int, nodes: list[Node], step: int | None) -> None:
         ev = self.plan[i]
         self.fired.add(i)
@@ -193,6 +200,7 @@ class Controller:
         """Until the incarnation is over; returns True when a stop was requested."""
         last_hb = 0.0
         first_exit = None
+        step = None  # this incarnation's, from its heartbeats
         while True:
             procs.reap_orphans({n.proc.pid for n in nodes})
             for node in nodes:
@@ -218,16 +226,19 @@ class Controller:
             if self.stop_requested is not None:
                 self.stop(nodes, graceful=bool(self.stop_requested.get("graceful", True)))
                 return True
-            if time.monotonic() - last_hb > HEARTBEAT_EVERY_S:
+            fresh = time.monotonic() - last_hb > HEARTBEAT_EVERY_S
+            if fresh:
                 last_hb = time.monotonic()
                 step = self.step(nodes)
                 if step is not None and step != self.state.get("step"):
                     if self.state.get("state") != RUNNING and inc > 0:
                         self.emit("recovery_finished", inc, step=step)
                     self.save(step=step, state=RUNNING)
-                if first_exit is None:  # a node is already leaving: let the incarnation end as it is
-                    for i in chaos.due(self.plan, self.fired, step, live=True):
-                        self.fire(i, inc, nodes, step)
+            # Step-triggered chaos on each heartbeat read, save-triggered chaos on every poll;
+            # none once a node is leaving (let the incarnation end as it is).
+            if first_exit is None and (fresh or chaos.watched_saves(self.plan, self.fired, step)):
+                for i in chaos.due(self.plan, self.fired, step, live=True, saving=self.saving(step)):
+                    self.fire(i, inc, nodes, step)
             time.sleep(POLL_S)
 
     def stop(self, nodes: list[Node], *, graceful: bool) -> None:
