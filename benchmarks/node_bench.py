@@ -2,8 +2,11 @@
 
 1. steps lost per preemption, with and without notice, `supervise node` vs plain
    TorchTitan (its own train.main under torchrun) under the same kills;
-2. wrapper overhead on a restart: `supervise node` start -> torchrun start (catalog
-   lookup included), as a fraction of start -> first training step;
+2. wrapper overhead on a restart, side by side: start -> first training step under
+   `supervise node` vs plain torchrun running the very command (and environment)
+   the wrapper would run, alternated; the difference as a fraction of the wrapper's
+   start -> first step, plus the wrapper's own start -> command handed to torchrun
+   (`wrapper_overhead_s` in the ledger; torchrun imports torch meanwhile);
 3. notice -> committed checkpoint, vs the DCP save time alone.
 
 Checkpoints go to a local SeaweedFS S3 server. Numbers are printed and written to
@@ -82,6 +85,10 @@ def heartbeat_step(run_dir: Path) -> int:
     return max(heartbeat_steps(run_dir).values(), default=0)
 
 
+def first_beat(run_dir: Path) -> float:
+    return min(f.stat().st_mtime for f in (run_dir / "heartbeat").glob("rank-*.json"))
+
+
 def log_step(log: Path) -> int:
     found = STEP_RE.findall(log.read_text(errors="replace")) if log.exists() else []
     return int(found[-1]) if found else 0
@@ -132,6 +139,21 @@ class Bench:
         resumed = self.resume_step(url)
         return {"stopped_after_step": at, "resumes_from": resumed, "steps_lost": max(0, at - resumed)}
 
+    def plain_restart(self, url: str, run_dir: Path, log: Path) -> float:
+        """Start -> first step of plain torchrun on the command `supervise node` would run now."""
+        out = subprocess.run([SUPERVISE, "node", "--dry-run", "--json", "--checkpoints", url, "--master-port",
+                              str(free_port()), "--", *self.titan_args(self.work / "dump")],
+                             env=self.env, capture_output=True, text=True, check=True)  # fmt: skip
+        plan = json.loads(out.stdout)
+        env = {**self.env, **plan["env"], "SUPERVISE_RUN_DIR": str(run_dir), "SUPERVISE_INCARNATION": run_dir.name}
+        t0 = time.time()
+        proc = subprocess.Popen(plan["command"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        wait_for(lambda: heartbeat_step(run_dir) >= 1)
+        first = first_beat(run_dir) - t0
+        vanish(tree(proc.pid))
+        return first
+
     # --- plain TorchTitan ---------------------------------------------------------
 
     def plain_loss(self, notice: bool) -> dict:
@@ -174,21 +196,19 @@ class Bench:
         wait_for(lambda: heartbeat_step(run_dir) >= self.args.kill_at)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(300)
-        # Restarts: time to torchrun start vs time to first step (catalog lookup included).
-        fractions, overheads, first_steps = [], [], []
+        # Restarts, alternated: supervise node vs plain torchrun on the command it would run.
+        node_first, plain_first = [], []
         for i in range(self.args.restarts):
             run_dir = self.work / f"ovh-run-{i + 2}"
             t0 = time.time()
             proc = self.start_node(url, run_dir, log)
-            torchrun = wait_for(lambda: next((p for p in tree(proc.pid)[1:] if "torchrun" in " ".join(p.cmdline())), None))
-            t_torchrun = torchrun.create_time()
             wait_for(lambda: heartbeat_step(run_dir) >= 1)
-            beat = min(f.stat().st_mtime for f in (run_dir / "heartbeat").glob("rank-*.json"))
+            node_first.append(first_beat(run_dir) - t0)
             vanish(tree(proc.pid))
-            overheads.append(t_torchrun - t0)
-            first_steps.append(beat - t0)
-            fractions.append((t_torchrun - t0) / (beat - t0))
+            plain_first.append(self.plain_restart(url, self.work / f"ovh-plain-{i + 2}", log))
         events, _ = read_events(ledger_url(url))
+        handed = [e.get("wrapper_overhead_s") for e in events if e.kind == "trainer_start"][1:]  # restarts only
+        node_s, plain_s = statistics.median(node_first), statistics.median(plain_first)
         events.sort(key=lambda e: e.t)
         notice = next((e for e in events if e.kind == "notice"), None)
         committed = next((e for e in events if notice and e.kind == "checkpoint_committed" and e.t >= notice.t), None)
@@ -197,9 +217,12 @@ class Bench:
         notice_save = next((e.get("duration_s") for e in events
                             if notice and e.kind == "checkpoint_saved" and e.t >= notice_t), None)  # fmt: skip
         return {
-            "restart_overhead_s": statistics.median(overheads),
-            "restart_time_to_first_step_s": statistics.median(first_steps),
-            "restart_overhead_fraction": statistics.median(fractions),
+            "restart_first_step_s_supervised": node_s,
+            "restart_first_step_s_plain_torchrun": plain_s,
+            "restart_overhead_s": node_s - plain_s,
+            "restart_overhead_fraction": (node_s - plain_s) / node_s,
+            "wrapper_start_to_command_s": statistics.median(handed) if handed else None,
+            "restarts_measured": len(node_first),
             "notice_to_commit_s": (committed.t - notice_t) if committed else None,
             "notice_dcp_save_s": notice_save,
             "dcp_save_s_median": statistics.median(saves) if saves else None,

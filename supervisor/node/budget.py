@@ -23,9 +23,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from supervisor.exitcodes import ExitCode
 from supervisor.titan_config import strip_node_owned
+
+if TYPE_CHECKING:
+    from supervisor.store.fs import Store
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +121,8 @@ def end(record: dict, incarnation: str, code: int, reason: str, step: int | None
 class RestartRecord:
     """`<checkpoints>/_supervise/restarts.json`, read and written through the catalog's store."""
 
-    def __init__(self, checkpoints: str):
-        from supervisor.store.fs import Store
-
-        self.store = Store(checkpoints)
+    def __init__(self, store: Store):
+        self.store = store  # the catalog's: one client, one retry policy
         self.url = self.store.url_of(RECORD_DIR, RECORD_NAME)
 
     def load(self) -> dict | None:

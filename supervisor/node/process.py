@@ -41,9 +41,9 @@ def _child_setup() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start(argv: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.Popen:
+def start(argv: list[str], env: dict[str, str], cwd: str | None = None, stdin=None) -> subprocess.Popen:
     """torchrun in a new session (a signal to our group does not reach it; we decide)."""
-    return subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True, preexec_fn=_child_setup)
+    return subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, start_new_session=True, preexec_fn=_child_setup)
 
 
 def descendants() -> list[psutil.Process]:

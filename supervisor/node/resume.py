@@ -18,10 +18,14 @@ import os
 import posixpath
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 from supervisor.titan_config import arg_value, model_problem, split_flag, strip_node_owned
+
+if TYPE_CHECKING:
+    from supervisor.store.catalog import Catalog
 
 _DUMP_FLAGS = ("--dump_folder", "--dump-folder", "--job.dump_folder")
 
@@ -115,14 +119,12 @@ def store_errors(checkpoints: str):
         raise SuperviseError(f"checkpoint store {checkpoints}: {type(err).__name__}: {err}", code) from err
 
 
-def decide(checkpoints: str) -> ResumePlan:
+def decide(catalog: Catalog) -> ResumePlan:
     """Ask the catalog for the newest verified step (it quarantines failing ones)."""
-    from supervisor.store.catalog import Catalog
-
-    with store_errors(checkpoints):
-        latest = Catalog(checkpoints).latest()
+    with store_errors(catalog.url):
+        latest = catalog.latest()
     return ResumePlan(
-        checkpoints=checkpoints,
+        checkpoints=catalog.url,
         step=latest.step,
         reason=latest.describe(),
         skipped=[(int(s), str(r)) for s, r in (latest.skipped or [])],

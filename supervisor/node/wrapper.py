@@ -13,6 +13,7 @@ survives it, and the exit code says what the managed job should do next
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -39,7 +40,15 @@ from supervisor.node.resume import (
     store_errors,
     validate_trainer_args,
 )
-from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE, Topology, topology_from_env, torchrun_argv
+from supervisor.node.torchrun import (
+    DEFAULT_MASTER_PORT,
+    DEFAULT_TRAINER_MODULE,
+    Topology,
+    prestart_argv,
+    topology_from_env,
+    torchrun_argv,
+    torchrun_executable,
+)
 from supervisor.node.watchdog import Watchdog
 from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, strip_node_owned
 from supervisor.runtime import (
@@ -61,6 +70,7 @@ from supervisor.runtime import (
 
 if TYPE_CHECKING:
     from supervisor.ledger.interval import IntervalChoice
+    from supervisor.store.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,7 @@ class Plan:
     command: list[str]
     env: dict[str, str]  # the SUPERVISE_* names added to the trainer's environment
     interval: IntervalChoice | None = None  # checkpoint.interval auto: what was chosen and why
+    catalog: Catalog | None = field(default=None, repr=False)  # the one store client of this start
 
     def describe(self) -> str:
         if self.resume.step is None:
@@ -121,8 +132,11 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     environ = dict(os.environ if environ is None else environ)
     validate_trainer_args(trainer_args)
     topo = topology_from_env(environ, nproc_per_node=opts.nproc_per_node, master_port=opts.master_port)
+    from supervisor.store.catalog import Catalog
+
     url = checkpoint_url(trainer_args, opts.checkpoints)
-    resume = decide(url)
+    catalog = Catalog(url)
+    resume = decide(catalog)
     choice = None
     if opts.interval_auto:  # Young/Daly from the run's ledger (supervisor.ledger.interval)
         from supervisor.ledger.interval import for_run
@@ -138,7 +152,7 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     }
     if opts.commit_wait_s is not None:  # 0 is a choice (no wait), not "unset"
         env[ENV_COMMIT_WAIT_S] = f"{opts.commit_wait_s:g}"
-    return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env, interval=choice)
+    return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env, interval=choice, catalog=catalog)
 
 
 def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, hang: str | None) -> tuple[int, str]:
@@ -210,14 +224,13 @@ def _say(line: str) -> None:
     print(f"supervise node: {line}", flush=True)
 
 
-def _prove_commit_support(url: str) -> None:
+def _prove_commit_support(catalog: Catalog) -> None:
     """The store canary (owner: store): a store that cannot refuse a second create
     cannot keep two writers from both committing a step -- a config error (78)."""
-    from supervisor.errors import SuperviseError
-    from supervisor.store.catalog import Catalog, StoreInputError, StoreUnreachable
+    from supervisor.store.catalog import StoreInputError, StoreUnreachable
 
     try:
-        Catalog(url).prove_conditional_create()
+        catalog.prove_conditional_create()
     except StoreUnreachable as err:
         raise SuperviseError(str(err), ExitCode.RETRYABLE) from err
     except StoreInputError as err:
@@ -227,9 +240,9 @@ def _prove_commit_support(url: str) -> None:
 class _Record:
     """This start's view of the restart record; node rank 0 alone writes it."""
 
-    def __init__(self, url: str, trainer_args: list[str], step: int | None, incarnation: str, writer: bool):
-        self.io = budget.RestartRecord(url)
-        with store_errors(url):
+    def __init__(self, catalog: Catalog, trainer_args: list[str], step: int | None, incarnation: str, writer: bool):
+        self.io = budget.RestartRecord(catalog.store)
+        with store_errors(catalog.url):
             stored = self.io.load()
         self.data = budget.close_open(budget.for_config(stored, budget.config_hash(trainer_args)), step)
         self.incarnation, self.step, self.writer = incarnation, step, writer
@@ -252,12 +265,10 @@ def _titan_version() -> str:
         return "?"
 
 
-def _newest_step(url: str) -> int | None:
+def _newest_step(catalog: Catalog) -> int | None:
     """The newest committed step now (the record's end of an incarnation); None if unknown."""
-    from supervisor.store.catalog import Catalog
-
     try:
-        return Catalog(url).latest().step
+        return catalog.latest().step
     except (SuperviseError, OSError, ValueError) as err:
         log.warning("newest checkpoint at exit unknown: %s", err)
         return None
@@ -266,23 +277,19 @@ def _newest_step(url: str) -> int | None:
 def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
     t0 = time.monotonic()
-    plan = make_plan(opts, trainer_args)
-    _prove_commit_support(plan.env[ENV_CHECKPOINTS])
-    topo = plan.topology
-    incarnation = _incarnation(opts)
-    url = plan.env[ENV_CHECKPOINTS]
-    record = _Record(url, trainer_args, plan.resume.step, incarnation, writer=topo.node_rank == 0)
-    verdict = budget.decide_start(record.data, plan.resume.step, opts.max_restarts_without_progress)
-    if verdict.give_up:
-        if verdict.earlier:
-            raise SuperviseError(
-                f"{verdict.reason} (recorded by an earlier start of this config; change the config, "
-                f"or delete {record.io.url} to try it again)", ExitCode.USER_ERROR,
-            )  # fmt: skip
-        budget.end(budget.begin(record.data, incarnation, plan.resume.step), incarnation,
-                   ExitCode.USER_ERROR, verdict.reason, plan.resume.step)  # fmt: skip
-        record.save()
-        raise SuperviseError(verdict.reason, ExitCode.USER_ERROR)
+    process.become_subreaper()
+    # torchrun starts now and imports torch (seconds) while the catalog decides; it
+    # waits for its command on stdin (torchrun.prestarted).
+    early = process.start(prestart_argv(), dict(os.environ), stdin=subprocess.PIPE)
+    try:
+        plan = make_plan(opts, trainer_args)
+        topo = plan.topology
+        incarnation = _incarnation(opts)
+        record = _Record(plan.catalog, trainer_args, plan.resume.step, incarnation, writer=topo.node_rank == 0)
+        _give_up_if_recorded(record, plan.resume.step, incarnation, opts.max_restarts_without_progress)
+    except BaseException:
+        process.kill_all(grace_s=0)
+        raise
     _say(plan.describe())
     run_dir = _fresh_run_dir(opts, incarnation, topo.node_rank)
     env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation}
@@ -304,13 +311,13 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         on_notice(Notice(signal.Signals(signum).name.lower(), time.time(), None))
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    process.become_subreaper()
     watcher = NoticeWatcher(
         on_notice,
         notice_file=Path(opts.notice_file) if opts.notice_file else None,
         cloud=opts.cloud,
         urls=cloud_urls(opts.metadata_urls),
         poll_s=opts.notice_poll_s,
+        stop_url=stop_request_url(plan.env[ENV_CHECKPOINTS]),
     )
     # TorchTitan's own parser, beside torchrun rather than before it: it costs what
     # the trainer's own start costs (torch + model code), so it must not delay a good start.
@@ -318,13 +325,19 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck()
     rc: int | None = None
     hang: str | None = None
-    bad_args: str | None = None
+    stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
     try:
         if checker is not None:
             checker.submit(strip_node_owned(trainer_args))
-        proc = process.start(plan.command, env)
+        proc = _release(early, plan.command, {k: v for k, v in env.items() if os.environ.get(k) != v})
         overhead_s = round(time.monotonic() - t0, 3)
-        # Store round trips (record, ledger): after torchrun is on its way, not before.
+        # Store round trips (canary, record, ledger): after torchrun is on its way, not
+        # before; the ranks take seconds to import torch, longer than any of these.
+        try:
+            _prove_commit_support(plan.catalog)
+        except SuperviseError as err:
+            stop = (err.exit_code, str(err))
+            _say(f"{err}; stopping the workers")
         budget.begin(record.data, incarnation, plan.resume.step)
         record.save()
         journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
@@ -338,7 +351,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         dog = Watchdog(hang_timeout_s=opts.hang_timeout_s, startup_timeout_s=opts.startup_timeout_s, now=time.monotonic())
         give_up_at: float | None = None
         reported = False
-        while rc is None:
+        while rc is None and stop is None:
             try:
                 rc = proc.wait(TICK_S)
             except subprocess.TimeoutExpired:
@@ -349,7 +362,8 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                     checker.close()
                     checker = None
                 if state == "rejected":
-                    _say(f"TorchTitan rejects the trainer arguments: {bad_args}; stopping the workers")
+                    stop = (ExitCode.USER_ERROR, f"TorchTitan rejects the trainer arguments: {bad_args}")
+                    _say(f"{stop[1]}; stopping the workers")
                     break
                 if state == "accepted":
                     record.data["args_ok"] = titan_version
@@ -375,28 +389,55 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         if checker is not None:
             checker.close()
         watcher.stop()
-        process.kill_all(grace_s=0 if (hang or bad_args) else 5.0)
+        process.kill_all(grace_s=0 if (hang or stop) else 5.0)
         for s, handler in old.items():
             signal.signal(s, handler)
 
     outcome = read_json(run_dir / OUTCOME_FILE)
     notice = notices[0] if notices else None
-    if bad_args:
-        code, reason = ExitCode.USER_ERROR, f"TorchTitan rejects the trainer arguments: {bad_args}"
+    if stop:
+        code, reason = stop
     else:
         code, reason = exit_decision(outcome, rc, notice, hang)
-    if outcome and outcome.get("outcome", "").startswith("preempted"):
+    if outcome and outcome.get("outcome", "").startswith("preempted") and (notice is None or notice.source != "stop"):
         saved = outcome.get("outcome") == "preempted_saved"
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
     journal.emit("exit", code=int(code), reason=reason)
     if record.writer:
-        end_step = plan.resume.step if bad_args else _newest_step(url)
+        end_step = plan.resume.step if stop else _newest_step(plan.catalog)
         budget.end(record.data, incarnation, code, reason, end_step)
         record.save()
     _say(f"exit {int(code)}: {reason}")
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
         shutil.rmtree(run_dir, ignore_errors=True)
     return int(code)
+
+
+def _give_up_if_recorded(record: _Record, step: int | None, incarnation: str, limit: int) -> None:
+    """78 before anything trains: a recorded 78 for this config, or K restarts without progress."""
+    verdict = budget.decide_start(record.data, step, limit)
+    if not verdict.give_up:
+        return
+    if verdict.earlier:
+        raise SuperviseError(
+            f"{verdict.reason} (recorded by an earlier start of this config; change the config, "
+            f"or delete {record.io.url} to try it again)", ExitCode.USER_ERROR,
+        )  # fmt: skip
+    budget.end(budget.begin(record.data, incarnation, step), incarnation, ExitCode.USER_ERROR, verdict.reason, step)
+    record.save()
+    raise SuperviseError(verdict.reason, ExitCode.USER_ERROR)
+
+
+def _release(early: subprocess.Popen, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Hand the prestarted torchrun its command (the args after the torchrun executable)."""
+    prefix = torchrun_executable()
+    assert command[: len(prefix)] == prefix, command
+    try:
+        early.stdin.write((json.dumps({"argv": command[len(prefix) :], "env": env}) + "\n").encode())
+        early.stdin.close()
+    except BrokenPipeError:
+        pass  # it died importing torch: its exit code says so, as torchrun's would
+    return early
 
 
 def _verdict(checker: TitanArgsCheck, wait_s: float) -> tuple[str, str | None]:
