@@ -161,3 +161,15 @@ def test_no_launch_event_means_cost_unknown(tmp_path):
     report = build_report(str(tmp_path / "_ledger"))
     assert report["cost"] is None
     assert build_report(str(tmp_path / "_ledger"), spot_price=1.0, on_demand_price=2.0)["cost"]["spot_usd"] >= 0
+
+
+def test_report_target_chooses_the_backend_record(tmp_path, monkeypatch):
+    from supervisor import registry
+    from supervisor.ledger.cli import backend_events_of
+
+    monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path))
+    registry.record("local-run", backend="local", checkpoints_url=str(tmp_path / "ck"), job_id="local-1")
+    registry.record("sky-run", backend="skypilot", checkpoints_url="s3://b/sky-run", job_id="")
+    assert backend_events_of("local-run") is None and backend_events_of("s3://b/sky-run") is None
+    events, problems = backend_events_of("sky-run")
+    assert events == [] and "no SkyPilot job id recorded" in problems[0]
