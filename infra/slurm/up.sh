@@ -3,13 +3,13 @@
 #   slurmctld + slurmd (Debian slurm-wlm, auth/none: no munge), one node on 127.0.0.1,
 #   an sshd on 127.0.0.1:$SUPERVISE_SLURM_SSH_PORT as the login node for an
 #   unprivileged user, ~/.slurm/config + ~/.sky/config.yaml in an isolated HOME,
-#   the offline stand-ins for the two downloads SkyPilot's node set-up makes, a
-#   local wheelhouse with this repo's wheel, and `sky api start`.
+#   the offline stand-ins for the two downloads SkyPilot's node set-up makes,
+#   and `sky api start`. supervise itself reaches the node the way it does on a
+#   cloud: `supervise start` ships its wheel with the job (a file_mounts entry).
 # Needs root and `sky` on PATH (the project's venv). Undo with down.sh.
 # Prints the seconds each phase took; a failing phase stops the script.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 . "$here/common.sh"
 S="$SUPERVISE_SLURM_DIR"; U="$SUPERVISE_SLURM_USER"; P="$SUPERVISE_SLURM_SSH_PORT"; H="$SUPERVISE_SLURM_SKY_HOME"
 [ "$(id -u)" = 0 ] || { echo "up.sh: needs root (starts slurmd and sshd)" >&2; exit 1; }
@@ -22,27 +22,45 @@ bash "$here/install.sh"; phase "packages"
 # -- the login-node user and the state folder -----------------------------------
 id "$U" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$U"
 usermod -p '*' "$U"  # not locked (sshd refuses '!'), still no password: key auth only
-install -d -m 755 "$S" "$S/bin" "$S/slurm" "$S/ssh" "$S/wheelhouse"
+install -d -m 755 "$S" "$S/bin" "$S/slurm" "$S/ssh"
 install -d -m 700 "$S/slurm/state" "$S/slurm/spool"
 install -d -m 700 "$H" "$H/.ssh" "$H/.slurm" "$H/.sky"
 
 # -- offline stand-ins for SkyPilot's node set-up ----------------------------------
 # It runs `curl -LsSf https://astral.sh/uv/install.sh | sh` and `uv venv --python 3.10`;
 # neither astral.sh nor python downloads are reachable. The uv binary is PyPI's.
+# This machine has Python 3.11 only. The stand-in gives a request for 3.11 the system
+# python3 (what uv would download), and 3.10 only to SkyPilot's own runtime venv
+# (~/skypilot-runtime; SkyPilot runs on 3.11 too). Any other 3.10 request -- or a venv
+# with no --python, which on the clouds' Ubuntu 22.04 images is 3.10 -- fails, as
+# TorchTitan 0.3.0 (Requires-Python >= 3.11) would there: this test must not hide it.
 [ -x "$S/uv/bin/uv" ] || "$py" -m pip install --quiet --disable-pip-version-check --target "$S/uv" uv
 cat > "$S/bin/uv" <<EOF
 #!/bin/sh
-# uv that never downloads a python: \`--python 3.10\` becomes the system python3.
 export UV_PYTHON_DOWNLOADS=never
 # The machine reaches PyPI through a TLS proxy whose CA is in the system store only.
 export UV_SYSTEM_CERTS=true
-prev=
-for a do
-  shift
-  case "\$prev:\$a" in --python:3.10) a=/usr/bin/python3 ;; esac
-  case "\$a" in --python=3.10) a=--python=/usr/bin/python3 ;; esac
-  set -- "\$@" "\$a"; prev=\$a
-done
+if [ "\$1" = venv ]; then
+  want=; target=; prev=
+  for a do
+    case "\$prev" in --python) want=\$a ;; esac
+    case "\$a" in --python=*) want=\${a#--python=} ;; -*) ;; *) [ "\$prev" = --python ] || [ "\$a" = venv ] || target=\$a ;; esac
+    prev=\$a
+  done
+  case "\$want:\$target" in
+    3.11:*|3.11.*:*|/*:*) ;;
+    3.10:*skypilot-runtime) ;;
+    *) echo "uv stand-in: error: no Python \${want:-(default: the image's python3, 3.10 on Ubuntu 22.04)} for \$target here; on the clouds' default images that is 3.10, where TorchTitan 0.3.0 (Requires-Python >=3.11) cannot be installed" >&2
+       exit 2 ;;
+  esac
+  prev=
+  for a do
+    shift
+    case "\$prev:\$a" in --python:3.10|--python:3.11) a=/usr/bin/python3 ;; esac
+    case "\$a" in --python=3.10|--python=3.11) a=--python=/usr/bin/python3 ;; esac
+    set -- "\$@" "\$a"; prev=\$a
+  done
+fi
 PYTHONPATH= exec "$S/uv/bin/uv" "\$@"
 EOF
 cat > "$S/bin/uv-install.sh" <<EOF
@@ -63,26 +81,20 @@ exec /usr/bin/curl "\$@"
 EOF
 chmod 755 "$S/bin/uv" "$S/bin/uv-install.sh" "$S/bin/curl"
 
-# The node installs `supervise` with pip like on a cloud VM; this wheelhouse
-# (this repo's wheel) stands in for PyPI, found through PIP_FIND_LINKS.
-rm -f "$S"/wheelhouse/supervise-*.whl
-"$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$S/wheelhouse" "$repo" >"$S/wheel-build.log" 2>&1 \
-  || { cat "$S/wheel-build.log" >&2; exit 1; }
-chmod 644 "$S"/wheelhouse/*.whl
-phase "offline wrappers, uv, wheelhouse"
+phase "offline wrappers, uv"
 
 # The login shell of $U (bash --login) must find the wrappers and the Slurm config;
 # srun passes this environment on to every step on the node.
 uhome="$(getent passwd "$U" | cut -d: -f6)"
 marker="# supervise-slurm"
-# The env var replaces pip.conf's find-links: keep the machine's own ones (on this
-# kind of machine, the local torch CPU wheel) next to the wheelhouse.
+# The machine's own pip find-links (on this kind of machine, the local torch CPU
+# wheel: `torch==2.13.0` from PyPI would be a multi-GB CUDA build). Nothing of ours.
 machine_links="$("$py" -m pip config get global.find-links 2>/dev/null | tr '\n' ' ' || true)"
 sed -i "/$marker/d" "$uhome/.profile" 2>/dev/null || true
 {
   echo "export PATH=\"$S/bin:\$PATH\" $marker"
   echo "export SLURM_CONF=\"$SLURM_CONF\" $marker"
-  echo "export PIP_FIND_LINKS=\"$S/wheelhouse $machine_links\" $marker"
+  [ -z "$machine_links" ] || echo "export PIP_FIND_LINKS=\"$machine_links\" $marker"
   # SkyPilot gives every cluster a fresh HOME; keep pip's cache in the user's own
   # (like SkyPilot's UV_CACHE_DIR) so a recovery does not download torch again.
   echo "export PIP_CACHE_DIR=\"$uhome/.cache/pip\" $marker"

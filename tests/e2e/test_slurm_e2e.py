@@ -1,14 +1,24 @@
 """The real thing, on one machine: `supervise start llama3_debug --infra slurm`
-goes through SkyPilot's `sky jobs launch` onto a local Slurm cluster, TorchTitan
-trains on the Slurm node and checkpoints into a local S3 server (SeaweedFS);
-the test cancels the Slurm allocation mid-run (`scancel`: a preemption), and
-checks that the managed job recovers (RUNNING -> RECOVERING -> RUNNING) on a new
-allocation, that TorchTitan resumes from the last committed step and finishes.
+goes through SkyPilot's `sky jobs launch` onto a local Slurm cluster with the
+task exactly as `start` renders it by default: setup makes a Python 3.11 venv
+with uv and installs the supervise wheel that `start` shipped with the job (no
+wheelhouse, no find-links for our package; torch comes from the machine's local
+CPU wheel), TorchTitan trains on the Slurm node and checkpoints into a local S3
+server (SeaweedFS) under a bucket prefix. Two jobs run side by side:
+
+- "recover": the test cancels its Slurm allocation mid-run (`scancel`: a
+  preemption without notice) and checks that the managed job recovers
+  (RUNNING -> RECOVERING -> RUNNING) on a new allocation, that TorchTitan resumes
+  from the last committed step and finishes, and that `supervise report NAME
+  --json` (the run ledger plus SkyPilot's own record) says SUCCEEDED, 1 recovery,
+  phases that sum to the wall time, starting and ending at SkyPilot's timestamps.
+- "stop": `supervise stop` during training; the nodes save, commit and exit, the
+  job is cancelled, and the final step is committed and deep-verifies.
 
 It prints (and writes to $SUPERVISE_E2E_REPORT, when set) the measured times:
-detection (scancel -> RECOVERING), recovery (RECOVERING -> RUNNING), and the
-node-side view from the run ledger (scancel -> wrapper start / first step).
-No wall-clock time is asserted.
+setup on the first launch vs the recovery, detection (scancel -> RECOVERING),
+recovery (RECOVERING -> RUNNING), scancel -> first step again, stop -> committed,
+and the report's phases next to SkyPilot's timestamps. No wall-clock time is asserted.
 """
 
 from __future__ import annotations
@@ -72,12 +82,69 @@ def _first_after(events, state: str, after: float) -> float | None:
     return next((t for s, t, _ in events if s == state and t >= after), None)
 
 
-def test_slurm_managed_job_recovers_from_scancel_and_resumes(local_slurm, tmp_path, monkeypatch):
+class Job:
+    """One `supervise start` of the debug recipe on the local Slurm."""
+
+    def __init__(self, env: dict[str, str], bucket: str, kind: str, steps: int):
+        self.env, self.kind = env, kind
+        self.name = f"e2e-{kind}-{uuid.uuid4().hex[:6]}"
+        self.url = f"s3://{bucket}/e2e/{self.name}"
+        self.t_launch = time.time()
+        start = _run([
+            SUPERVISE, "start", "llama3_debug", "--infra", "slurm", "--num-nodes", "1", "--name", self.name,
+            "--set", "checkpoint.mode=DIRECT", "--set", f"checkpoint.bucket=s3://{bucket}/e2e",
+            "--set", f"overrides.training.steps={steps}", "--yes",
+        ], env)  # fmt: skip
+        assert start.returncode == 0, f"supervise start failed:\n{start.stdout}\n{start.stderr}"
+        self.job_id = start.stdout.split("launched managed job ", 1)[1].split()[0]
+        self.finished = False
+
+    def first_commit(self, timeout: float = 1500) -> int:
+        from supervisor.store.catalog import Catalog
+
+        deadline, polls = time.monotonic() + timeout, 0
+        while True:
+            assert time.monotonic() < deadline, f"{self.name}: no committed checkpoint; {_status(self.env, self.name)}"
+            step = Catalog(self.url).latest().step
+            if step is not None:
+                return step
+            polls += 1
+            if polls % 15 == 0:
+                state = _status(self.env, self.name).get("state")
+                assert state not in TERMINAL, f"{self.name} ended before its first checkpoint: {state}\n" \
+                                              f"{_logs(self.env, self.job_id)[-3000:]}"
+            time.sleep(2)
+
+    def wait_terminal(self, user: str, timeout: float = 1800) -> tuple[dict, list[str], set[str]]:
+        states, allocations = [], set()
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, f"{self.name} did not finish in time; states seen: {states}"
+            status = _status(self.env, self.name)
+            if status.get("state") and (not states or states[-1] != status["state"]):
+                states.append(status["state"])
+            allocations.update(_slurm_jobs(self.env, user))
+            if status.get("state") in TERMINAL:
+                self.finished = True
+                return status, states, allocations
+            time.sleep(5)
+
+    def cleanup(self, keep: Path) -> None:
+        if not self.finished:  # leave nothing running on a failure
+            _run(["sky", "jobs", "cancel", "-y", self.job_id], self.env, timeout=300)
+        (keep / f"{self.name}.log").write_text(_logs(self.env, self.job_id))
+
+
+def _setups(ledger) -> list[float]:
+    """Setup seconds per node start, in order (the setup script's ledger mark)."""
+    return [round(float(e.get("duration_s")), 1) for e in ledger if e.kind == "setup"]
+
+
+def test_slurm_managed_jobs_recover_from_scancel_stop_with_a_save_and_report(local_slurm, tmp_path, monkeypatch):
     from supervisor.ledger.journal import read_events
     from supervisor.store.catalog import Catalog
     from supervisor.store.local_server import LocalObjectStore
 
-    name = f"e2e-slurm-{uuid.uuid4().hex[:6]}"
     user = local_slurm["SUPERVISE_SLURM_USER"]
     sky_home = local_slurm["SUPERVISE_SLURM_SKY_HOME"]
     with LocalObjectStore(tmp_path / "s3") as store:
@@ -88,65 +155,52 @@ def test_slurm_managed_job_recovers_from_scancel_and_resumes(local_slurm, tmp_pa
             "SLURM_CONF": local_slurm["SLURM_CONF"],
             "SUPERVISE_HOME": str(tmp_path / "supervise-home"),
         }
-        url = f"s3://{store.bucket}/e2e/{name}"
-        times: dict[str, float] = {"launch": time.time()}
-        start = _run([
-            SUPERVISE, "start", "llama3_debug", "--infra", "slurm", "--num-nodes", "1", "--name", name,
-            "--set", "checkpoint.mode=DIRECT", "--set", f"checkpoint.bucket=s3://{store.bucket}/e2e",
-            "--set", f"overrides.training.steps={STEPS}", "--yes",
-        ], env)  # fmt: skip
-        assert start.returncode == 0, f"supervise start failed:\n{start.stdout}\n{start.stderr}"
-        job_id = start.stdout.split("launched managed job ", 1)[1].split()[0]
-        finished = False
+        times: dict[str, float] = {}
+        recover = Job(env, store.bucket, "recover", STEPS)
+        jobs = [recover]
         try:
-            # -- wait for the first committed checkpoint, then preempt -----------------
-            catalog = Catalog(url)
-            deadline = time.monotonic() + 1500
-            seen_step, polls = None, 0
-            while seen_step is None:
-                assert time.monotonic() < deadline, f"no committed checkpoint in time; last status {_status(env, name)}"
+            # the recover job's allocation, known before the second job asks for one
+            deadline = time.monotonic() + 900
+            while not (allocations := _slurm_jobs(env, user)):
+                assert time.monotonic() < deadline, f"no Slurm allocation for {recover.name}"
                 time.sleep(2)
-                polls += 1
-                seen_step = catalog.latest().step
-                if seen_step is None and polls % 15 == 0:
-                    state = _status(env, name).get("state")
-                    assert state not in TERMINAL, f"job ended before its first checkpoint: {state}\n{_logs(env, job_id)[-3000:]}"
+            jobs.append(stop := Job(env, store.bucket, "stop", 100_000))  # trains until stopped
+
+            # -- "recover": first committed checkpoint, then the allocation vanishes --------------
+            recover.first_commit()
             times["first_commit_seen"] = time.time()
-            allocations = _slurm_jobs(env, user)
-            assert allocations, "a checkpoint was committed but the Slurm allocation is gone"
+            assert set(allocations) <= set(_slurm_jobs(env, user)), "the recover job's allocation is gone"
             cancelled = _run(["scancel", *allocations], env, timeout=60)
             times["scancel"] = time.time()
             assert cancelled.returncode == 0, cancelled.stderr
-            step_at_cancel = catalog.latest().step
+            step_at_cancel = Catalog(recover.url).latest().step
 
-            # -- watch SkyPilot bring it back and finish ------------------------------------
-            states, allocations_seen = [], set(allocations)
-            deadline = time.monotonic() + 1800
-            while True:
-                assert time.monotonic() < deadline, f"job did not finish in time; states seen: {states}"
-                status = _status(env, name)
-                if status.get("state") and (not states or states[-1] != status["state"]):
-                    states.append(status["state"])
-                allocations_seen.update(_slurm_jobs(env, user))
-                if status.get("state") in TERMINAL:
-                    finished = True
-                    times["done"] = time.time()
-                    break
-                time.sleep(5)
+            # -- "stop": supervise stop during training saves a final step ------------------------
+            before_stop = stop.first_commit()
+            times["stop_requested"] = time.time()
+            stopped = _run([SUPERVISE, "stop", stop.name], env, timeout=1200)
+            times["stop_returned"] = time.time()
+            assert stopped.returncode == 0, f"{stopped.stdout}\n{stopped.stderr}"
+            stop_status, stop_states, _ = stop.wait_terminal(user)
+
+            status, states, _ = recover.wait_terminal(user)
+            times["done"] = time.time()
         finally:
-            if not finished:  # leave nothing running on a failure
-                _run(["sky", "jobs", "cancel", "-y", "-n", name], env, timeout=300)
+            for job in jobs:
+                job.cleanup(tmp_path)
             # down.sh removes SkyPilot's logs; keep them (controller, provision, job) for a post-mortem.
             shutil.copytree(Path(sky_home) / "sky_logs", tmp_path / "sky_logs", dirs_exist_ok=True)
-            (tmp_path / "job.log").write_text(_logs(env, job_id))
 
-        # SkyPilot's own transitions, timestamped by the controller, and the node's
-        # side from the run ledger in the bucket; measured first, asserted after.
-        events = _sky_events(sky_home, job_id)
+        report_out = _run([SUPERVISE, "report", recover.name, "--json"], env, timeout=300)
+        report = json.loads(report_out.stdout) if report_out.returncode == 0 else {"error": report_out.stderr}
+
+        # SkyPilot's own transitions, timestamped by the controller, and the node's side
+        # from the run ledger in the bucket; measured first, asserted after.
+        events = _sky_events(sky_home, recover.job_id)
         seq = [s for s, _, _ in events]
         t_recovering = _first_after(events, "RECOVERING", times["scancel"] - 1)
         t_running_again = _first_after(events, "RUNNING", t_recovering or times["scancel"])
-        ledger, problems = read_events(f"{url}/_ledger")
+        ledger, problems = read_events(f"{recover.url}/_ledger")
         incarnations = list(dict.fromkeys(e.incarnation for e in ledger if e.kind == "node_start"))
         second = incarnations[1] if len(incarnations) > 1 else None
         node_start = [e.t for e in ledger if e.kind == "node_start" and e.incarnation == second]
@@ -154,30 +208,42 @@ def test_slurm_managed_job_recovers_from_scancel_and_resumes(local_slurm, tmp_pa
         first_steps = [e for e in ledger if e.kind == "first_step" and e.incarnation == second]
         committed_before = [e.fields["step"] for e in ledger
                             if e.kind == "checkpoint_committed" and node_start and e.t < node_start[0]]  # fmt: skip
+        stop_ledger, _ = read_events(f"{stop.url}/_ledger")
+        stop_commits = [e for e in stop_ledger if e.kind == "checkpoint_committed" and e.t >= times["stop_requested"]]
         since = lambda t: round(t - times["scancel"], 1) if t else None  # noqa: E731
-        report = {
-            "job": name,
+        sky_t = {s: t for s, t, _ in reversed(events)}  # first time of each state
+        measured = {
+            "jobs": [recover.name, stop.name],
             "bring_up_s": local_slurm["bring_up_s"],
-            "launch_to_first_commit_seen_s": round(times["first_commit_seen"] - times["launch"], 1),
+            "launch_to_first_commit_seen_s": round(times["first_commit_seen"] - recover.t_launch, 1),
+            "setup_s_per_node_start": _setups(ledger),  # first launch, then the recovery
             "step_at_scancel": step_at_cancel,
             "resumed_from_step": resumes[0] if resumes else None,
             "detection_s": since(t_recovering),  # scancel -> RECOVERING
             "recovery_s": round(t_running_again - t_recovering, 1) if t_recovering and t_running_again else None,
             "scancel_to_node_start_s": since(node_start[0] if node_start else None),
             "scancel_to_first_resumed_step_s": since(first_steps[0].t if first_steps else None),
-            "launch_to_succeeded_seen_s": round(times["done"] - times["launch"], 1),
+            "launch_to_succeeded_seen_s": round(times["done"] - recover.t_launch, 1),
+            "stop_command_s": round(times["stop_returned"] - times["stop_requested"], 1),
+            "stop_final_commit_after_request_s": round(stop_commits[-1].t - times["stop_requested"], 1)
+            if stop_commits else None,
+            "stop_states": stop_states,
             "skypilot_states": seq,
             "states_polled": states,
+            "report": {k: report.get(k) for k in ("state", "recoveries", "wall_s", "productive_s", "checkpoint_s",
+                                                  "lost_s", "recovery_s", "queue_s", "residual_s", "phases",
+                                                  "start", "end", "problems")},
+            "report_interruptions": report.get("interruptions"),
+            "skypilot_first_times": {s: round(t, 1) for s, t in sky_t.items()},
             "logs": str(tmp_path),
         }
-        print("\nslurm e2e:", json.dumps(report, indent=1))
+        print("\nslurm e2e:", json.dumps(measured, indent=1, default=str))
         if os.environ.get("SUPERVISE_E2E_REPORT"):
-            Path(os.environ["SUPERVISE_E2E_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
+            Path(os.environ["SUPERVISE_E2E_REPORT"]).write_text(json.dumps(measured, indent=1, default=str) + "\n")
 
-        job_log = (tmp_path / "job.log").read_text()
+        job_log = (tmp_path / f"{recover.name}.log").read_text()
         assert status["state"] == "SUCCEEDED", f"states seen: {states}\n{job_log[-3000:]}"
         assert status["recoveries"] >= 1, status
-        assert allocations_seen - set(allocations), "the recovery did not get a new Slurm allocation"
         assert t_recovering is not None, f"never RECOVERING after scancel: {events}"
         assert t_running_again is not None, f"never RUNNING again: {events}"
         assert seq[-1] == "SUCCEEDED", seq
@@ -187,10 +253,30 @@ def test_slurm_managed_job_recovers_from_scancel_and_resumes(local_slurm, tmp_pa
         assert resume == max(committed_before), (resume, committed_before)
         assert resume >= step_at_cancel
         assert first_steps[0].fields["step"] == resume + 1
-        latest = Catalog(url).latest()
+        latest = Catalog(recover.url).latest()
         assert (latest.step, latest.state) == (STEPS, "committed"), latest.describe()
         assert f"resuming from step {resume}" in job_log, job_log[-3000:]
         assert "Training completed" in job_log
+        assert "--python 3.11" in job_log or "Python 3.11" in job_log, "setup did not build the 3.11 venv"
+
+        # the report of a SkyPilot job: its own record and transitions in the timeline
+        assert report.get("state") == "SUCCEEDED" and report.get("recoveries") == 1, report
+        parts = sum(report[k] for k in ("productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s"))
+        assert abs(parts - report["wall_s"]) < 1.0, report
+        assert abs(report["start"] - sky_t["PENDING"]) < 5, (report["start"], sky_t)
+        assert abs(report["end"] - [t for s, t, _ in events if s == "SUCCEEDED"][-1]) < 5, (report["end"], events)
+        assert report["recovery_s"] > 0 and report["queue_s"] > 0, report
+
+        # "stop": the final save is committed and deep-verifies; the job did not recover
+        stop_log = (tmp_path / f"{stop.name}.log").read_text()
+        assert stop_status["state"] in ("CANCELLED", "SUCCEEDED"), (stop_states, stop_log[-3000:])
+        assert stop_status["recoveries"] == 0, stop_status
+        assert "stopped on request; state saved and committed at step" in stop_log, stop_log[-3000:]
+        final = Catalog(stop.url).latest()
+        assert final.state == "committed" and final.step > before_stop, final.describe()
+        verify = _run([SUPERVISE, "checkpoints", "verify", stop.url, "--step", str(final.step), "--deep"], env)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert [e.get("source") for e in stop_ledger if e.kind == "notice"] == ["stop"]
 
 
 def _logs(env: dict[str, str], job_id: str) -> str:

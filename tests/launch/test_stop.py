@@ -88,6 +88,7 @@ def test_stop_asks_the_node_to_save_waits_for_its_exit_then_cancels(s3_url, tmp_
     monkeypatch.setattr(sky.jobs, "cancel", lambda **kw: calls.append(
         (kw, skypilot.nodes_exited(read_events(ledger_url(s3_url))[0]))))
     monkeypatch.setattr(skypilot, "STOP_POLL_S", 0.5)
+    monkeypatch.setattr(sky, "stream_and_get", lambda request: request)  # no API server may be started
     try:
         wait_for(lambda: any(e.kind == "trainer_start" for e in read_events(ledger_url(s3_url))[0]), 120)
         wait_for(lambda: (tmp_path / "run" / "heartbeat" / "rank-0.json").exists(), 60)
@@ -115,6 +116,7 @@ def test_stop_now_and_stop_of_a_job_not_running_cancel_at_once(monkeypatch, tmp_
     registry.record("j", backend="skypilot", checkpoints_url="s3://my-ckpts/supervise/j", job_id="4")
     calls = []
     monkeypatch.setattr(sky.jobs, "cancel", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(sky, "stream_and_get", lambda request: request)  # no API server may be started
     monkeypatch.setattr(skypilot, "clear_stop_request", lambda url: None)
     monkeypatch.setattr(skypilot, "write_stop_request", lambda url, **kw: calls.append("stop request"))
     for state in ("RUNNING", "RECOVERING"):  # --now; and a job with no node to save (being recovered)
