@@ -104,6 +104,15 @@ COMM_MARGIN_S = 60.0  # collective timeout beyond rank 0's commit budget at the 
 STORE_MARGIN_S = 120.0  # a commit's store calls, each bounded by the retry policy's deadline
 
 
+def save_comm_timeout_s(expected_save_s: float | None, init_s: float, train_s: float) -> float:
+    """The collective timeout while a save runs: DCP's save gathers the ranks'
+    write results, so a rank waits there as long as the slowest rank writes --
+    legitimately longer than `comm.train_timeout_seconds` (100 s) for a large
+    checkpoint written straight to a bucket. TorchTitan's start-up timeout, or
+    three times the measured save, whichever is longer."""
+    return max(init_s, train_s, 3.0 * (expected_save_s or 0.0))
+
+
 def commit_budget_s(now: float, deadline: float | None, commit_wait_s: float) -> float:
     """How long rank 0 waits at the end of training for its pending commits:
     until EXIT_SLACK_S before a notice's deadline, else the commit's own bound

@@ -55,6 +55,7 @@ from supervisor.titan.policy import (
     commit_budget_s,
     commit_wait_s,
     notice_plan,
+    save_comm_timeout_s,
     resume_load_step,
 )
 from supervisor.titan.trainer_files import METRICS_FILE
@@ -73,6 +74,8 @@ class SuperviseCheckpointManager(CheckpointManager):
     # Class-level defaults: a disabled manager returns from __init__ early.
     force_next: bool = False
     before_save: Callable[[int], None] | None = None  # (step): about to save into step-N
+    save_timeouts: Callable[[], tuple[timedelta, timedelta]] | None = None  # (during a save, after), all ranks
+    parallel_dims: Any = None
     on_saved: Callable[[int, float], None] | None = None  # (step, seconds): save returned
     on_complete: Callable[[int, float], None] | None = None  # (step, seconds): on storage
     pending_async: tuple[int, float] | None = None  # (step, monotonic start) in flight
@@ -92,10 +95,18 @@ class SuperviseCheckpointManager(CheckpointManager):
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         self.finish_async()  # an older async save completes (and commits) before a new one
-        if self.before_save is not None and self._should_save(curr_step, last_step):
+        saving = self._should_save(curr_step, last_step)
+        if self.before_save is not None and saving:
             self.before_save(curr_step)
+        timeouts = self.save_timeouts() if self.save_timeouts is not None and saving else None
+        if timeouts:  # every rank saves at the same step (interval, or an agreed forced save)
+            dist_utils.set_pg_timeouts(timeouts[0], self.parallel_dims)
         begin = time.monotonic()
-        saved = super()._save(curr_step, last_step)
+        try:
+            saved = super()._save(curr_step, last_step)
+        finally:
+            if timeouts:
+                dist_utils.set_pg_timeouts(timeouts[1], self.parallel_dims)
         if not saved:
             return False
         if self.on_saved is not None:
@@ -196,6 +207,8 @@ class SuperviseTrainer(Trainer):
                 self._verified_step = self._last_committed_step = step
             ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
             ckpt.on_saved, ckpt.on_complete = self._on_saved, self._on_complete
+            if dist.is_initialized() and self.world_size > 1:
+                ckpt.save_timeouts, ckpt.parallel_dims = self._save_timeouts, self.parallel_dims
             if self.rank == 0:
                 ckpt.before_save = self._set_aside
                 if self.catalog_url is not None:
@@ -250,6 +263,12 @@ class SuperviseTrainer(Trainer):
             self._emit("progress", step=self.step, loss=loss)
 
     # -- saves and commits ----------------------------------------------------
+
+    def _save_timeouts(self) -> tuple[timedelta, timedelta]:
+        """Collective timeout during a save (policy.save_comm_timeout_s), and TorchTitan's after it."""
+        comm = self.config.comm
+        during = save_comm_timeout_s(self.save_timer.expected(), comm.init_timeout_seconds, comm.train_timeout_seconds)
+        return timedelta(seconds=during), timedelta(seconds=comm.train_timeout_seconds)
 
     def _on_saved(self, step: int, seconds: float) -> None:
         self._last_saved_step = step

@@ -55,3 +55,10 @@ def test_commit_budget_follows_the_deadline():
     assert commit_budget_s(100.0, 130.0, 600.0) == 30.0 - EXIT_SLACK_S
     assert commit_budget_s(100.0, 101.0, 600.0) == 0.0
     assert commit_budget_s(100.0, None, 10.0) > 10.0
+
+
+def test_the_collective_timeout_during_a_save_covers_a_slow_one():
+    from supervisor.titan.policy import save_comm_timeout_s
+
+    assert save_comm_timeout_s(None, 300, 100) == 300  # TorchTitan's start-up timeout
+    assert save_comm_timeout_s(250.0, 300, 100) == 750  # a save measured at 250 s: 3x
