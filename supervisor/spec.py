@@ -1,12 +1,13 @@
 """JobSpec: the one validated description of a training run.
 
-A recipe (YAML) becomes a JobSpec; launchers (SkyPilot, local) turn a JobSpec
-into a running job. Every rule a run must obey is checked here, before
-anything is launched, and every failure names the field and says what to do.
+A recipe (YAML) becomes a JobSpec; supervisor.launch renders it once into a
+NodeTask that every backend (SkyPilot, local) runs. Every rule a run must obey
+is checked here, before anything is launched, and every failure names the
+field and says what to do.
 
-`node_argv(spec)` / `node_command(spec)` give the command every node runs on
-every (re)start — `supervise node --checkpoints <url> ... -- <TorchTitan args>` —
-so all backends run exactly the same thing.
+`node_argv(spec)` gives the command every node runs on every (re)start —
+`supervise node --checkpoints <url> ... -- <TorchTitan args>` — so all
+backends run exactly the same thing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shlex
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -415,8 +415,3 @@ def node_argv(spec: JobSpec) -> list[str]:
     if not spec.resources.accelerators and spec.resources.procs_per_node:
         argv += ["--nproc-per-node", str(spec.resources.procs_per_node)]
     return argv + ["--", *titan_args(spec)]
-
-
-def node_command(spec: JobSpec) -> str:
-    """`node_argv` as one shell line, every value quoted."""
-    return shlex.join(node_argv(spec))
