@@ -123,3 +123,20 @@ def test_auto_interval_for_a_stored_run(tmp_path):
     (url / "all").mkdir(parents=True)  # the journal's layout: <ledger>/<incarnation>/<writer>.<token>.<segment>.jsonl
     (url / "all" / "replay.0.00000.jsonl").write_text("".join(e.to_line() + "\n" for e in events))
     assert interval.for_run(str(url), 1, 10_000).steps == interval.from_ledger(events, 1, 10_000).steps
+
+
+def test_node_wrapper_passes_the_auto_interval(tmp_path):
+    """The wrapper's plan (what `supervise node --dry-run` prints) with --checkpoint-interval-auto."""
+    from supervisor.node.wrapper import NodeOptions, make_plan
+
+    events, _ = chaos_run()
+    ckpt = tmp_path / "ck"
+    (ckpt / "_ledger" / "all").mkdir(parents=True)
+    (ckpt / "_ledger" / "all" / "replay.0.00000.jsonl").write_text("".join(e.to_line() + "\n" for e in events))
+    args = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "10"]
+    plan = make_plan(NodeOptions(checkpoints=str(ckpt), interval_auto=(2, 50)), args, environ={})
+    expected = interval.from_ledger(events, 2, 50)
+    i = plan.command.index("--checkpoint.interval")
+    assert plan.command[i + 1] == str(expected.steps)
+    assert f"checkpoint.interval {expected.reason}" in plan.describe()
+    assert plan.interval.fields()["checkpoint_interval"] == expected.steps
