@@ -298,3 +298,26 @@ def test_logs_and_stop_of_a_finished_job_use_its_id(monkeypatch, capsys):
     assert _cli(monkeypatch, "stop", "run-b") == 0
     assert "already finished: FAILED_SETUP" in capsys.readouterr().out
     assert [c for c, _ in calls] == ["tail"]  # SkyPilot was not asked to cancel
+
+
+def test_status_asks_for_the_reason_and_restarts_a_stopped_controller(monkeypatch):
+    """The SDK boundary is replaced (no API server runs here): the first queue call finds the
+    jobs controller stopped, as after its autostop; the second asks SkyPilot to start it."""
+    import sky
+    from sky import exceptions
+
+    calls = []
+
+    def queue_v2(**kw):
+        calls.append(kw)
+        if not kw["refresh"]:
+            raise exceptions.ClusterNotUpError("jobs controller is stopped", cluster_status=None)
+        return ([{"job_id": 3, "job_name": "run-a", "status": "FAILED_SETUP", "recovery_count": 0,
+                  "failure_reason": "setup failed: pip exited 1"}], 1, {}, 1)
+
+    monkeypatch.setattr(sky.jobs, "queue_v2", queue_v2)
+    monkeypatch.setattr(sky, "stream_and_get", lambda request: request)
+    (st,) = skypilot.SkyPilotBackend().status("run-a")
+    assert st.reason == "setup failed: pip exited 1" and st.state == "FAILED_SETUP"
+    assert [c["refresh"] for c in calls] == [False, True]
+    assert all("failure_reason" in c["fields"] for c in calls)  # queue_v2's default fields drop it
