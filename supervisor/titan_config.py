@@ -290,16 +290,17 @@ def _serve() -> None:
 class TitanArgsCheck:
     """A child process running TorchTitan's parser; `submit` then `poll`/`result`."""
 
-    def __init__(self):
+    def __init__(self, preexec_fn=None):
         self._proc: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()
+        self._preexec_fn = preexec_fn  # e.g. the node's "die with me" (PR_SET_PDEATHSIG)
 
     def submit(self, args: list[str]) -> None:
         if self._proc is None:
             env = {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.titan_config"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=self._log, env=env, text=True, start_new_session=True,
+                stderr=self._log, env=env, text=True, start_new_session=True, preexec_fn=self._preexec_fn,
             )  # fmt: skip
         self._proc.stdin.write(json.dumps(list(args)) + "\n")
         self._proc.stdin.flush()

@@ -37,13 +37,14 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _child_setup() -> None:
+def die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to this child when the wrapper dies."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start(argv: list[str], env: dict[str, str], cwd: str | None = None, stdin=None) -> subprocess.Popen:
     """torchrun in a new session (a signal to our group does not reach it; we decide)."""
-    return subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, start_new_session=True, preexec_fn=_child_setup)
+    return subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def descendants() -> list[psutil.Process]:

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
-ARGS_VERDICT_WAIT_S = 300.0  # after torchrun failed: how long to wait for TorchTitan's parser
+ARGS_VERDICT_WAIT_S = 300.0  # after torchrun exited non-zero: how long to wait for TorchTitan's parser
 
 
 @dataclass
@@ -322,7 +322,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     # TorchTitan's own parser, beside torchrun rather than before it: it costs what
     # the trainer's own start costs (torch + model code), so it must not delay a good start.
     titan_version = _titan_version()
-    checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck()
+    checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck(process.die_with_parent)
     rc: int | None = None
     hang: str | None = None
     stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
@@ -357,7 +357,8 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 pass
             if checker is not None:
-                state, bad_args = _verdict(checker, ARGS_VERDICT_WAIT_S if rc not in (None, 0) else 0.0)
+                # torchrun exited 1: maybe TorchTitan's parse in the ranks; a signal is not an argument error
+                state, bad_args = _verdict(checker, ARGS_VERDICT_WAIT_S if rc is not None and rc > 0 else 0.0)
                 if state != "pending":
                     checker.close()
                     checker = None

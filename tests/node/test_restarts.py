@@ -44,7 +44,7 @@ def _start(tmp_path, url, trainer_args=TT, env=None, extra=()):
 def _record(url: str) -> dict:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(f"{url}/_supervise/restarts.json")
+    fs, root = fsspec.core.url_to_fs(f"{url}/_supervise/restarts.json", skip_instance_cache=True)
     return json.loads(fs.cat_file(root))
 
 
@@ -60,7 +60,7 @@ def _commit(tmp_path, url: str, step: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single process, no process group: intended
         dcp.save({"w": torch.full((64,), float(step))}, checkpoint_id=str(local))
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # this test's store, not a cached client
     fs.put(str(local) + "/", f"{root}/step-{step}/", recursive=True)
     Catalog(url).commit(step, world_size=1, writer="test")
 
