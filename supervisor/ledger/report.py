@@ -316,10 +316,13 @@ def _split_training(window: Window) -> list[Segment]:
         t_keep = hi if found is None else min(max(found, lo), hi)
     cuts = sorted({lo, hi, t_keep, *(x for c in ckpts for x in c)})
     out: list[Segment] = []
+    # Past the resume point: recomputed work, unless nothing was computed past it (a save on
+    # notice of the step it stops at: the gaps between its save and commit are checkpoint time).
+    after_keep = "lost" if window.last_step > window.keep_step else "checkpoint"
     for a, b in zip(cuts, cuts[1:]):
         mid = (a + b) / 2
         phase = ("checkpoint" if any(ca <= mid <= cb for ca, cb in ckpts)
-                 else "lost" if mid >= t_keep else "training")
+                 else after_keep if mid >= t_keep else "training")
         if out and out[-1].phase == phase:
             out[-1].end = b
         else:

@@ -140,3 +140,24 @@ def test_node_wrapper_passes_the_auto_interval(tmp_path):
     assert plan.command[i + 1] == str(expected.steps)
     assert f"checkpoint.interval {expected.reason}" in plan.describe()
     assert plan.interval.fields()["checkpoint_interval"] == expected.steps
+
+
+def test_a_saved_notice_loses_nothing_even_with_a_gap_between_save_and_commit():
+    """The seed-7 demo: the trainer saved step 6 on notice, the commit began 3.6 s after the save
+    (waiting for the background committer); the restart resumed 6. Nothing was recomputed."""
+    events = [ev(0, "launch"), ev(0, "node_start")]
+    body, t = steps("i0", 0.0, 1, 6, ckpt_every=3, save_s=0.5)
+    body = [e for e in body if not (e.kind == "checkpoint_saved" and e.get("step") == 6)]
+    events += body + [ev(t - 0.2, "notice", "i0", source="aws", deadline=None),
+                      ev(t + 1.0, "checkpoint_saved", "i0", step=6, duration_s=1.0),
+                      ev(t + 5.1, "checkpoint_committed", "i0", step=6, duration_s=0.5),
+                      ev(t + 5.2, "preempted", "i0", with_notice=True, saved_step=6),
+                      ev(t + 5.3, "exit", "i0", code=75), ev(t + 6, "recovery_started", "c", "c"),
+                      ev(t + 7, "node_start", "i1"), ev(t + 7.1, "resume", "i1", step=6)]
+    body, t = steps("i1", t + 8, 7, 9)
+    events += body + [ev(t + 0.1, "job_finished", state="SUCCEEDED")]
+    r = summarize(events)
+    ep = r["interruptions"][0]
+    assert ep["cause"] == "notice" and ep["saved_step"] == 6
+    assert r["lost_s"] == 0 and ep["lost_s"] == 0 and r["steps"]["recomputed"] == 0
+    assert r["checkpoint_s"] == pytest.approx(0.5 + 5.6)  # step 3: save; step 6: done -> saved, waited, committed
