@@ -201,9 +201,14 @@ jobs:
 EOF
 cd "$H"
 # The controller's internet probe goes to loopback (see sky_offline/sitecustomize.py).
+# `sky api start` gives up after 60 s (sky/server/common.py, WAIT_APISERVER_START_TIMEOUT_SEC)
+# while the server it spawned keeps starting; on a loaded machine that takes longer: wait for it.
 HOME="$H" PYTHONPATH="$here/sky_offline${PYTHONPATH:+:$PYTHONPATH}" \
   SUPERVISE_SKY_NETWORK_PROBE="http://127.0.0.1:46580/api/health" \
-  sky api start >"$S/sky-api-start.log" 2>&1 || { cat "$S/sky-api-start.log" >&2; exit 1; }
+  sky api start >"$S/sky-api-start.log" 2>&1 || {
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:46580/api/health >/dev/null && break; sleep 2; done
+    curl -sf http://127.0.0.1:46580/api/health >/dev/null || { cat "$S/sky-api-start.log" >&2; exit 1; }
+  }
 HOME="$H" sky check slurm >"$S/sky-check.log" 2>&1 || true
 grep -qi "slurm.*enabled\|enabled.*slurm" "$S/sky-check.log" || { cat "$S/sky-check.log" >&2; echo "up.sh: sky check slurm is not green" >&2; exit 1; }
 phase "sky api start + sky check slurm"
