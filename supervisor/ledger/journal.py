@@ -10,17 +10,20 @@ returned for is stored even if the node dies right after. A segment is closed
 after `SEGMENT_EVENTS` events, which bounds the rewrite to a few hundred KB.
 
 emit() never raises on store trouble: the event stays in memory and goes out
-with the next successful write (a warning is logged). Readers tolerate a missing
-ledger and corrupt lines or objects, and say what they skipped.
+with the next successful write (a warning is logged). The trainer's journal writes
+from a background thread (`background=True`) so a frozen store never stalls a step.
+Readers tolerate a missing ledger and corrupt lines or objects, and say what they skipped.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -81,9 +84,16 @@ def _safe(name: str) -> str:
 
 
 class Journal:
-    """Durable event writer for one (writer, incarnation); cheap to create, lazy to connect."""
+    """Durable event writer for one (writer, incarnation); cheap to create, lazy to connect.
 
-    def __init__(self, ledger_url: str, writer: str, incarnation: str | None = None):
+    `background=True` (the trainer's training thread): emit() only queues the event and a
+    daemon thread writes it, so a frozen store never stalls a training step; close() (also
+    run at interpreter exit, bounded by `CLOSE_WAIT_S`) writes what is still queued. Without
+    it, emit() returns once the event is stored (or the store failed)."""
+
+    CLOSE_WAIT_S = 10.0
+
+    def __init__(self, ledger_url: str, writer: str, incarnation: str | None = None, *, background: bool = False):
         self.ledger_url = ledger_url.rstrip("/")
         self.writer = writer
         self.incarnation = incarnation or os.environ.get("SUPERVISE_INCARNATION") or "0"
@@ -95,49 +105,87 @@ class Journal:
         self._store = None
         self._healthy = True
         self._host = socket.gethostname()
+        self._lock = threading.Lock()  # _lines, _stored, _segment
+        self._writing = threading.Lock()  # one write at a time (the thread, close())
+        self._wake = threading.Event() if background else None
+        self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
         """Events emitted but not yet known to be stored."""
-        return len(self._lines) - self._stored
+        with self._lock:
+            return len(self._lines) - self._stored
 
-    def _object_path(self, root: str) -> str:
-        name = f"{_safe(self.writer)}.{self._token}.{self._segment:05d}.jsonl"
+    def _object_path(self, root: str, segment: int) -> str:
+        name = f"{_safe(self.writer)}.{self._token}.{segment:05d}.jsonl"
         return f"{root}/{_safe(self.incarnation)}/{name}"
 
     def emit(self, kind: str, **fields: Any) -> Event:
-        """Record one event; returns it. Stored durably unless the store failed (then retried next emit)."""
+        """Record one event; returns it. Stored durably unless the store failed (then retried next emit);
+        with background=True, queued for the writer thread."""
         if not _KIND.match(kind):
             raise ValueError(f"event kind must be lower_snake_case, got {kind!r}")
         now = time.time()
-        self._seq += 1
-        event = Event(kind=kind, t=now, time=datetime.fromtimestamp(now, timezone.utc).isoformat(),
-                      writer=self.writer, incarnation=self.incarnation, mono=time.monotonic(), seq=self._seq,
-                      host=self._host, fields=fields)
-        self._lines.append(event.to_line())
-        self.flush()
+        with self._lock:
+            self._seq += 1
+            event = Event(kind=kind, t=now, time=datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                          writer=self.writer, incarnation=self.incarnation, mono=time.monotonic(), seq=self._seq,
+                          host=self._host, fields=fields)
+            self._lines.append(event.to_line())
+        if self._wake is None:
+            self.flush()
+        else:
+            self._start_thread()
+            self._wake.set()
         return event
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"ledger-{self.writer}", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self.flush()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Write what is queued, waiting at most `timeout` (default CLOSE_WAIT_S); True when all is stored."""
+        if self._wake is None:
+            return self.flush()
+        done = threading.Thread(target=self.flush, daemon=True)
+        done.start()
+        done.join(self.CLOSE_WAIT_S if timeout is None else timeout)
+        return self.pending == 0
 
     def flush(self) -> bool:
         """Write the current segment; True when everything emitted is stored."""
-        if not self.pending:
-            return True
-        data = ("\n".join(self._lines) + "\n").encode()
-        try:
-            if self._store is None:
-                self._store = _store(self.ledger_url)
-            # while the store is failing, one attempt per emit, so training is not slowed down
-            _put(self._store, self._object_path(self._store.root), data, _WRITE_BUDGET_S if self._healthy else 0.0)
-        except Exception as err:  # store trouble of any kind must not stop training
-            self._healthy = False
-            log.warning("ledger: could not store %d event(s) at %s (%s: %s); will retry on the next event",
-                        self.pending, self.ledger_url, type(err).__name__, err)
-            return False
-        self._stored, self._healthy = len(self._lines), True
-        if self._stored >= SEGMENT_EVENTS:
-            self._segment += 1
-            self._lines, self._stored = [], 0
-        return True
+        with self._writing:
+            with self._lock:
+                lines, segment = list(self._lines), self._segment
+            if len(lines) == self._stored:
+                return True
+            data = ("\n".join(lines) + "\n").encode()
+            try:
+                if self._store is None:
+                    self._store = _store(self.ledger_url)
+                # while the store is failing, one attempt per write, so training is not slowed down
+                _put(self._store, self._object_path(self._store.root, segment), data,
+                     _WRITE_BUDGET_S if self._healthy else 0.0)
+            except Exception as err:  # store trouble of any kind must not stop training
+                self._healthy = False
+                log.warning("ledger: could not store %d event(s) at %s (%s: %s); will retry on the next event",
+                            len(lines) - self._stored, self.ledger_url, type(err).__name__, err)
+                return False
+            self._healthy = True
+            with self._lock:
+                self._stored = len(lines)
+                if self._stored >= SEGMENT_EVENTS:  # later events start the next segment
+                    self._segment += 1
+                    self._lines, self._stored = self._lines[len(lines):], 0
+                return self._stored == len(self._lines)
 
 
 def read_events(ledger_url: str) -> tuple[list[Event], list[str]]:

@@ -143,3 +143,31 @@ def test_unreachable_s3_does_not_raise(s3_url, monkeypatch, caplog):
     j.emit("node_start")
     j.emit("progress", step=1)
     assert j.pending == 2 and "could not store" in caplog.text
+
+
+def test_background_journal_never_waits_for_a_frozen_store(tmp_path, monkeypatch):
+    """The trainer's journal: emit() returns while the store is stuck (a write that does not
+    come back stands in for a frozen S3 endpoint); close() writes everything once it is back."""
+    import threading
+
+    from supervisor.ledger import journal as journal_mod
+
+    release, entered = threading.Event(), threading.Event()
+    real_put = journal_mod._put
+
+    def frozen_put(store, path, data, budget_s):
+        entered.set()
+        release.wait(60)  # the watchdog below: never hang the suite
+        return real_put(store, path, data, budget_s)
+
+    monkeypatch.setattr(journal_mod, "_put", frozen_put)
+    j = journal_mod.Journal(str(tmp_path / "_ledger"), writer="node0-rank0", incarnation="i1", background=True)
+    j.emit("first_step", step=1)
+    assert entered.wait(30)  # the writer thread is inside the frozen write
+    for step in range(2, 6):
+        j.emit("progress", step=step)  # returns although the store has not answered
+    assert not release.is_set() and j.pending == 5
+    release.set()
+    assert j.close(timeout=30)
+    events, problems = read_events(str(tmp_path / "_ledger"))
+    assert [e.get("step") for e in events] == [1, 2, 3, 4, 5] and problems == []
