@@ -432,8 +432,9 @@ class SuperviseTrainer(Trainer):
             if self._journal is None:
                 from supervisor.ledger.journal import Journal
 
+                # background: a frozen store must not stall the training loop (written at exit too)
                 self._journal = Journal(self.ledger_url, writer=f"node{self.node_rank}-rank0",
-                                        incarnation=self.incarnation)
+                                        incarnation=self.incarnation, background=True)
             self._journal.emit(kind, **fields)
 
     def _skip_rng_if_absent(self) -> None:
