@@ -298,7 +298,9 @@ def summary(spec: JobSpec) -> list[tuple[str, str]]:
         ("accelerators", f"{accel} per node"),
         ("capacity", "spot" if res.spot else "on-demand"),
         ("infra", res.infra or "any enabled (SkyPilot chooses)"),
-        ("checkpoints", f"{spec.checkpoints_url} ({ck.mode}, every {ck.interval} steps)"),
+        ("checkpoints", f"{spec.checkpoints_url} ({ck.mode}, every "
+                        + ("{} steps)".format(ck.interval) if ck.interval != "auto" else
+                           "N steps: interval auto, Young/Daly in {}..{} at each start)".format(*ck.interval_range))),
         ("recovery", f"{rec.strategy or 'SkyPilot default'}; restart on exit codes {rec.recover_on_exit_codes}, "
                      f"other codes never (gives up after {rec.max_restarts_without_progress} restarts "
                      f"without a new checkpoint)"),
