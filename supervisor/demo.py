@@ -1,11 +1,13 @@
 """`supervise demo`: the whole product on one machine, no cloud account.
 
-An embedded S3 server (SeaweedFS), a tiny corpus and tokenizer, the llama3
-debug model trained by TorchTitan on CPU as a 2-node job of the local
-managed-job backend, a seeded chaos plan (a preemption with notice, one
-without, and a corrupt newest checkpoint found on the restart), live progress,
-the ledger report and its timeline PNG, and a final check: the weights equal
-those of the same job run without interruption (same data, seed, topology).
+An embedded S3 server (SeaweedFS); the llama3_debug recipe launched the way
+`supervise start --backend local` launches it (its setup builds a tiny corpus
+and tokenizer on every node; TorchTitan trains the llama3 debug model on CPU
+as a 2-node job of the local managed-job backend); a seeded chaos plan (a
+preemption with notice, one without, and a corrupt newest checkpoint found on
+the restart), live progress, the ledger report and its timeline PNG, and a
+final check: the weights equal those of the same job run without interruption
+(same recipe, data, seed, topology).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Optional
 import typer
 
 from supervisor.errors import SuperviseError
+from supervisor.launch.base import SUCCEEDED, is_terminal
+from supervisor.runtime import ledger_url
 
 
 @dataclass
@@ -30,7 +34,8 @@ class DemoConfig:
     seed: int = 0
     chaos: bool = True
     keep: bool = False
-    interval: int = 6  # checkpoint every N steps
+    interval: int = 6  # checkpoint every N steps (and what the chaos plan is built for)
+    interval_auto: tuple[int, int] | None = None  # checkpoint.interval auto in [low, high] (docs/ledger.md)
     nodes: int = 2
     plot: Path | None = None
     quiet: bool = False  # --json: nothing but the final object on stdout
@@ -44,11 +49,6 @@ class DemoRun:
     reason: str | None = None
     wall_s: float = 0.0
     chaos: list = field(default_factory=list)
-
-
-def node_argv(checkpoints_url: str, trainer_args: list[str]) -> list[str]:
-    """What SkyPilot would run on every node: the wrapper, one gloo rank per node."""
-    return ["supervise", "node", "--checkpoints", checkpoints_url, "--nproc-per-node", "1", "--", *trainer_args]
 
 
 class Demo:
@@ -72,40 +72,37 @@ class Demo:
         os.environ.update(self.store.env)  # the catalog, ledger and report in this process
         self.console.print(f"[bold]object store[/] SeaweedFS at {self.store.endpoint} (bucket s3://{self.store.bucket})")
 
-    def assets(self):
-        from supervisor.titan.tinydata import build_assets
-
-        assets = build_assets(self.workdir / "assets", seed=self.cfg.seed)
-        self.console.print(f"[bold]data[/] tiny corpus + BPE tokenizer in {self.workdir / 'assets'}")
-        return assets
-
     # ---- one job ----
 
-    def run_job(self, name: str, trainer_args: list[str], plan: list, title: str) -> DemoRun:
-        from supervisor.launch.local import LocalBackend, LocalJob
+    def spec(self, name: str):
+        """The llama3_debug recipe, as `supervise start` reads it, with the demo's --set overrides."""
+        from supervisor.recipes import build_spec
 
-        url = self.store.url(name)
-        job = LocalJob(
-            name=name,
-            node_argv=node_argv(url, trainer_args),
-            num_nodes=self.cfg.nodes,
-            gpus_per_node=1,
-            checkpoints_url=url,
-            ledger_url=f"{url}/_ledger",
-            max_restarts_on_errors=2,
-            env={**self.store.env, "OMP_NUM_THREADS": "1"},
-            chaos=[ev.to_dict() for ev in plan],
-        )
-        launcher = LocalBackend()
+        cfg = self.cfg
+        return build_spec("llama3_debug", name=name, num_nodes=cfg.nodes, sets=[
+            f"checkpoint.bucket={self.store.url()}",
+            *([f"checkpoint.interval={cfg.interval}"] if cfg.interval_auto is None else
+              ["checkpoint.interval=auto", "checkpoint.interval_range=[{},{}]".format(*cfg.interval_auto)]),
+            f"overrides.training.steps={cfg.steps}",
+            f"overrides.debug.seed={cfg.seed}",
+            "overrides.debug.deterministic=true",  # the reference run must compute the same numbers
+        ])
+
+    def run_job(self, name: str, plan: list, title: str) -> DemoRun:
+        from supervisor.launch import submit
+        from supervisor.launch.local import LocalBackend
+
+        spec = self.spec(name)
         self.jobs.append(name)
         t0 = time.monotonic()
-        launcher.schedule(job)
+        submit(spec, backend="local", chaos=plan)
+        launcher = LocalBackend()
         if self.cfg.quiet:
             st = launcher.wait(name)
         else:
-            st = self.watch(launcher, name, url, plan, title)
-        run = DemoRun(name, url, st.state, st.reason, time.monotonic() - t0, plan)
-        if st.state != "SUCCEEDED":
+            st = self.watch(launcher, name, spec.checkpoints_url, plan, title)
+        run = DemoRun(name, spec.checkpoints_url, st.state, st.reason, time.monotonic() - t0, plan)
+        if st.state != SUCCEEDED:
             self.console.print(f"[red]job {name} {st.state}[/]: {st.reason} (see `supervise logs {name}`)")
         return run
 
@@ -113,7 +110,6 @@ class Demo:
         """Live view: state, step, loss and the newest ledger events, until the job ends."""
         from rich.live import Live
 
-        from supervisor.launch.base import is_terminal
         from supervisor.launch.local import read_state
 
         t0 = time.monotonic()
@@ -135,7 +131,7 @@ class Demo:
         from supervisor.ledger.journal import read_events
 
         try:
-            return read_events(f"{url}/_ledger")[0]
+            return read_events(ledger_url(url))[0]
         except Exception:  # a live view must not die on a half-written journal
             return []
 
@@ -179,28 +175,23 @@ class Demo:
         from supervisor import registry
         from supervisor.launch.chaos import demo_plan
         from supervisor.ledger.cli import build_report, render
-        from supervisor.titan.tinydata import debug_model_args
 
         cfg = self.cfg
         plan = demo_plan(steps=cfg.steps, interval=cfg.interval, num_nodes=cfg.nodes, seed=cfg.seed) if cfg.chaos else []
         self.start_store()
-        assets = self.assets()
 
-        def args(name: str) -> list[str]:
-            return debug_model_args(assets, self.workdir / "dump" / name, steps=cfg.steps,
-                                    checkpoint_interval=cfg.interval, seed=cfg.seed)
-
-        what = f"llama3 debug · {cfg.nodes} nodes × 1 CPU rank (gloo) · {cfg.steps} steps · checkpoint every {cfg.interval}"
+        what = (f"recipe llama3_debug · {cfg.nodes} nodes × 1 CPU rank (gloo) · {cfg.steps} steps · "
+                f"checkpoint every {cfg.interval} · local backend (setup builds a tiny corpus and tokenizer per node)")
         self.console.print(f"[bold]job[/] {self.id}: {what}")
-        main = self.run_job(self.id, args(self.id), plan, "chaos run" if plan else "run")
+        main = self.run_job(self.id, plan, "chaos run" if plan else "run")
         ref = None
-        if plan and main.state == "SUCCEEDED":
+        if plan and main.state == SUCCEEDED:
             self.console.print("[bold]reference[/]: the same job without chaos, for the final weight check")
-            ref = self.run_job(f"{self.id}-ref", args(f"{self.id}-ref"), [], "reference run")
+            ref = self.run_job(f"{self.id}-ref", [], "reference run")
 
         plot = cfg.plot or registry.home() / "demo" / f"{self.id}.png"
         plot.parent.mkdir(parents=True, exist_ok=True)
-        report = build_report(f"{main.url}/_ledger", plot=plot)
+        report = build_report(ledger_url(main.url), plot=plot)
         try:
             match, why = self.check(main, ref)
         except Exception as err:  # the verdict must still be printed, and be FAIL
@@ -220,25 +211,22 @@ class Demo:
         return report
 
     def check(self, main: DemoRun, ref: DemoRun | None) -> tuple[bool, str]:
-        """Weights at the last step vs the reference run's (or trivially, without chaos)."""
+        """Weights at the last step vs the reference run's (or trivially, without chaos):
+        the same check as `supervise drill`."""
+        from supervisor.drill import weights_match
         from supervisor.store.catalog import Catalog
 
-        if main.state != "SUCCEEDED":
+        if main.state != SUCCEEDED:
             return False, f"the job did not finish ({main.state}: {main.reason})"
-        last = Catalog(main.url).latest()
-        if last.step != self.cfg.steps:
-            return False, f"newest committed checkpoint is step {last.step}, not {self.cfg.steps}"
         if ref is None:
+            last = Catalog(main.url).latest()
+            if last.step != self.cfg.steps:
+                return False, f"newest committed checkpoint is step {last.step}, not {self.cfg.steps}"
             return True, "no chaos: this uninterrupted run is its own reference"
-        if ref.state != "SUCCEEDED":
+        if ref.state != SUCCEEDED:
             return False, f"the reference run did not finish ({ref.state}: {ref.reason})"
-        from supervisor.titan.results import load_tensors, tensor_differences
-
-        ours = load_tensors(str(last.path), model_only=False)
-        reference = load_tensors(str(Catalog(ref.url).latest().path), model_only=False)
-        differ = tensor_differences(ours, reference)
-        why = f"{len(differ)} of {len(reference)} tensors differ, e.g. {differ[0]}" if differ else f"{len(ours)} tensors bit-identical"
-        return not differ and bool(ours), f"step {self.cfg.steps} vs uninterrupted reference: {why}"
+        ok, why = weights_match(main.url, ref.url, self.cfg.steps)
+        return ok, f"vs uninterrupted reference: {why}"
 
     def cleanup(self) -> None:
         from supervisor.launch.local import LocalBackend
@@ -246,7 +234,7 @@ class Demo:
         launcher = LocalBackend()
         for name in self.jobs:
             st = launcher.status(name)[0]
-            if st.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            if not is_terminal(st.state):
                 launcher.cancel(name, graceful=False)
         if self.cfg.keep:
             env = " ".join(f"{k}={v}" for k, v in self.store.env.items()) if self.store else ""
