@@ -21,7 +21,7 @@ RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 def _env(monkeypatch, tmp_path):
     monkeypatch.setenv("SUPERVISE_BUCKET", "s3://my-ckpts/supervise")
     monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
-    for key in (*skypilot.STORE_SECRETS, *skypilot.STORE_ENVS, "HF_TOKEN"):
+    for key in (*skypilot.LAUNCH_ENV, "HF_TOKEN"):
         monkeypatch.delenv(key, raising=False)
 
 
@@ -79,7 +79,7 @@ def test_node_argv_mount_vs_direct():
     spec = build_spec("llama3_8b")
     argv = node_argv(spec)
     assert argv[:4] == ["supervise", "node", "--checkpoints", "s3://my-ckpts/supervise/llama3-8b"]
-    assert argv[argv.index("--checkpoint-mount") + 1] == "/checkpoints/llama3-8b"
+    assert argv[argv.index("--checkpoint-mount") + 1] == "/checkpoints/supervise/llama3-8b"  # root mounted, prefix kept
     tail = argv[argv.index("--") + 1:]
     assert tail[:4] == ["--module", "llama3", "--config", "llama3_8b"]
     direct = node_argv(build_spec("llama3_8b", sets=["checkpoint.mode=direct"]))
@@ -153,7 +153,7 @@ def test_generic_s3_endpoint_needs_direct_mode(monkeypatch, capsys, launches):
     code, _, err = run_cli(monkeypatch, capsys, "start", "llama3_debug", "--dry-run")
     assert code == 2 and "checkpoint.mode" in err and "DIRECT" in err
     code, out, _ = run_cli(monkeypatch, capsys, "start", "llama3_debug", "--dry-run", "--set", "checkpoint.mode=DIRECT")
-    assert code == 0 and "AWS_ENDPOINT_URL: http://127.0.0.1:8333" in out
+    assert code == 0 and "AWS_ENDPOINT_URL_S3: http://127.0.0.1:8333" in out  # S3 only on the nodes
 
 
 def test_missing_recipe(monkeypatch, capsys):
