@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interval", type=int, default=None)
+    p.add_argument("--interval-auto", metavar="LOW:HIGH", default=None,
+                   help="then run checkpoint.interval auto in LOW..HIGH on the same seed and chaos plan; print auto vs fixed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_goodput.json"))
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -160,8 +162,35 @@ def main() -> int:
     for r in recoveries:
         print(f"recovery after {r['action']} at step {r['observed_step']}: " +
               ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in r.items() if k.endswith("_s") and v is not None))
+    if a.interval_auto:
+        low, high = (int(x) for x in a.interval_auto.split(":"))
+        result["auto_vs_fixed"] = auto_vs_fixed(a, interval, (low, high), result["chaos"])
+        a.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {a.out}")
     return 0 if result["chaos"]["weights_match"] else 1
+
+
+def auto_vs_fixed(a, interval: int, auto: tuple[int, int], fixed: dict) -> dict:
+    """The same demo (seed, chaos plan built for `interval`) with checkpoint.interval auto; ratios to fixed."""
+    from supervisor.demo import Demo, DemoConfig
+    from supervisor.ledger.journal import read_events
+
+    demo = Demo(DemoConfig(steps=a.steps, seed=a.seed, interval=interval, interval_auto=auto, quiet=True, keep=False))
+    report = demo.run()
+    events, _ = read_events(report["ledger"])
+    chosen = [e.get("interval_reason") for e in events if e.kind == "resume" and e.get("interval_reason")]
+    keys = ("goodput", "wall_s", "productive_s", "checkpoint_s", "lost_s", "recovery_s")
+    out = {"range": list(auto), "fixed": {k: fixed.get(k) for k in keys}, "auto": {k: report.get(k) for k in keys},
+           "auto_weights_match": report.get("weights_match"), "auto_intervals": sorted(set(chosen)),
+           "ratio_auto_to_fixed": {k: (report[k] / fixed[k] if fixed.get(k) else None) for k in keys}}
+    print(f"\ncheckpoint.interval auto {auto[0]}..{auto[1]} vs fixed {interval} (same seed {a.seed} and chaos plan):")
+    for k in keys:
+        ratio = out["ratio_auto_to_fixed"][k]
+        print(f"  {k:14} fixed {fixed[k]:9.3f}  auto {report[k]:9.3f}  auto/fixed {ratio:.3f}" if ratio is not None
+              else f"  {k:14} fixed {fixed[k]}  auto {report[k]}")
+    for reason in out["auto_intervals"]:
+        print(f"  chosen: {reason}")
+    return out
 
 
 if __name__ == "__main__":
