@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -96,7 +97,9 @@ class Job:
             "--set", f"overrides.training.steps={steps}", "--yes",
         ], env)  # fmt: skip
         assert start.returncode == 0, f"supervise start failed:\n{start.stdout}\n{start.stderr}"
-        self.job_id = start.stdout.split("launched managed job ", 1)[1].split()[0]
+        found = re.search(r"launched skypilot job (\d+)", start.stdout)
+        assert found, f"no job id in the output of supervise start:\n{start.stdout}"
+        self.job_id = found[1]
         self.finished = False
 
     def first_commit(self, timeout: float = 1500) -> int:
