@@ -101,10 +101,12 @@ def _now() -> str:
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
+    from supervisor import DIST  # supervise's distribution name (`supervise` on PyPI is another project)
+
     out = {}
-    for dist in ("torch", "torchtitan", "supervise"):
+    for key, dist in (("torch", "torch"), ("torchtitan", "torchtitan"), ("supervise", DIST)):
         try:
-            out[dist] = metadata.version(dist)
+            out[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
     return out
