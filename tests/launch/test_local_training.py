@@ -1,27 +1,33 @@
-"""The local backend with the real node wrapper and TorchTitan on CPU (slow)."""
+"""The local backend with the real node wrapper and TorchTitan on CPU (slow),
+launched through the public path: recipe -> JobSpec -> submit(backend="local")."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 
-from supervisor.demo import node_argv
-from supervisor.launch.local import LocalJob, read_state
+from supervisor.launch import submit
+from supervisor.launch.local import read_state
 from supervisor.launch.procs import tagged
 from supervisor.ledger.journal import read_events
+from supervisor.recipes import build_spec
+from supervisor.runtime import ledger_url
 from supervisor.store.catalog import Catalog
 
 pytestmark = pytest.mark.slow
 
 
-def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_url, titan_args, tmp_path):
-    """Two real nodes; `stop` while training: the wrappers save and commit the current
-    step, every process is gone, and no checkpoint is half committed."""
-    args = titan_args(tmp_path / "dump", steps=500, checkpoint_interval=3)
-    launcher.schedule(LocalJob(name="stopme", node_argv=node_argv(s3_url, args), num_nodes=2,
-                               checkpoints_url=s3_url, ledger_url=f"{s3_url}/_ledger", graceful_timeout_s=90))
-    deadline = time.monotonic() + 240
+def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_store, s3_env):
+    """Two real nodes of the debug recipe; `stop` while training: the wrappers save and
+    commit the current step, every process is gone, and no checkpoint is half committed."""
+    spec = build_spec("llama3_debug", name="stopme", sets=[
+        f"checkpoint.bucket={s3_store.url(f't-{uuid.uuid4().hex[:8]}')}", "checkpoint.interval=3",
+        "overrides.training.steps=500"])
+    s3_url = spec.checkpoints_url
+    submit(spec, backend="local", graceful_timeout_s=90)
+    deadline = time.monotonic() + 600  # setup (tokenizer + corpus) and start-up on a busy 2-core machine
     while (read_state("stopme") or {}).get("step", 0) < 4:
         assert launcher.status("stopme")[0].state in ("PENDING", "STARTING", "RUNNING"), launcher.status("stopme")
         assert time.monotonic() < deadline, "training did not reach step 4"
@@ -40,7 +46,7 @@ def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_url,
     latest = catalog.latest()
     assert latest.step is not None and latest.step >= step_at_stop, "the stop saved and committed the current step"
 
-    events, problems = read_events(f"{s3_url}/_ledger")
+    events, problems = read_events(ledger_url(s3_url))
     kinds = {e.kind for e in events}
     assert {"launch", "node_start", "trainer_start", "resume", "first_step", "progress", "checkpoint_committed",
             "notice", "exit", "job_finished"} <= kinds, kinds
