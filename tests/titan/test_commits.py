@@ -172,7 +172,7 @@ class BucketWatch(threading.Thread):
 def test_keep_two_during_a_two_rank_run_killed_mid_save(tmp_path, s3_store, s3_url, titan_args, reference_run):
     from supervisor.runtime import ENV_RESUME_STEP
     from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
-    from tests.fixtures_titan import INTERVAL, STEPS
+    from tests.fixtures_titan import STEPS
 
     ref = reference_run(2)  # saves every INTERVAL steps; this run every 2: the same training
     dump, run_dir = tmp_path / "dump", tmp_path / "run"
