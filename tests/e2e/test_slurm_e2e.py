@@ -86,7 +86,7 @@ def _first_after(events, state: str, after: float) -> float | None:
 class Job:
     """One `supervise start` of the debug recipe on the local Slurm."""
 
-    def __init__(self, env: dict[str, str], bucket: str, kind: str, steps: int):
+    def __init__(self, env: dict[str, str], bucket: str, kind: str, steps: int, extra: tuple[str, ...] = ()):
         self.env, self.kind = env, kind
         self.name = f"e2e-{kind}-{uuid.uuid4().hex[:6]}"
         self.url = f"s3://{bucket}/e2e/{self.name}"
@@ -94,7 +94,7 @@ class Job:
         start = _run([
             SUPERVISE, "start", "llama3_debug", "--infra", "slurm", "--num-nodes", "1", "--name", self.name,
             "--set", "checkpoint.mode=DIRECT", "--set", f"checkpoint.bucket=s3://{bucket}/e2e",
-            "--set", f"overrides.training.steps={steps}", "--yes",
+            "--set", f"overrides.training.steps={steps}", *extra, "--yes",
         ], env)  # fmt: skip
         assert start.returncode == 0, f"supervise start failed:\n{start.stdout}\n{start.stderr}"
         found = re.search(r"launched skypilot job (\d+)", start.stdout)
@@ -167,7 +167,8 @@ def test_slurm_managed_jobs_recover_from_scancel_stop_with_a_save_and_report(loc
             while not (allocations := _slurm_jobs(env, user)):
                 assert time.monotonic() < deadline, f"no Slurm allocation for {recover.name}"
                 time.sleep(2)
-            jobs.append(stop := Job(env, store.bucket, "stop", 100_000))  # trains until stopped
+            # trains until stopped; on the same machine as "recover", so torchrun needs another port
+            jobs.append(stop := Job(env, store.bucket, "stop", 100_000, ("--set", "envs.SUPERVISE_MASTER_PORT=8018")))
 
             # -- "recover": first committed checkpoint, then the allocation vanishes --------------
             recover.first_commit()
