@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -240,6 +242,7 @@ def drill_command(
 
     console = Console(stderr=True) if as_json else Console()
     session = Drill(recipe, steps=steps, seed=seed, sets=sets, interval=interval, log=console.print)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SIGTERM still stops the jobs and the store
     try:
         rows = session.run(chosen, combined=combined)
     finally:

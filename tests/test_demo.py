@@ -26,13 +26,25 @@ def _demo_stores() -> set[int]:
             if any("supervise-demo-" in part for part in (p.info["cmdline"] or []))}
 
 
-def test_demo_survives_chaos_with_identical_weights(tmp_path):
+def _stop_local_jobs(monkeypatch, home: Path) -> None:
+    from supervisor.launch.base import is_terminal
+    from supervisor.launch.local import LocalBackend
+
+    monkeypatch.setenv("SUPERVISE_HOME", str(home))
+    backend = LocalBackend()
+    for st in backend.status():
+        if not is_terminal(st.state):
+            backend.cancel(st.name, graceful=False)
+
+
+@pytest.mark.timeout(1800)  # two 2-node trainings; the suite's 900 s is too short on a busy 2-core machine
+def test_demo_survives_chaos_with_identical_weights(tmp_path, monkeypatch):
     env = {**os.environ, "SUPERVISE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     supervise = [sys.executable, "-c", "from supervisor.cli import main; main()"]
     before = _demo_stores()
     proc = subprocess.run([*supervise, "demo", "--steps", "8", "--seed", "1", "--json", "--keep",
                            "--plot", str(tmp_path / "timeline.png")],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1500)
     kept = {}
     try:
         assert proc.stdout.strip(), proc.stderr[-3000:]
@@ -73,7 +85,21 @@ def test_demo_survives_chaos_with_identical_weights(tmp_path):
         assert {e.incarnation for e in events if e.kind == "first_step"} == {"0", "1", "2"}
         # the restart after the kill found the newest checkpoint corrupt and fell back
         assert any(e.get("skipped") for e in events if e.kind == "resume" and e.incarnation == "2")
+
+        # the demo is a user of `start --backend local`: the debug recipe's request, its setup, the launch event
+        from supervisor.launch import dryrun
+        from supervisor.recipes import build_spec
+
+        job = json.loads((tmp_path / "home" / "local" / report["job"] / "job.json").read_text())
+        spec = build_spec("llama3_debug", name=report["job"], num_nodes=2, sets=[
+            f"checkpoint.bucket={job['checkpoints_url'].rsplit('/', 1)[0]}", "checkpoint.interval=2",
+            "overrides.training.steps=8", "overrides.debug.seed=1", "overrides.debug.deterministic=true"])
+        expected = dryrun(spec, backend="local")[1]
+        assert job["node_argv"] == expected.node_argv and job["setup"] == expected.setup
+        launch = [e for e in events if e.kind == "launch"]
+        assert launch[0].get("backend") == "local" and launch[0].get("num_nodes") == 2
     finally:  # --keep left the store running: stop it, even when the demo failed
+        _stop_local_jobs(monkeypatch, tmp_path / "home")  # a demo killed by the timeout could not stop its jobs
         for pid in _demo_stores() - before:
             os.kill(pid, signal.SIGKILL)
         if kept:
