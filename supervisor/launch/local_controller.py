@@ -201,6 +201,7 @@ class Controller:
         last_hb = 0.0
         first_exit = None
         step = None  # this incarnation's, from its heartbeats
+        killed = False  # a chaos kill ended this incarnation: nothing more fires in it
         while True:
             procs.reap_orphans({n.proc.pid for n in nodes})
             for node in nodes:
@@ -236,9 +237,12 @@ class Controller:
                     self.save(step=step, state=RUNNING)
             # Step-triggered chaos on each heartbeat read, save-triggered chaos on every poll;
             # none once a node is leaving (let the incarnation end as it is).
-            if first_exit is None and (fresh or chaos.watched_saves(self.plan, self.fired, step)):
+            if first_exit is None and not killed and (fresh or chaos.watched_saves(self.plan, self.fired, step)):
                 for i in chaos.due(self.plan, self.fired, step, live=True, saving=self.saving(step)):
                     self.fire(i, inc, nodes, step)
+                    if self.plan[i].kind == "kill":
+                        killed = True
+                        break
             time.sleep(POLL_S)
 
     def stop(self, nodes: list[Node], *, graceful: bool) -> None:
