@@ -25,6 +25,9 @@ def node(
     commit_wait: float = typer.Option(
         None, "--commit-wait", help="Seconds a commit waits for a mount's upload to land (0 = no wait; default: the trainer's, 60)."
     ),
+    keep: int = typer.Option(
+        0, "--keep", min=0, help="Committed checkpoints kept during the run (older ones pruned after each commit; 0 = all)."
+    ),
     nproc_per_node: int = typer.Option(
         None, "--nproc-per-node", help="Ranks on this node (default: SKYPILOT_NUM_GPUS_PER_NODE, local GPUs, or 1 on CPU)."
     ),
@@ -68,7 +71,7 @@ def node(
     if cloud not in (*CLOUDS, "auto", "none"):
         raise SuperviseError(f"--cloud {cloud!r}: use auto, aws, gcp, azure or none", ExitCode.USER_ERROR)
     opts = NodeOptions(
-        checkpoints=checkpoints, checkpoint_mount=checkpoint_mount, commit_wait_s=commit_wait,
+        checkpoints=checkpoints, checkpoint_mount=checkpoint_mount, commit_wait_s=commit_wait, keep=keep,
         nproc_per_node=nproc_per_node, master_port=master_port, trainer_module=trainer_module, run_dir=run_dir,
         notice_file=notice_file, cloud=cloud,
         metadata_urls={"aws": aws_metadata_url, "gcp": gcp_metadata_url, "azure": azure_metadata_url},

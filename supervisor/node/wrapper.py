@@ -52,6 +52,7 @@ from supervisor.node.torchrun import (
 from supervisor.node.watchdog import Watchdog
 from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, strip_node_owned
 from supervisor.runtime import (
+    ENV_CHECKPOINT_KEEP,
     ENV_CHECKPOINTS,
     ENV_COMMIT_WAIT_S,
     ENV_INCARNATION,
@@ -83,6 +84,7 @@ class NodeOptions:
     checkpoints: str | None = None  # catalog URL; default from the trainer args
     checkpoint_mount: str | None = None  # where TorchTitan writes, when the bucket is mounted
     commit_wait_s: float | None = None  # None: the trainer's default (titan.policy.DEFAULT_COMMIT_WAIT_S)
+    keep: int = 0  # committed checkpoints the trainer keeps during the run (owner: commits); 0: all
     nproc_per_node: int | None = None
     master_port: int = DEFAULT_MASTER_PORT
     trainer_module: str = DEFAULT_TRAINER_MODULE
@@ -152,6 +154,8 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     }
     if opts.commit_wait_s is not None:  # 0 is a choice (no wait), not "unset"
         env[ENV_COMMIT_WAIT_S] = f"{opts.commit_wait_s:g}"
+    if opts.keep:
+        env[ENV_CHECKPOINT_KEEP] = str(opts.keep)
     return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env, interval=choice, catalog=catalog)
 
 
