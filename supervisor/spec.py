@@ -216,6 +216,15 @@ class JobSpec(_Strict):
             raise ValueError(f"{bad[0]!r} is not an environment variable name")
         return list(dict.fromkeys(v))
 
+    @field_validator("envs", mode="before")
+    @classmethod
+    def _env_values_as_text(cls, v: Any) -> Any:
+        """`envs.PORT: 8018` (YAML or --set) means the text "8018": stringify
+        scalars as SkyPilot's `Task.from_yaml_config` does with a task's envs."""
+        if isinstance(v, dict):
+            return {str(k): x if x is None or isinstance(x, (dict, list)) else str(x) for k, x in v.items()}
+        return v
+
     @field_validator("overrides")
     @classmethod
     def _override_keys(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,17 @@ def test_set_overrides_nested_fields_and_flags_win():
     assert spec.name == "exp-1" and spec.checkpoints_url == "s3://my-ckpts/supervise/exp-1"
 
 
+def test_env_values_are_text_as_in_skypilot():
+    """`--set envs.PORT=8018` parses 8018 as a number; SkyPilot's Task.from_yaml_config
+    stringifies env values, and so do we."""
+    from sky.task import Task
+
+    spec = build_spec("llama3_8b", sets=["envs.SUPERVISE_MASTER_PORT=8018", "envs.DEBUG=true"])
+    assert spec.envs == {"SUPERVISE_MASTER_PORT": "8018", "DEBUG": "True"}
+    sky_envs = Task.from_yaml_config({"run": "true", "envs": {"SUPERVISE_MASTER_PORT": 8018, "DEBUG": True}}).envs
+    assert sky_envs == spec.envs
+
+
 def test_parse_set_keeps_text_literal():
     assert parse_set("a.b=3") == ("a.b", 3)
     assert parse_set("a=x: y") == ("a", "x: y")
