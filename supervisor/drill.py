@@ -9,10 +9,12 @@ reference's (titan/results.py), and nothing committed was lost: every restart
 resumed from the newest step committed before it, or from the one before when
 the drill itself corrupted that one. Exit 1 on any FAIL.
 
-Drills that hit a save (`kill-during-save`, `notice-during-save`) fire when the
-save's objects appear in the bucket and its commit marker does not exist yet,
-not at a guessed time (chaos.save_in_progress). Not offered yet: a store
-outage (it needs a fault proxy between the nodes and the store).
+Drills that hit a save (`kill-during-save`, `notice-during-save`,
+`store-outage`) fire when the save's objects appear in the bucket and its
+commit marker does not exist yet, not at a guessed time
+(chaos.save_in_progress). `store-outage` freezes the drill's own embedded
+store (SIGSTOP, as in a partition: requests hang, nothing answers) for
+STORE_OUTAGE_S, so it needs that store, not a `--set checkpoint.bucket`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,11 +35,12 @@ import typer
 
 from supervisor.errors import SuperviseError
 from supervisor.launch.base import SUCCEEDED
-from supervisor.launch.chaos import ChaosEvent
+from supervisor.launch.chaos import STORE_KINDS, ChaosEvent, freeze_store, save_in_progress
 from supervisor.runtime import ledger_url
 
-DRILLS = ("notice", "kill", "kill-during-save", "notice-during-save", "corrupt-newest", "stall-rank")
+DRILLS = ("notice", "kill", "kill-during-save", "notice-during-save", "corrupt-newest", "stall-rank", "store-outage")
 STALL_HANG_S = 30  # the wrapper's --hang-timeout in a stall drill: the hang is noticed within the drill
+STORE_OUTAGE_S = 30.0  # longer than a debug save, shorter than the store retry window (fsx.retry)
 
 
 def plan(drill: str, *, steps: int, interval: int, num_nodes: int, seed: int) -> list[ChaosEvent]:
@@ -61,6 +65,8 @@ def plan(drill: str, *, steps: int, interval: int, num_nodes: int, seed: int) ->
         return [ChaosEvent("kill", mid, node), ChaosEvent("corrupt", mid)]
     if drill == "stall-rank":
         return [ChaosEvent("stall", mid, node)]
+    if drill == "store-outage":
+        return [ChaosEvent("outage", save, during_save=True, duration_s=STORE_OUTAGE_S)]
     raise SuperviseError(f"unknown drill {drill!r}; use any of: {', '.join(DRILLS)}", exit_code=2)
 
 
@@ -138,18 +144,42 @@ class Drill:
         return self.store.url()
 
     def run_job(self, name: str, events: list[ChaosEvent]):
-        """Schedule the recipe with `events` on the local backend; wait for it to end."""
+        """Schedule the recipe with `events` on the local backend; wait for it to end.
+        The controller fires the node events; this session fires the store outages.
+        Returns the spec, the final status and the outages fired (as the controller's records)."""
         from supervisor.launch import dryrun, schedule
         from supervisor.launch.local import LocalBackend
 
         spec = self.spec(name)
-        impl, job = dryrun(spec, backend="local", chaos=events)
+        outages = [(i, ev) for i, ev in enumerate(events) if ev.kind in STORE_KINDS]
+        impl, job = dryrun(spec, backend="local", chaos=events)  # the controller leaves outages alone
         if any(ev.kind == "stall" for ev in events):
             i = job.node_argv.index("node") + 1
             job.node_argv[i:i] = ["--hang-timeout", str(STALL_HANG_S)]
         self.jobs.append(name)
+        done, fired = threading.Event(), []
+        threads = [threading.Thread(target=self._outage, args=(spec.checkpoints_url, i, ev, done, fired), daemon=True)
+                   for i, ev in outages]
         schedule(impl, job, spec)
-        return spec, LocalBackend().wait(name)
+        for t in threads:
+            t.start()
+        try:
+            status = LocalBackend().wait(name)
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+        return spec, status, fired
+
+    def _outage(self, url: str, index: int, ev: ChaosEvent, done: threading.Event, fired: list) -> None:
+        """Freeze the store once step `ev.at_step`'s save is landing in it."""
+        while not done.wait(0.2):
+            if save_in_progress(url, ev.at_step):
+                t = time.time()
+                detail = freeze_store(self.store.pid, ev.duration_s or STORE_OUTAGE_S, until=done)
+                fired.append({"index": index, "kind": ev.kind, "node": None, "observed_step": ev.at_step,
+                              "time": t, "detail": f"{detail} during the save of step {ev.at_step}"})
+                return
 
     def row(self, drill: str, events: list[ChaosEvent], ref_url: str) -> Row:
         from supervisor.launch.local import read_state
@@ -159,16 +189,16 @@ class Drill:
         name = f"{self.id}-{drill}"
         t0 = time.time()
         self.log(f"drill {drill}: " + "; ".join(ev.describe() for ev in events))
-        spec, st = self.run_job(name, events)
+        spec, st, outages = self.run_job(name, events)
         state = read_state(name) or {}
-        fired = state.get("chaos_fired", [])
+        fired = [*state.get("chaos_fired", []), *outages]
         url = spec.checkpoints_url
         ledger, _ = read_events(ledger_url(url))
         report = build_report(ledger_url(url))
         row = Row(drill, recoveries=st.recoveries, steps_lost=(report.get("steps") or {}).get("recomputed"),
                   recovery_s=report.get("recovery_s"))
-        row.injected = [f"{c['kind']} node {c['node']} at step {c['observed_step']} (+{c['time'] - t0:.0f} s): "
-                        f"{c['detail']}" for c in fired]
+        row.injected = [f"{c['kind']}{'' if c['node'] is None else ' node %s' % c['node']} at step "
+                        f"{c['observed_step']} (+{c['time'] - t0:.0f} s): {c['detail']}" for c in fired]
         by_inc: dict[str, list[int]] = {}
         for e in ledger:
             if e.kind == "exit" and isinstance(e.get("code"), int):
@@ -192,8 +222,11 @@ class Drill:
         num_nodes = self.spec("probe").num_nodes
         plans = {d: plan(d, steps=self.steps, interval=self.interval, num_nodes=num_nodes, seed=self.seed)
                  for d in drills}
+        if self.store is None and any(ev.kind in STORE_KINDS for evs in plans.values() for ev in evs):
+            raise SuperviseError("drill store-outage freezes the drill's own embedded store: "
+                                 "drop --set checkpoint.bucket to run it", exit_code=2)
         self.log(f"reference: {self.recipe}, {self.steps} steps, uninterrupted")
-        ref_spec, ref = self.run_job(f"{self.id}-ref", [])
+        ref_spec, ref, _ = self.run_job(f"{self.id}-ref", [])
         if ref.state != SUCCEEDED:
             raise SuperviseError(f"the reference run did not finish ({ref.state}: {ref.reason}); "
                                  f"see `supervise logs {self.id}-ref`", exit_code=1)

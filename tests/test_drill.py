@@ -49,19 +49,15 @@ def test_nothing_committed_lost_means_each_restart_resumed_from_the_newest_commi
     assert resumes_lost_nothing(behind, corrupted={6})[0], "the drill corrupted step 6 itself: 3 is right"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # a reference and a chaos training with two restarts
-def test_drill_save_triggered_kill_and_notice_pass(tmp_path, monkeypatch):
-    """A short combined drill on the debug recipe (1 node): a kill and a notice, each while a
-    save's objects are landing in the bucket; PASS = bit-identical to the reference."""
+def _drill(tmp_path, monkeypatch, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`supervise drill llama3_debug ARGS --json` in a private SUPERVISE_HOME; stops what it leaves running."""
     from supervisor.launch.base import is_terminal
     from supervisor.launch.local import LocalBackend
 
     env = {**os.environ, "SUPERVISE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run([sys.executable, "-c", "from supervisor.cli import main; main()", "drill",
-                               "llama3_debug", "--drills", "kill-during-save,notice-during-save", "--combined",
-                               "--steps", "8", "--interval", "2", "--set", "resources.num_nodes=1", "--json"],
+                               "llama3_debug", *args, "--set", "resources.num_nodes=1", "--json"],
                               env=env, capture_output=True, text=True, timeout=1500)
     finally:  # a drill killed by the timeout could not stop its jobs
         monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
@@ -69,7 +65,36 @@ def test_drill_save_triggered_kill_and_notice_pass(tmp_path, monkeypatch):
             if not is_terminal(st.state):
                 LocalBackend().cancel(st.name, graceful=False)
     assert proc.stdout.strip(), proc.stderr[-3000:]
-    [row] = json.loads(proc.stdout)
+    assert not any((tmp_path / "home" / "local").glob("*")), "drill removed its jobs"
+    return proc, json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # a reference and a chaos training with two restarts
+def test_drill_save_triggered_kill_and_notice_pass(tmp_path, monkeypatch):
+    """A short combined drill on the debug recipe (1 node): a kill and a notice, each while a
+    save's objects are landing in the bucket; PASS = bit-identical to the reference."""
+    proc, [row] = _drill(tmp_path, monkeypatch, "--drills", "kill-during-save,notice-during-save", "--combined",
+                         "--steps", "8", "--interval", "2")
     assert proc.returncode == 0 and row["verdict"] == "PASS", (row, proc.stderr[-2000:])
     assert len(row["injected"]) == 2 and row["recoveries"] >= 2
-    assert not any((tmp_path / "home" / "local").glob("*")), "drill removed its jobs"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_drill_store_outage_during_a_save_passes_without_a_restart(tmp_path, monkeypatch):
+    """The embedded store frozen (SIGSTOP) for 30 s while a save lands: the save and its
+    commit finish once the store is back, no restart, bit-identical to the reference."""
+    proc, [row] = _drill(tmp_path, monkeypatch, "--drills", "store-outage", "--steps", "8", "--interval", "2")
+    assert proc.returncode == 0 and row["verdict"] == "PASS", (row, proc.stderr[-2000:])
+    [injected] = row["injected"]
+    assert injected.startswith("outage at step ") and "store frozen (SIGSTOP)" in injected, injected
+    assert row["recoveries"] == 0 and row["exit_codes"] == [[0]], row
+
+
+def test_store_outage_needs_the_drills_own_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, "-c", "from supervisor.cli import main; main()", "drill", "llama3_debug",
+                           "--drills", "store-outage", "--set", "checkpoint.bucket=s3://elsewhere/runs"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "embedded store" in proc.stderr, proc.stderr

@@ -1,6 +1,6 @@
 """What every backend shares (torchx-style: the NodeTask says *what* runs, a
-backend says *where*): the job-state vocabulary, the status row and the
-Backend protocol. `submit = schedule(dryrun(task))`, as torchx's
+backend says *where*): the status row and the Backend protocol (the state
+vocabulary lives in `supervisor.jobstate`). `submit = schedule(dryrun(task))`, as torchx's
 `Scheduler.submit = schedule(submit_dryrun(app))`."""
 
 from __future__ import annotations
@@ -9,18 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from supervisor.errors import SuperviseError
-
-# One vocabulary for both backends: SkyPilot's ManagedJobStatus names
-# (sky/jobs/state.py), which the local emulator uses as they are.
-PENDING, STARTING, RUNNING, RECOVERING = "PENDING", "STARTING", "RUNNING", "RECOVERING"
-SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
-FAILED_SETUP = "FAILED_SETUP"  # the task's setup exited non-zero
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)  # FAILED covers FAILED_SETUP, FAILED_NO_RESOURCE, ...
-
-
-def is_terminal(state: str | None) -> bool:
-    """A job in this state will not run again (SkyPilot's FAILED_* variants included)."""
-    return bool(state) and str(state).startswith(TERMINAL)
+from supervisor.jobstate import (  # noqa: F401  (re-exported: the backends' vocabulary)
+    CANCELLED, FAILED, FAILED_SETUP, PENDING, RECOVERING, RUNNING, STARTING, SUCCEEDED, is_terminal,
+)
 
 
 class AlreadyFinished(SuperviseError):

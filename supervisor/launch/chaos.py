@@ -14,17 +14,20 @@ Kinds:
     corrupt  truncate a shard of the newest committed checkpoint; runs while the
              nodes are down between two incarnations, so the next start must
              quarantine it and fall back (a corruption nobody reads is no test)
+    outage   freeze the object store (SIGSTOP) for `duration_s` while a save is
+             landing; fired by whoever owns the store (`supervise drill` for its
+             embedded one), never by the local controller
 """
 
 from __future__ import annotations
 
 import random
-import re
 import signal
 from dataclasses import asdict, dataclass
 
-KINDS = ("notice", "kill", "stall", "corrupt")
-LIVE_KINDS = ("notice", "kill", "stall")  # fired while the nodes run
+KINDS = ("notice", "kill", "stall", "corrupt", "outage")
+LIVE_KINDS = ("notice", "kill", "stall")  # fired by the local controller while the nodes run
+STORE_KINDS = ("outage",)  # fired by the store's owner, not by the controller
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ChaosEvent:
     # live kinds only: wait for step `at_step`'s save to be in flight (its objects
     # in the bucket, no commit marker yet) instead of firing once the step is reached
     during_save: bool = False
+    duration_s: float | None = None  # outage only: how long the store stays frozen
 
     def describe(self) -> str:
         what = {
@@ -43,26 +47,14 @@ class ChaosEvent:
             "kill": "preempt without notice (SIGKILL)",
             "stall": "stall a rank (SIGSTOP)",
             "corrupt": "corrupt newest checkpoint",
+            "outage": f"freeze the store for {self.duration_s or 0:g} s",
         }[self.kind]
-        where = "" if self.kind == "corrupt" else f" node {self.node}"
+        where = "" if self.kind in ("corrupt", *STORE_KINDS) else f" node {self.node}"
         when = f"during the save of step {self.at_step}" if self.during_save else f"at step {self.at_step}"
         return f"{what}{where} {when}"
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_EVENT_RE = re.compile(r"^(?P<kind>[a-z]+)@(?P<step>\d+)(?::node(?P<node>\d+))?$")
-
-
-def parse_event(text: str) -> ChaosEvent:
-    """`kind@step[:nodeN]`, e.g. `notice@5:node1`, `kill@9`, `corrupt@9`."""
-    m = _EVENT_RE.match(text.strip())
-    if not m or m["kind"] not in KINDS:
-        from supervisor.errors import SuperviseError
-
-        raise SuperviseError(f"bad chaos event {text!r}: expected KIND@STEP[:nodeN] with KIND in {', '.join(KINDS)}")
-    return ChaosEvent(m["kind"], int(m["step"]), int(m["node"] or 0))
 
 
 def demo_plan(*, steps: int, interval: int, num_nodes: int, seed: int, deadline_s: float = 60.0) -> list[ChaosEvent]:
@@ -104,13 +96,6 @@ def min_demo_steps(interval: int) -> int:
         steps += 1
 
 
-def random_plan(*, steps: int, num_nodes: int, seed: int, count: int = 3, kinds: tuple[str, ...] = ("notice", "kill")) -> list[ChaosEvent]:
-    """`count` events of the given kinds at seeded random steps in [2, steps - 1]."""
-    rng = random.Random(seed)
-    picks = sorted(rng.sample(range(2, max(3, steps)), min(count, max(1, steps - 2))))
-    return [ChaosEvent(rng.choice(kinds), s, rng.randrange(num_nodes)) for s in picks]
-
-
 def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool,
         saving: frozenset[int] | set[int] = frozenset()) -> list[int]:
     """Indices of plan events that are due and have not fired, in plan order; `live`
@@ -122,7 +107,7 @@ def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool
     return [
         i
         for i, ev in enumerate(plan)
-        if i not in fired and (ev.kind in LIVE_KINDS) == live
+        if i not in fired and ev.kind not in STORE_KINDS and (ev.kind in LIVE_KINDS) == live
         and (ev.at_step in saving if ev.during_save else step >= ev.at_step)
     ]
 
@@ -133,7 +118,7 @@ def watched_saves(plan: list[ChaosEvent], fired: set[int], step: int | None) -> 
     if step is None:
         return []
     return sorted({ev.at_step for i, ev in enumerate(plan)
-                   if i not in fired and ev.during_save and step >= ev.at_step - 1})
+                   if i not in fired and ev.during_save and ev.kind not in STORE_KINDS and step >= ev.at_step - 1})
 
 
 def save_in_progress(checkpoints_url: str, step: int) -> bool:
@@ -193,6 +178,24 @@ def stall_rank(node_tag: str) -> int | None:
     rank, proc = min(workers, key=lambda rp: rp[0])
     proc.send_signal(signal.SIGSTOP)
     return rank
+
+
+def freeze_store(pid: int, seconds: float, until=None) -> str:
+    """The store stops answering (SIGSTOP: connections stay open, requests hang, as
+    in a partition), then comes back (SIGCONT) after `seconds` or when `until` is set."""
+    import os
+    import time
+
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        if until is not None:
+            until.wait(seconds)
+        else:
+            time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    return f"store frozen (SIGSTOP) for {time.monotonic() - t0:.0f} s"
 
 
 def corrupt_newest(checkpoints_url: str) -> str:

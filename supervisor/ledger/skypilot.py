@@ -30,6 +30,7 @@ import statistics
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
+from supervisor.jobstate import is_terminal
 from supervisor.ledger.events import Event
 
 WRITER = "skypilot"
@@ -37,8 +38,6 @@ FIELDS = ("job_id", "task_id", "job_name", "status", "resources", "cluster_resou
           "region", "infra", "submitted_at", "start_at", "end_at", "last_recovered_at", "recovery_count",
           "failure_reason", "job_duration")
 EVENTS_LIMIT = 10_000
-TERMINAL = ("SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
-            "FAILED_CONTROLLER")
 _TZ_STEP_S = 900  # time zones are whole quarter hours
 _MATCH_S = 5.0  # a row and a record time this close are the same transition
 _RESOURCES = re.compile(r"^(?P<nodes>\d+)x\[(?P<acc>[^\]]*)\](?P<spot>\[[^\]]*\])?")
@@ -102,7 +101,7 @@ def controller_offset(record: Mapping[str, Any], job_events: list[Mapping[str, A
     pairs = []
     if running and rec.get("last_recovered_at"):
         pairs.append(rec["last_recovered_at"] - running[-1])
-    ends = [t for t, s, _ in rows if s in TERMINAL]
+    ends = [t for t, s, _ in rows if is_terminal(s)]
     if ends and rec.get("end_at"):
         pairs.append(rec["end_at"] - ends[-1])
     if not pairs:
@@ -173,7 +172,7 @@ def to_events(record: Any, job_events: list[Mapping[str, Any]]) -> tuple[list[Ev
             out.append(_event("provisioned", t, seq, **fields))
         elif status == "RECOVERING":
             out.append(_event("recovery_started", t, seq, source=WRITER, **fields))
-        elif status in TERMINAL:
+        elif is_terminal(status):
             out.append(_event("job_finished", t, seq, state=status,
                               reason=rec.get("failure_reason") or row.get("reason") or None))
     # Rows cut by the limit (or never written): the record's own epoch times stand in.
@@ -183,7 +182,7 @@ def to_events(record: Any, job_events: list[Mapping[str, Any]]) -> tuple[list[Ev
     for key in ("start_at", "last_recovered_at"):
         if rec.get(key) and missing("provisioned", float(rec[key])):
             out.append(_event("provisioned", float(rec[key]), seq + 1, status="RUNNING"))
-    if rec.get("end_at") and rec.get("status") in TERMINAL and missing("job_finished", float(rec["end_at"])):
+    if rec.get("end_at") and is_terminal(rec.get("status")) and missing("job_finished", float(rec["end_at"])):
         out.append(_event("job_finished", float(rec["end_at"]), seq + 2, state=rec["status"],
                           reason=rec.get("failure_reason")))
     seen = sum(e.kind == "recovery_started" for e in out)

@@ -37,14 +37,13 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.jobstate import is_terminal
 from tests.e2e.conftest import infra_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(2400),
               pytest.mark.xfail(strict=False, reason="KNOWN FAILING: the reworked default-task Slurm e2e has not had a full pass yet; open, see the session note")]
 
 STEPS = 30  # TorchTitan steps; the recipe checkpoints every 5
-TERMINAL = {"SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
-            "FAILED_CONTROLLER", "CANCELLED", "CANCELLING"}
 
 
 def _run(argv: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -123,7 +122,7 @@ class Job:
             polls += 1
             if polls % 15 == 0:
                 state = _status(self.env, self.name).get("state")
-                assert state not in TERMINAL, f"{self.name} ended before its first checkpoint: {state}\n" \
+                assert not is_terminal(state), f"{self.name} ended before its first checkpoint: {state}\n" \
                                               f"{_logs(self.env, self.job_id)[-3000:]}"
             time.sleep(2)
 
@@ -136,7 +135,7 @@ class Job:
             if status.get("state") and (not states or states[-1] != status["state"]):
                 states.append(status["state"])
             allocations.update(_slurm_jobs(self.env, user))
-            if status.get("state") in TERMINAL:
+            if is_terminal(status.get("state")):
                 self.finished = True
                 return status, states, allocations
             time.sleep(5)

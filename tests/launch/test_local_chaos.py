@@ -2,8 +2,7 @@
 
 import pytest
 
-from supervisor.errors import SuperviseError
-from supervisor.launch.chaos import ChaosEvent, demo_plan, due, min_demo_steps, parse_event, random_plan
+from supervisor.launch.chaos import ChaosEvent, demo_plan, due, min_demo_steps
 
 
 @pytest.mark.parametrize("steps,interval", [(6, 1), (8, 2), (12, 3), (24, 6), (40, 4)])
@@ -33,14 +32,6 @@ def test_demo_plan_differs_across_seeds_and_rejects_short_runs():
             demo_plan(steps=n - 1, interval=interval, num_nodes=2, seed=0)
 
 
-def test_random_plan_is_seeded():
-    a = random_plan(steps=100, num_nodes=2, seed=7, count=5, kinds=("notice", "kill", "stall"))
-    assert a == random_plan(steps=100, num_nodes=2, seed=7, count=5, kinds=("notice", "kill", "stall"))
-    assert a != random_plan(steps=100, num_nodes=2, seed=8, count=5, kinds=("notice", "kill", "stall"))
-    assert [e.at_step for e in a] == sorted(e.at_step for e in a)
-    assert all(2 <= e.at_step < 100 and e.node in (0, 1) for e in a)
-
-
 def test_due_fires_each_event_once_in_order_and_corrupt_only_between_incarnations():
     plan = [ChaosEvent("notice", 5), ChaosEvent("kill", 9, 1), ChaosEvent("corrupt", 9)]
     assert due(plan, set(), None, live=True) == []
@@ -50,10 +41,6 @@ def test_due_fires_each_event_once_in_order_and_corrupt_only_between_incarnation
     assert due(plan, {0, 1}, 12, live=True) == []
     assert due(plan, {0, 1}, 12, live=False) == [2]
     assert due(plan, {0, 1}, 8, live=False) == []
-
-
-def test_parse_event():
-    assert parse_event("notice@5:node1") == ChaosEvent("notice", 5, 1)
-    assert parse_event("corrupt@9") == ChaosEvent("corrupt", 9, 0)
-    with pytest.raises(SuperviseError, match="KIND@STEP"):
-        parse_event("explode@3")
+    outage = [ChaosEvent("outage", 4, during_save=True, duration_s=30)]
+    assert due(outage, set(), 9, live=True, saving={4}) == due(outage, set(), 9, live=False) == [], \
+        "the store's owner fires an outage, never the local controller"

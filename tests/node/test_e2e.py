@@ -20,8 +20,12 @@ from tests.node.fake_metadata import FakeMetadata, urls_for
 from tests.node.nodeproc import cleanup, start_node, survivors, vanish, wait_for
 from tests.node.test_cli import node as node_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=False, reason="KNOWN FAILING in the 20:2x fresh-clone CI run after this wave (wrapper start-up/committer changes); not diagnosed; see the session note")]
+pytestmark = pytest.mark.slow
 STEPS = 12
+# The two-node test delivers four notices, each saved at the step after the one it
+# arrives in (2 steps apart here): it needs room so the last notice lands before
+# training ends, however busy the machine is.
+STEPS_NOTICES = 24
 INTERVAL = 4
 
 
@@ -90,22 +94,22 @@ def _weights(url: str, step: int, tmp_path: Path) -> dict:
     return load_tensors(str(local))
 
 
-def _reference(tmp_path, s3_url, titan_args, nproc: int):
+def _reference(tmp_path, s3_url, titan_args, nproc: int, steps: int = STEPS):
     dump = tmp_path / "ref"
-    ref = Run(tmp_path, "ref-run", f"{s3_url}/ref", titan_args(dump, steps=STEPS, checkpoint_interval=INTERVAL), nproc=nproc)
+    ref = Run(tmp_path, "ref-run", f"{s3_url}/ref", titan_args(dump, steps=steps, checkpoint_interval=INTERVAL), nproc=nproc)
     ref.dir.mkdir(parents=True)
     try:
         ref.start()
         assert ref.wait() == [ExitCode.FINISHED], ref.log()
     finally:
         ref.cleanup()
-    return _weights(ref.url, STEPS, tmp_path), read_losses(dump)
+    return _weights(ref.url, steps, tmp_path), read_losses(dump)
 
 
-def _assert_same_as_reference(run: Run, dump: Path, ref_weights, ref_losses) -> None:
-    assert not tensor_differences(ref_weights, _weights(run.url, STEPS, run.dir))
+def _assert_same_as_reference(run: Run, dump: Path, ref_weights, ref_losses, steps: int = STEPS) -> None:
+    assert not tensor_differences(ref_weights, _weights(run.url, steps, run.dir))
     losses = read_losses(dump)
-    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
+    assert sorted(losses) == sorted(ref_losses) == list(range(1, steps + 1))
     assert [losses[s] for s in sorted(losses)] == [ref_losses[s] for s in sorted(ref_losses)]
 
 
@@ -165,9 +169,9 @@ def test_one_rank_kill_notice_corruption_and_hang(tmp_path, s3_url, titan_args):
 
 
 def test_two_nodes_rendezvous_and_notices_from_each_cloud(tmp_path, s3_url, titan_args):
-    ref_weights, ref_losses = _reference(tmp_path, s3_url, titan_args, nproc=2)
+    ref_weights, ref_losses = _reference(tmp_path, s3_url, titan_args, nproc=2, steps=STEPS_NOTICES)
     dump = tmp_path / "run2"
-    run = Run(tmp_path, "run2", f"{s3_url}/run2", titan_args(dump, steps=STEPS, checkpoint_interval=INTERVAL), nodes=2)
+    run = Run(tmp_path, "run2", f"{s3_url}/run2", titan_args(dump, steps=STEPS_NOTICES, checkpoint_interval=INTERVAL), nodes=2)
     run.dir.mkdir(parents=True)
     try:
         rds = run.start()
@@ -186,13 +190,13 @@ def test_two_nodes_rendezvous_and_notices_from_each_cloud(tmp_path, s3_url, tita
         notice_file = tmp_path / "notice"
         rds = run.start(extra={0: ["--notice-file", str(notice_file)]})
         step = _notice_and_check(run, rds, lambda: notice_file.write_text('{"deadline_s": 60}'), step + 1)
-        assert step < STEPS
+        assert step < STEPS_NOTICES
 
         run.start()
         assert run.wait() == [ExitCode.FINISHED, ExitCode.FINISHED], run.log()
     finally:
         run.cleanup()
-    _assert_same_as_reference(run, dump, ref_weights, ref_losses)
+    _assert_same_as_reference(run, dump, ref_weights, ref_losses, steps=STEPS_NOTICES)
 
 
 def _truncate_newest_shard(url: str, step: int) -> None:
