@@ -40,8 +40,7 @@ import pytest
 from supervisor.jobstate import is_terminal
 from tests.e2e.conftest import infra_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(2400),
-              pytest.mark.xfail(strict=False, reason="KNOWN FAILING: the reworked default-task Slurm e2e has not had a full pass yet; open, see the session note")]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(2400)]
 
 STEPS = 30  # TorchTitan steps; the recipe checkpoints every 5
 
