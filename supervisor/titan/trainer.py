@@ -226,6 +226,9 @@ class SuperviseTrainer(Trainer):
     def train(self):
         if self.supervised_checkpoints:
             self._skip_rng_if_absent()
+        # TorchTitan's train() loads the checkpoint first: the report's start-up
+        # ends here and its checkpoint load at the first step boundary.
+        self._emit("trainer_ready")
         super().train()
         self._finish_commits()
 
@@ -233,6 +236,7 @@ class SuperviseTrainer(Trainer):
         first = self._boundary_step is None
         if first:
             self._loaded_step = self.step
+            self._emit("checkpoint_loaded", step=self.step)
         if first or self.step != self._boundary_step:
             self._boundary_step = self.step
             self._after_step(first)

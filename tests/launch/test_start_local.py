@@ -64,6 +64,13 @@ def test_start_local_runs_the_debug_recipe_with_its_own_setup(s3_store, s3_env, 
     launch = [e for e in events if e.kind == "launch"]
     assert len(launch) == 1 and launch[0].get("backend") == "local" and launch[0].get("num_nodes") == 1
     assert launch[0].get("job_id", "").startswith(f"local-{name}-")
+    # the start-up broken down by what the node and the trainer wrote, in order
+    order = [e.kind for e in sorted(events, key=lambda e: e.t)
+             if e.kind in ("node_start", "trainer_ready", "checkpoint_loaded", "first_step")]
+    assert order == ["node_start", "trainer_ready", "checkpoint_loaded", "first_step"], order
+    start = r["phases"]["start"]
+    assert start["setup_s"] > 0 and start["startup_s"] > 0 and start["checkpoint_load_s"] >= 0 \
+        and start["first_step_s"] > 0, start
 
     stop = supervise(env, "stop", name)
     assert stop.returncode == 0 and "already finished: SUCCEEDED" in stop.stdout
