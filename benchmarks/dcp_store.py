@@ -1,0 +1,105 @@
+"""DCP save and load through fsspec to the embedded S3 store (SeaweedFS on
+loopback) vs the best raw parallel put/get of the same bytes (issue 12),
+measured side by side in one run on this machine.
+
+One process, one rank: a state dict of `--tensors` float32 tensors, `--mib` MiB
+in all. DCP (`torch.distributed.checkpoint`, the writer TorchTitan gets for an
+`s3://` checkpoint folder: FsspecWriter, one file per rank per thread) saves it
+with thread_count 1 (TorchTitan's default: it passes no storage writer) and with
+more threads; then the same bytes go up as plain objects through s3fs, one
+object per DCP file and concurrently (`fs.pipe` of a dict: s3fs's own
+asyncio batch), which is the best this client does for those bytes. Loads: DCP
+load (FsspecReader) vs a concurrent `fs.cat` of the same objects. Each timing is
+the best of `--repeat` runs, alternated. Numbers are printed and written to
+benchmarks/results/dcp_store.json.
+
+    OMP_NUM_THREADS=1 python benchmarks/dcp_store.py [--mib 256] [--tensors 64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from supervisor.store.local_server import LocalObjectStore  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--tensors", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", default="1,2,4,8", help="DCP writer thread counts to try")
+    args = parser.parse_args()
+
+    import os
+
+    import s3fs
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    per = args.mib * 2**20 // args.tensors // 4
+    state = {f"layer{i}.weight": torch.randn(per, generator=torch.Generator().manual_seed(i)) for i in range(args.tensors)}
+    nbytes = sum(t.numel() * 4 for t in state.values())
+    threads = [int(t) for t in args.threads.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="dcp-bench-") as tmp, LocalObjectStore(Path(tmp) / "s3") as store:
+        os.environ.update(store.env)
+        fs = s3fs.S3FileSystem(endpoint_url=store.endpoint, key=store.env["AWS_ACCESS_KEY_ID"],
+                               secret=store.env["AWS_SECRET_ACCESS_KEY"])
+        rounds: dict[str, list[float]] = {}
+        layouts: dict[int, dict[str, int]] = {}
+
+        def timed(label: str, fn) -> None:
+            t0 = time.perf_counter()
+            fn()
+            rounds.setdefault(label, []).append(time.perf_counter() - t0)
+
+        for r in range(args.repeat):
+            for n in threads:
+                url = store.url(f"dcp-t{n}-r{r}")
+                timed(f"dcp_save_t{n}", lambda: dcp.save(state, storage_writer=FsspecWriter(url, thread_count=n,
+                                                                                          sync_files=False)))
+                root = url.removeprefix("s3://")
+                layouts[n] = {p: fs.size(p) for p in fs.find(root) if p.endswith(".distcp")}
+            # raw: the same files (those of the widest DCP layout) as plain objects, all at once
+            widest = max(threads)
+            src = {p: fs.cat_file(p) for p in layouts[widest]}
+            raw_root = f"{store.bucket}/raw-r{r}"
+            blobs = {f"{raw_root}/{Path(p).name}": data for p, data in src.items()}
+            timed("raw_put", lambda: fs.pipe(blobs))
+            single = {f"{raw_root}-one/all.bin": b"".join(src.values())}
+            timed("raw_put_one_object", lambda: fs.pipe(single))
+
+            target = {k: torch.empty_like(v) for k, v in state.items()}
+            timed("dcp_load", lambda: dcp.load(target, storage_reader=FsspecReader(store.url(f"dcp-t{widest}-r{r}"))))
+            assert all(torch.equal(target[k], state[k]) for k in state), "DCP load returned other bytes"
+            timed("raw_get", lambda: fs.cat(list(blobs)))
+
+    best = {k: min(v) for k, v in rounds.items()}
+    mib = nbytes / 2**20
+    result = {
+        "bytes": nbytes, "tensors": args.tensors, "repeat": args.repeat,
+        "files_per_thread_count": {n: len(files) for n, files in layouts.items()},
+        "best_s": {k: round(v, 3) for k, v in best.items()},
+        "mib_per_s": {k: round(mib / v, 1) for k, v in best.items()},
+        "save_ratio_vs_raw_put": {f"t{n}": round(best["raw_put"] / best[f"dcp_save_t{n}"], 2) for n in threads},
+        "load_ratio_vs_raw_get": round(best["raw_get"] / best["dcp_load"], 2),
+    }
+    out = REPO / "benchmarks" / "results" / "dcp_store.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
