@@ -6,7 +6,10 @@ wheelhouse, no find-links for our package; torch comes from the machine's local
 CPU wheel), TorchTitan trains on the Slurm node and checkpoints into a local S3
 server (SeaweedFS) under a bucket prefix. Two jobs run side by side:
 
-- "recover": the test cancels its Slurm allocation mid-run (`scancel`: a
+- "recover": its setup fetches the tokenizer with the real `hf download` of the
+  node's venv from a stand-in hub on loopback (tests/fakehub.py: this machine
+  cannot reach huggingface.co; HF_ENDPOINT points the node's hf at it), on the
+  first launch and again on the recovery. The test cancels its Slurm allocation mid-run (`scancel`: a
   preemption without notice) and checks that the managed job recovers
   (RUNNING -> RECOVERING -> RUNNING) on a new allocation, that TorchTitan resumes
   from the last committed step and finishes, and that `supervise report NAME
@@ -43,6 +46,7 @@ from tests.e2e.conftest import infra_env
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(2400)]
 
 STEPS = 30  # TorchTitan steps; the recipe checkpoints every 5
+HUB_REPO = "supervise-e2e/tiny-tokenizer"  # served by the stand-in hub
 
 
 def _run(argv: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -155,9 +159,16 @@ def test_slurm_managed_jobs_recover_from_scancel_stop_with_a_save_and_report(loc
     from supervisor.store.catalog import Catalog
     from supervisor.store.local_server import LocalObjectStore
 
+    from supervisor.titan.tinydata import build_assets
+    from tests.fakehub import FakeHub
+
     user = local_slurm["SUPERVISE_SLURM_USER"]
     sky_home = local_slurm["SUPERVISE_SLURM_SKY_HOME"]
-    with LocalObjectStore(tmp_path / "s3") as store:
+    # the recover job's tokenizer comes from the stand-in hub, its corpus from a folder the node user can read
+    shared = Path(local_slurm["SUPERVISE_SLURM_DIR"]) / f"hub-{uuid.uuid4().hex[:6]}"
+    assets = build_assets(shared)
+    subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
+    with LocalObjectStore(tmp_path / "s3") as store, FakeHub(HUB_REPO, assets.hf_assets_path) as hub:
         for key, value in store.env.items():
             monkeypatch.setenv(key, value)
         env = infra_env() | store.env | {
@@ -166,7 +177,9 @@ def test_slurm_managed_jobs_recover_from_scancel_stop_with_a_save_and_report(loc
             "SUPERVISE_HOME": str(tmp_path / "supervise-home"),
         }
         times: dict[str, float] = {}
-        recover = Job(env, store.bucket, "recover", STEPS)
+        recover = Job(env, store.bucket, "recover", STEPS, (
+            "--set", "tokenizer.tiny=false", "--set", f"tokenizer.hf_repo={HUB_REPO}",
+            "--set", f"dataset.path={assets.dataset_path}", "--set", f"envs.HF_ENDPOINT={hub.endpoint}"))
         jobs = [recover]
         try:
             # the recover job's allocation, known before the second job asks for one
@@ -269,6 +282,10 @@ def test_slurm_managed_jobs_recover_from_scancel_stop_with_a_save_and_report(loc
         assert f"resuming from step {resume}" in job_log, job_log[-3000:]
         assert "Training completed" in job_log
         assert "--python 3.11" in job_log or "Python 3.11" in job_log, "setup did not build the 3.11 venv"
+        # the tokenizer step ran with the node's own hf, at the launch and at the recovery
+        infos = [p for m, p in hub.requests if p == f"/api/models/{HUB_REPO}/revision/main"]
+        fetched = [p for m, p in hub.requests if m == "GET" and p.endswith("/tokenizer.json")]
+        assert len(infos) >= 2 and fetched, hub.requests
 
         # the report of a SkyPilot job: its own record and transitions in the timeline
         assert report.get("state") == "SUCCEEDED" and report.get("recoveries") == 1, report
