@@ -133,7 +133,8 @@ def _venv_lines(python: str) -> list[str]:
 
 
 def _ours_check(version: str | None) -> str:
-    """Python that exits with one `error:` line unless `supervisor` is ours (and the shipped version)."""
+    """Python that exits with one `error:` line unless `supervisor` is ours (and the shipped
+    version), else says which Python the node runs (a reused venv prints nothing else about it)."""
     code = [
         "import sys, supervisor",
         f'{_OURS} or sys.exit("supervise setup: error: import supervisor gives " + supervisor.__file__ + '
@@ -145,6 +146,7 @@ def _ours_check(version: str | None) -> str:
             f'version("{DIST}") == "{version}" or sys.exit("supervise setup: error: {DIST} " + version("{DIST}") + '
             f'" is installed, not the shipped {version}")',
         ]
+    code.append(f'print("supervise setup: {DIST} in " + sys.prefix + ", Python " + sys.version.split()[0])')
     return "; ".join(code)
 
 

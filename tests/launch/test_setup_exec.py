@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -188,6 +189,7 @@ def test_fresh_node_gets_python_3_11_the_shipped_wheel_and_the_tokenizer(tmp_pat
                  if p.is_file())
     assert got == ["original/tokenizer.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     assert "supervise setup: done in" in proc.stdout
+    assert re.search(rf"supervise setup: {DIST} in \S+, Python 3\.1[1-9]\.", proc.stdout), proc.stdout  # (the stand-in's prefix)
     mark = [a for a in _argvs(calls, "python") if a[:2] == ["-m", "supervisor.ledger.mark"]]
     assert mark and mark[0][-1] == f"{spec.checkpoints_url}/_ledger" and mark[0][2] == "setup"
 
