@@ -40,7 +40,7 @@ from supervisor.runtime import ledger_url
 
 DRILLS = ("notice", "kill", "kill-during-save", "notice-during-save", "corrupt-newest", "stall-rank", "store-outage")
 STALL_HANG_S = 30  # the wrapper's --hang-timeout in a stall drill: the hang is noticed within the drill
-STORE_OUTAGE_S = 30.0  # longer than a debug save, shorter than the store retry window (fsx.retry)
+STORE_OUTAGE_S = 30.0  # longer than a debug save, shorter than one call's retry window (store/retry.py, 60 s)
 
 
 def plan(drill: str, *, steps: int, interval: int, num_nodes: int, seed: int) -> list[ChaosEvent]:

@@ -24,6 +24,10 @@ from __future__ import annotations
 import random
 import signal
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import threading
 
 KINDS = ("notice", "kill", "stall", "corrupt", "outage")
 LIVE_KINDS = ("notice", "kill", "stall")  # fired by the local controller while the nodes run
@@ -180,19 +184,16 @@ def stall_rank(node_tag: str) -> int | None:
     return rank
 
 
-def freeze_store(pid: int, seconds: float, until=None) -> str:
+def freeze_store(pid: int, seconds: float, until: threading.Event) -> str:
     """The store stops answering (SIGSTOP: connections stay open, requests hang, as
-    in a partition), then comes back (SIGCONT) after `seconds` or when `until` is set."""
+    in a partition), then comes back (SIGCONT) after `seconds` or once `until` is set."""
     import os
     import time
 
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     try:
-        if until is not None:
-            until.wait(seconds)
-        else:
-            time.sleep(seconds)
+        until.wait(seconds)
     finally:
         os.kill(pid, signal.SIGCONT)
     return f"store frozen (SIGSTOP) for {time.monotonic() - t0:.0f} s"
