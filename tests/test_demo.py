@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_jobs import stop_local_jobs
+
 pytestmark = pytest.mark.slow
 
 KEYS = ("wall_s", "productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s", "goodput", "preemptions",
@@ -24,17 +26,6 @@ def _demo_stores() -> set[int]:
 
     return {p.pid for p in psutil.process_iter(["cmdline"])
             if any("supervise-demo-" in part for part in (p.info["cmdline"] or []))}
-
-
-def _stop_local_jobs(monkeypatch, home: Path) -> None:
-    from supervisor.launch.base import is_terminal
-    from supervisor.launch.local import LocalBackend
-
-    monkeypatch.setenv("SUPERVISE_HOME", str(home))
-    backend = LocalBackend()
-    for st in backend.status():
-        if not is_terminal(st.state):
-            backend.cancel(st.name, graceful=False)
 
 
 @pytest.mark.timeout(1800)  # two 2-node trainings; the suite's 900 s is too short on a busy 2-core machine
@@ -99,7 +90,7 @@ def test_demo_survives_chaos_with_identical_weights(tmp_path, monkeypatch):
         launch = [e for e in events if e.kind == "launch"]
         assert launch[0].get("backend") == "local" and launch[0].get("num_nodes") == 2
     finally:  # --keep left the store running: stop it, even when the demo failed
-        _stop_local_jobs(monkeypatch, tmp_path / "home")  # a demo killed by the timeout could not stop its jobs
+        stop_local_jobs(monkeypatch, tmp_path / "home")  # a demo killed by the timeout could not stop its jobs
         for pid in _demo_stores() - before:
             os.kill(pid, signal.SIGKILL)
         if kept:

@@ -13,6 +13,7 @@ from supervisor.drill import DRILLS, plan, resumes_lost_nothing
 from supervisor.errors import SuperviseError
 from supervisor.launch.chaos import ChaosEvent, due, watched_saves
 from supervisor.ledger.events import Event
+from tests.local_jobs import stop_local_jobs
 
 
 def test_every_drill_has_a_seeded_plan_inside_the_run():
@@ -51,19 +52,13 @@ def test_nothing_committed_lost_means_each_restart_resumed_from_the_newest_commi
 
 def _drill(tmp_path, monkeypatch, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """`supervise drill llama3_debug ARGS --json` in a private SUPERVISE_HOME; stops what it leaves running."""
-    from supervisor.launch.base import is_terminal
-    from supervisor.launch.local import LocalBackend
-
     env = {**os.environ, "SUPERVISE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run([sys.executable, "-c", "from supervisor.cli import main; main()", "drill",
                                "llama3_debug", *args, "--set", "resources.num_nodes=1", "--json"],
                               env=env, capture_output=True, text=True, timeout=1500)
     finally:  # a drill killed by the timeout could not stop its jobs
-        monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
-        for st in LocalBackend().status():
-            if not is_terminal(st.state):
-                LocalBackend().cancel(st.name, graceful=False)
+        stop_local_jobs(monkeypatch, tmp_path / "home")
     assert proc.stdout.strip(), proc.stderr[-3000:]
     assert not any((tmp_path / "home" / "local").glob("*")), "drill removed its jobs"
     return proc, json.loads(proc.stdout)
