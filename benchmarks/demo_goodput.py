@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
 import sys
 import time
 from datetime import datetime
@@ -111,7 +109,7 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     from supervisor.demo import Demo, DemoConfig
-    from supervisor.launch.local import LocalBackend, job_dir, read_state
+    from supervisor.launch.local import job_dir, read_state
     from supervisor.ledger.cli import build_report
     from supervisor.ledger.journal import read_events
     from supervisor.runtime import ledger_url
@@ -123,7 +121,7 @@ def main() -> int:
     try:
         chaos_report = demo.run()
         ref_name = f"{demo.id}-ref"
-        ref_report = build_report(ledger_url(demo.store.url(ref_name)))
+        ref_report = build_report(ledger_url(demo.session.store.url(ref_name)))
         events, _ = read_events(chaos_report["ledger"])
         fired = (read_state(demo.id) or {}).get("chaos_fired", [])
         corrupt = {c["incarnation"]: c.get("duration_s", 0.0) for c in fired if c["kind"] == "corrupt"}
@@ -134,13 +132,7 @@ def main() -> int:
                 recoveries.append({"action": c["kind"], "observed_step": c["observed_step"],
                                    **recovery_split(events, c, job_dir(demo.id))})
     finally:
-        kept = demo.store
-        launcher = LocalBackend()
-        for name in demo.jobs:
-            launcher.forget(name)
-        if kept is not None:
-            os.kill(kept.pid, signal.SIGTERM)
-        shutil.rmtree(demo.workdir, ignore_errors=True)
+        demo.session.cleanup()
 
     keys = ("wall_s", "productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s", "goodput")
     result = {

@@ -12,12 +12,8 @@ final check: the weights equal those of the same job run without interruption
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,69 +37,33 @@ class DemoConfig:
     quiet: bool = False  # --json: nothing but the final object on stdout
 
 
-@dataclass
-class DemoRun:
-    name: str
-    url: str
-    state: str = "PENDING"
-    reason: str | None = None
-    wall_s: float = 0.0
-    chaos: list = field(default_factory=list)
-
-
 class Demo:
+    """The demo is one drill set (`supervise drill --drills demo`) with a live view and
+    the ledger report: a `Drill` session runs its store, jobs and verdict."""
+
     def __init__(self, cfg: DemoConfig):
         from rich.console import Console
 
+        from supervisor.drill import Drill
+
         self.cfg = cfg
         self.console = Console(stderr=cfg.quiet, quiet=cfg.quiet)
-        self.id = f"demo-{uuid.uuid4().hex[:6]}"
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"supervise-{self.id}-"))
-        self.store = None
-        self.jobs: list[str] = []
+        auto = [] if cfg.interval_auto is None else [
+            "checkpoint.interval=auto", "checkpoint.interval_range=[{},{}]".format(*cfg.interval_auto)]
+        self.session = Drill("llama3_debug", steps=cfg.steps, seed=cfg.seed, sets=auto, interval=cfg.interval,
+                             num_nodes=cfg.nodes, kind="demo")
+        self.id = self.session.id
 
-    # ---- set-up ----
-
-    def start_store(self) -> None:
-        from supervisor.store.local_server import LocalObjectStore
-
-        self.store = LocalObjectStore(self.workdir / "s3")
-        self.store.start()
-        os.environ.update(self.store.env)  # the catalog, ledger and report in this process
-        self.console.print(f"[bold]object store[/] SeaweedFS at {self.store.endpoint} (bucket s3://{self.store.bucket})")
-
-    # ---- one job ----
-
-    def spec(self, name: str):
-        """The llama3_debug recipe, as `supervise start` reads it, with the demo's --set overrides."""
-        from supervisor.recipes import build_spec
-
-        cfg = self.cfg
-        return build_spec("llama3_debug", name=name, num_nodes=cfg.nodes, sets=[
-            f"checkpoint.bucket={self.store.url()}",
-            *([f"checkpoint.interval={cfg.interval}"] if cfg.interval_auto is None else
-              ["checkpoint.interval=auto", "checkpoint.interval_range=[{},{}]".format(*cfg.interval_auto)]),
-            f"overrides.training.steps={cfg.steps}",
-            f"overrides.debug.seed={cfg.seed}",
-            "overrides.debug.deterministic=true",  # the reference run must compute the same numbers
-        ])
-
-    def run_job(self, name: str, plan: list, title: str) -> DemoRun:
-        from supervisor.launch import submit
+    def run_job(self, name: str, plan: list, title: str):
+        """One job of the demo's session, watched live unless --json."""
         from supervisor.launch.local import LocalBackend
 
-        spec = self.spec(name)
-        self.jobs.append(name)
-        t0 = time.monotonic()
-        submit(spec, backend="local", chaos=plan)
-        launcher = LocalBackend()
-        if self.cfg.quiet:
-            st = launcher.wait(name)
-        else:
-            st = self.watch(launcher, name, spec.checkpoints_url, plan, title)
-        run = DemoRun(name, spec.checkpoints_url, st.state, st.reason, time.monotonic() - t0, plan)
-        if st.state != SUCCEEDED:
-            self.console.print(f"[red]job {name} {st.state}[/]: {st.reason} (see `supervise logs {name}`)")
+        wait = None if self.cfg.quiet else (
+            lambda n, spec: self.watch(LocalBackend(), n, spec.checkpoints_url, plan, title))
+        run = self.session.run_job(name, plan, drill="demo" if plan else "", wait=wait)
+        if run.status.state != SUCCEEDED:
+            self.console.print(f"[red]job {name} {run.status.state}[/]: {run.status.reason} "
+                               f"(see `supervise logs {name}`)")
         return run
 
     def watch(self, launcher, name: str, url: str, plan: list, title: str):
@@ -172,81 +132,80 @@ class Demo:
     # ---- the whole thing ----
 
     def run(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
         from supervisor import registry
-        from supervisor.launch.chaos import demo_plan
+        from supervisor.drill import plan as drill_plan
         from supervisor.ledger.cli import build_report, render
 
-        cfg = self.cfg
-        plan = demo_plan(steps=cfg.steps, interval=cfg.interval, num_nodes=cfg.nodes, seed=cfg.seed) if cfg.chaos else []
-        self.start_store()
+        cfg, session = self.cfg, self.session
+        plan = drill_plan("demo", steps=cfg.steps, interval=cfg.interval, num_nodes=cfg.nodes,
+                          seed=cfg.seed) if cfg.chaos else []
+        session.store_url()
+        store = session.store
+        self.console.print(f"[bold]object store[/] SeaweedFS at {store.endpoint} (bucket s3://{store.bucket})")
 
         what = (f"recipe llama3_debug · {cfg.nodes} nodes × 1 CPU rank (gloo) · {cfg.steps} steps · "
                 f"checkpoint every {cfg.interval} · local backend (setup builds a tiny corpus and tokenizer per node)")
         self.console.print(f"[bold]job[/] {self.id}: {what}")
         main = self.run_job(self.id, plan, "chaos run" if plan else "run")
         ref = None
-        if plan and main.state == SUCCEEDED:
+        if plan and main.status.state == SUCCEEDED:
             self.console.print("[bold]reference[/]: the same job without chaos, for the final weight check")
             ref = self.run_job(f"{self.id}-ref", [], "reference run")
 
         plot = cfg.plot or registry.home() / "demo" / f"{self.id}.png"
         plot.parent.mkdir(parents=True, exist_ok=True)
-        report = build_report(ledger_url(main.url), plot=plot)
+        url = main.spec.checkpoints_url
+        report = build_report(ledger_url(url), plot=plot)
         try:
-            match, why = self.check(main, ref)
+            row = self.check(main, ref)
         except Exception as err:  # the verdict must still be printed, and be FAIL
-            match, why = False, f"could not compare the weights: {err!r}"
-        report.update(weights_match=match, weights_check=why, plot=report.get("plot"), job=self.id,
-                      seed=cfg.seed, steps_planned=cfg.steps, chaos_plan=[ev.describe() for ev in plan],
-                      job_state=main.state, reference_state=ref.state if ref else None)
+            from supervisor.drill import Row
+
+            row = Row("demo", why=f"could not compare the weights: {err!r}")
+        match = row.verdict == "PASS"
+        report.update(weights_match=match, weights_check=row.why, drill=asdict(row), plot=report.get("plot"),
+                      job=self.id, seed=cfg.seed, steps_planned=cfg.steps, chaos_plan=[ev.describe() for ev in plan],
+                      job_state=main.status.state, reference_state=ref.status.state if ref else None)
         if cfg.keep:
-            report["kept"] = {"endpoint": self.store.endpoint, "store_pid": self.store.pid,
-                              "workdir": str(self.workdir), "env": self.store.env,
-                              "jobs": list(self.jobs)}
+            report["kept"] = {"endpoint": store.endpoint, "store_pid": store.pid, "workdir": str(session.workdir),
+                              "env": store.env, "jobs": list(session.jobs)}
         if report.get("events"):
             self.console.print(render(report))
         verdict = "[green]PASS[/]" if match else "[red]FAIL[/]"
-        self.console.print(f"[bold]final check[/] {verdict}: {why}")
+        self.console.print(f"[bold]final check[/] {verdict}: {row.why}")
         self.console.print(f"[bold]plot[/] {report.get('plot')}")
         return report
 
-    def check(self, main: DemoRun, ref: DemoRun | None) -> tuple[bool, str]:
-        """Weights at the last step vs the reference run's (or trivially, without chaos):
-        the same check as `supervise drill`."""
-        from supervisor.drill import weights_match
+    def check(self, main, ref):
+        """The drill's verdict on the chaos run against the reference (`supervise drill`'s
+        rules: every event injected, no committed step lost, bit-identical weights); without
+        chaos the run is its own reference."""
+        from supervisor.drill import Row
         from supervisor.store.catalog import Catalog
 
-        if main.state != SUCCEEDED:
-            return False, f"the job did not finish ({main.state}: {main.reason})"
-        if ref is None:
-            last = Catalog(main.url).latest()
+        if ref is None and main.status.state == SUCCEEDED:
+            last = Catalog(main.spec.checkpoints_url).latest()
             if last.step != self.cfg.steps:
-                return False, f"newest committed checkpoint is step {last.step}, not {self.cfg.steps}"
-            return True, "no chaos: this uninterrupted run is its own reference"
-        if ref.state != SUCCEEDED:
-            return False, f"the reference run did not finish ({ref.state}: {ref.reason})"
-        ok, why = weights_match(main.url, ref.url, self.cfg.steps)
-        return ok, f"vs uninterrupted reference: {why}"
+                return Row("run", why=f"newest committed checkpoint is step {last.step}, not {self.cfg.steps}")
+            return Row("run", verdict="PASS", why="no chaos: this uninterrupted run is its own reference")
+        if ref is not None and ref.status.state != SUCCEEDED:
+            return Row("demo", why=f"the reference run did not finish ({ref.status.state}: {ref.status.reason})")
+        row = self.session.judge(main, ref.spec.checkpoints_url if ref else "")
+        if row.verdict == "PASS":
+            row.why = f"vs uninterrupted reference: {row.why}"
+        return row
 
     def cleanup(self) -> None:
-        from supervisor.launch.local import LocalBackend
-
-        launcher = LocalBackend()
-        for name in self.jobs:
-            st = launcher.status(name)[0]
-            if not is_terminal(st.state):
-                launcher.cancel(name, graceful=False)
-        if self.cfg.keep:
-            env = " ".join(f"{k}={v}" for k, v in self.store.env.items()) if self.store else ""
-            self.console.print(f"[bold]kept[/] store pid {self.store.pid if self.store else '-'} data {self.workdir}")
+        session, keep = self.session, self.cfg.keep
+        session.cleanup(keep=keep)
+        if keep and session.store is not None:
+            store = session.store
+            env = " ".join(f"{k}={v}" for k, v in store.env.items())
+            self.console.print(f"[bold]kept[/] store pid {store.pid} data {session.workdir}")
             self.console.print(f"  inspect: {env} supervise report {self.id}")
-            self.console.print(f"  stop the store: kill {self.store.pid if self.store else '-'}")
-            return
-        for name in self.jobs:
-            launcher.forget(name)
-        if self.store is not None:
-            self.store.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+            self.console.print(f"  stop the store: kill {store.pid}")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -15,6 +15,10 @@ commit marker does not exist yet, not at a guessed time
 (chaos.save_in_progress). `store-outage` freezes the drill's own embedded
 store (SIGSTOP, as in a partition: requests hang, nothing answers) for
 STORE_OUTAGE_S, so it needs that store, not a `--set checkpoint.bucket`.
+
+`supervise demo` is one drill set (`--drills demo`: chaos.demo_plan, a notice,
+then a kill whose restart finds the newest checkpoint corrupt) run through
+this same session: the same store, job, injection records and verdict.
 """
 
 from __future__ import annotations
@@ -29,22 +33,28 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
 from supervisor.errors import SuperviseError
 from supervisor.launch.base import SUCCEEDED
-from supervisor.launch.chaos import STORE_KINDS, ChaosEvent, freeze_store, save_in_progress
+from supervisor.launch.chaos import STORE_KINDS, ChaosEvent, demo_plan, freeze_store, save_in_progress
 from supervisor.runtime import ledger_url
 
 DRILLS = ("notice", "kill", "kill-during-save", "notice-during-save", "corrupt-newest", "stall-rank", "store-outage")
+DRILL_SETS = ("demo",)  # named plans of several events, run only when asked for
 STALL_HANG_S = 30  # the wrapper's --hang-timeout in a stall drill: the hang is noticed within the drill
 STORE_OUTAGE_S = 30.0  # longer than a debug save, shorter than one call's retry window (store/retry.py, 60 s)
 
 
 def plan(drill: str, *, steps: int, interval: int, num_nodes: int, seed: int) -> list[ChaosEvent]:
     """The chaos events of one drill; the seed picks the node and (within bounds) the step."""
+    if drill == "demo":
+        try:
+            return demo_plan(steps=steps, interval=interval, num_nodes=num_nodes, seed=seed)
+        except ValueError as err:
+            raise SuperviseError(str(err), exit_code=2) from None
     rng = random.Random(f"{drill}:{seed}")
     node = rng.randrange(num_nodes)
     first_save, last_save = interval, (steps - 1) // interval * interval
@@ -67,7 +77,7 @@ def plan(drill: str, *, steps: int, interval: int, num_nodes: int, seed: int) ->
         return [ChaosEvent("stall", mid, node)]
     if drill == "store-outage":
         return [ChaosEvent("outage", save, during_save=True, duration_s=STORE_OUTAGE_S)]
-    raise SuperviseError(f"unknown drill {drill!r}; use any of: {', '.join(DRILLS)}", exit_code=2)
+    raise SuperviseError(f"unknown drill {drill!r}; use any of: {', '.join(DRILLS + DRILL_SETS)}", exit_code=2)
 
 
 @dataclass
@@ -112,14 +122,31 @@ def weights_match(url: str, ref_url: str, steps: int) -> tuple[bool, str]:
     return True, f"step {steps}: {len(ours)} tensors bit-identical to the reference"
 
 
+@dataclass
+class Attempt:
+    """One job of a drill session, as it ended: what ran, how it ended, what was injected."""
+
+    drill: str
+    events: list[ChaosEvent]
+    spec: Any
+    status: Any
+    fired: list[dict]  # the controller's chaos records, plus the outages this session fired
+    t0: float  # wall time of the launch
+
+
 class Drill:
-    """One drill session: a store (the embedded one unless --set checkpoint.bucket), jobs, rows."""
+    """One drill session: a store (the embedded one unless --set checkpoint.bucket), jobs, rows.
+
+    `kind` names the session ("drill", or "demo" for `supervise demo`) in its
+    job names and its store's folder."""
 
     def __init__(self, recipe: str, *, steps: int, seed: int, sets: list[str], interval: int | None,
-                 log=lambda msg: None):
+                 num_nodes: int | None = None, kind: str = "drill", log=lambda msg: None):
         self.recipe, self.steps, self.seed, self.sets, self.log = recipe, steps, seed, list(sets), log
         self.interval = interval or max(1, steps // 4)
-        self.id = f"drill-{uuid.uuid4().hex[:6]}"
+        self.num_nodes = num_nodes
+        self.id = f"{kind}-{uuid.uuid4().hex[:6]}"
+        self.workdir: Path | None = None  # the embedded store's folder, once started
         self.store = None
         self.jobs: list[str] = []
 
@@ -130,7 +157,7 @@ class Drill:
                 f"overrides.debug.seed={self.seed}", "overrides.debug.deterministic=true"]
         if not any(s.startswith("checkpoint.bucket=") for s in self.sets):
             sets.insert(0, f"checkpoint.bucket={self.store_url()}")
-        return build_spec(self.recipe, name=name, sets=[*sets, *self.sets])
+        return build_spec(self.recipe, name=name, num_nodes=self.num_nodes, sets=[*sets, *self.sets])
 
     def store_url(self) -> str:
         if self.store is None:
@@ -138,17 +165,19 @@ class Drill:
 
             from supervisor.store.local_server import LocalObjectStore
 
-            self.store = LocalObjectStore(Path(tempfile.mkdtemp(prefix=f"supervise-{self.id}-")) / "s3")
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"supervise-{self.id}-"))
+            self.store = LocalObjectStore(self.workdir / "s3")
             self.store.start()
             os.environ.update(self.store.env)  # the nodes inherit it; the checks in this process read through it
         return self.store.url()
 
-    def run_job(self, name: str, events: list[ChaosEvent]):
-        """Schedule the recipe with `events` on the local backend; wait for it to end.
-        The controller fires the node events; this session fires the store outages.
-        Returns the spec, the final status and the outages fired (as the controller's records)."""
+    def run_job(self, name: str, events: list[ChaosEvent], *, drill: str = "",
+                wait: Callable[[str, Any], Any] | None = None) -> Attempt:
+        """Schedule the recipe with `events` on the local backend; `wait(name, spec)` (default:
+        block) until it ends. The controller fires the node events; this session fires the
+        store outages."""
         from supervisor.launch import dryrun, schedule
-        from supervisor.launch.local import LocalBackend
+        from supervisor.launch.local import LocalBackend, read_state
 
         spec = self.spec(name)
         outages = [(i, ev) for i, ev in enumerate(events) if ev.kind in STORE_KINDS]
@@ -160,16 +189,18 @@ class Drill:
         done, fired = threading.Event(), []
         threads = [threading.Thread(target=self._outage, args=(spec.checkpoints_url, i, ev, done, fired), daemon=True)
                    for i, ev in outages]
+        t0 = time.time()
         schedule(impl, job, spec)
         for t in threads:
             t.start()
         try:
-            status = LocalBackend().wait(name)
+            status = (wait or (lambda n, _spec: LocalBackend().wait(n)))(name, spec)
         finally:
             done.set()
             for t in threads:
                 t.join()
-        return spec, status, fired
+        fired = [*(read_state(name) or {}).get("chaos_fired", []), *fired]
+        return Attempt(drill or name, list(events), spec, status, fired, t0)
 
     def _outage(self, url: str, index: int, ev: ChaosEvent, done: threading.Event, fired: list) -> None:
         """Freeze the store once step `ev.at_step`'s save is landing in it."""
@@ -181,30 +212,24 @@ class Drill:
                               "time": t, "detail": f"{detail} during the save of step {ev.at_step}"})
                 return
 
-    def row(self, drill: str, events: list[ChaosEvent], ref_url: str) -> Row:
-        from supervisor.launch.local import read_state
+    def judge(self, attempt: Attempt, ref_url: str) -> Row:
+        """The row of an ended attempt against the reference run's checkpoints."""
         from supervisor.ledger.cli import build_report
         from supervisor.ledger.journal import read_events
 
-        name = f"{self.id}-{drill}"
-        t0 = time.time()
-        self.log(f"drill {drill}: " + "; ".join(ev.describe() for ev in events))
-        spec, st, outages = self.run_job(name, events)
-        state = read_state(name) or {}
-        fired = [*state.get("chaos_fired", []), *outages]
-        url = spec.checkpoints_url
+        st, fired, url = attempt.status, attempt.fired, attempt.spec.checkpoints_url
         ledger, _ = read_events(ledger_url(url))
         report = build_report(ledger_url(url))
-        row = Row(drill, recoveries=st.recoveries, steps_lost=(report.get("steps") or {}).get("recomputed"),
+        row = Row(attempt.drill, recoveries=st.recoveries, steps_lost=(report.get("steps") or {}).get("recomputed"),
                   recovery_s=report.get("recovery_s"))
         row.injected = [f"{c['kind']}{'' if c['node'] is None else ' node %s' % c['node']} at step "
-                        f"{c['observed_step']} (+{c['time'] - t0:.0f} s): {c['detail']}" for c in fired]
+                        f"{c['observed_step']} (+{c['time'] - attempt.t0:.0f} s): {c['detail']}" for c in fired]
         by_inc: dict[str, list[int]] = {}
         for e in ledger:
             if e.kind == "exit" and isinstance(e.get("code"), int):
                 by_inc.setdefault(e.incarnation, []).append(e.get("code"))
         row.exit_codes = [codes for _, codes in sorted(by_inc.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)]
-        missed = [ev.describe() for i, ev in enumerate(events) if i not in {c["index"] for c in fired}]
+        missed = [ev.describe() for i, ev in enumerate(attempt.events) if i not in {c["index"] for c in fired}]
         if st.state != SUCCEEDED:
             row.why = f"job {st.state}: {st.reason}"
         elif missed:
@@ -218,24 +243,33 @@ class Drill:
             row.verdict, row.why = ("PASS" if ok else "FAIL"), why
         return row
 
-    def run(self, drills: list[str], *, combined: bool) -> list[Row]:
+    def row(self, drill: str, events: list[ChaosEvent], ref_url: str) -> Row:
+        self.log(f"drill {drill}: " + "; ".join(ev.describe() for ev in events))
+        return self.judge(self.run_job(f"{self.id}-{drill}", events, drill=drill), ref_url)
+
+    def plans(self, drills: list[str]) -> dict[str, list[ChaosEvent]]:
         num_nodes = self.spec("probe").num_nodes
         plans = {d: plan(d, steps=self.steps, interval=self.interval, num_nodes=num_nodes, seed=self.seed)
                  for d in drills}
         if self.store is None and any(ev.kind in STORE_KINDS for evs in plans.values() for ev in evs):
             raise SuperviseError("drill store-outage freezes the drill's own embedded store: "
                                  "drop --set checkpoint.bucket to run it", exit_code=2)
+        return plans
+
+    def run(self, drills: list[str], *, combined: bool) -> list[Row]:
+        plans = self.plans(drills)
         self.log(f"reference: {self.recipe}, {self.steps} steps, uninterrupted")
-        ref_spec, ref, _ = self.run_job(f"{self.id}-ref", [])
-        if ref.state != SUCCEEDED:
-            raise SuperviseError(f"the reference run did not finish ({ref.state}: {ref.reason}); "
+        ref = self.run_job(f"{self.id}-ref", [])
+        if ref.status.state != SUCCEEDED:
+            raise SuperviseError(f"the reference run did not finish ({ref.status.state}: {ref.status.reason}); "
                                  f"see `supervise logs {self.id}-ref`", exit_code=1)
         if combined:
             events = sorted((ev for evs in plans.values() for ev in evs), key=lambda ev: ev.at_step)
-            return [self.row("combined", events, ref_spec.checkpoints_url)]
-        return [self.row(d, evs, ref_spec.checkpoints_url) for d, evs in plans.items()]
+            return [self.row("combined", events, ref.spec.checkpoints_url)]
+        return [self.row(d, evs, ref.spec.checkpoints_url) for d, evs in plans.items()]
 
-    def cleanup(self) -> None:
+    def cleanup(self, *, keep: bool = False) -> None:
+        """Stop what is still running; unless `keep`, forget the jobs and remove the store."""
         from supervisor.launch.base import is_terminal
         from supervisor.launch.local import LocalBackend
 
@@ -244,18 +278,21 @@ class Drill:
             found = backend.status(name)
             if found and not is_terminal(found[0].state):
                 backend.cancel(name, graceful=False)
-            backend.forget(name)
-        if self.store is not None:
+            if not keep:
+                backend.forget(name)
+        if self.store is not None and not keep:
             import shutil
 
             self.store.stop()
-            shutil.rmtree(Path(self.store.data_dir).parent, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def drill_command(
     recipe: str = typer.Argument("llama3_debug", help="Recipe YAML file or bundled recipe name (run as given, on CPU here)."),
     backend: str = typer.Option("local", "--backend", help="Where the drills run (local only, for now)."),
-    drills: str = typer.Option(",".join(DRILLS), "--drills", help=f"Comma-separated: {', '.join(DRILLS)}."),
+    drills: str = typer.Option(",".join(DRILLS), "--drills",
+                               help=f"Comma-separated: {', '.join(DRILLS)}; or demo (the demo's plan: a notice, "
+                                    "then a kill whose restart finds the newest checkpoint corrupt)."),
     steps: int = typer.Option(12, "--steps", min=5, help="Training steps of every run."),
     interval: Optional[int] = typer.Option(None, "--interval", min=1, help="Checkpoint interval (default: steps / 4)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the drills' steps and nodes, and of training."),
@@ -267,9 +304,9 @@ def drill_command(
     if backend != "local":
         raise SuperviseError(f"--backend {backend!r}: drills run on the local backend only", exit_code=2)
     chosen = [d.strip() for d in drills.split(",") if d.strip()]
-    unknown = [d for d in chosen if d not in DRILLS]
+    unknown = [d for d in chosen if d not in DRILLS + DRILL_SETS]
     if unknown or not chosen:
-        raise SuperviseError(f"--drills: unknown {unknown[0]!r}; use any of: {', '.join(DRILLS)}" if unknown
+        raise SuperviseError(f"--drills: unknown {unknown[0]!r}; use any of: {', '.join(DRILLS + DRILL_SETS)}" if unknown
                              else "--drills: name at least one drill", exit_code=2)
     from rich.console import Console
 

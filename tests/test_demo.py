@@ -44,6 +44,10 @@ def test_demo_survives_chaos_with_identical_weights(tmp_path, monkeypatch):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(k in report for k in KEYS)
         assert report["weights_match"] is True, report["weights_check"]
+        row = report["drill"]  # the verdict is `supervise drill`'s, on the demo's drill set
+        assert row["drill"] == "demo" and row["verdict"] == "PASS" and len(row["injected"]) == 3, row
+        # the notice: both nodes exit 75; the SIGKILLed incarnation records no exit; then 0 and 0
+        assert row["recoveries"] == 2 and row["exit_codes"] == [[75, 75], [0, 0]], row
         assert report["preemptions"] == {"notice": 1, "no_notice": 1}
         parts = sum(report[k] for k in ("productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s"))
         assert parts == pytest.approx(report["wall_s"], abs=0.01)

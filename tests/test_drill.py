@@ -11,7 +11,7 @@ import pytest
 
 from supervisor.drill import DRILLS, plan, resumes_lost_nothing
 from supervisor.errors import SuperviseError
-from supervisor.launch.chaos import ChaosEvent, due, watched_saves
+from supervisor.launch.chaos import ChaosEvent, demo_plan, due, watched_saves
 from supervisor.ledger.events import Event
 from tests.local_jobs import stop_local_jobs
 
@@ -26,6 +26,13 @@ def test_every_drill_has_a_seeded_plan_inside_the_run():
     assert [ev.kind for ev in plan("corrupt-newest", steps=12, interval=3, num_nodes=2, seed=0)] == ["kill", "corrupt"]
     with pytest.raises(SuperviseError, match="no room"):
         plan("kill", steps=5, interval=3, num_nodes=1, seed=0)
+
+
+def test_the_demo_is_a_drill_set():
+    assert plan("demo", steps=24, interval=6, num_nodes=2, seed=3) == demo_plan(steps=24, interval=6, num_nodes=2, seed=3)
+    with pytest.raises(SuperviseError, match="leave no room") as err:
+        plan("demo", steps=6, interval=6, num_nodes=2, seed=0)
+    assert err.value.exit_code == 2
 
 
 def test_save_triggered_events_wait_for_the_save_not_the_step():
