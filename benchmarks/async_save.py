@@ -4,7 +4,8 @@
 The same training (llama3 debug model, 2 CPU ranks, gloo) runs twice under the
 supervised trainer, once with sync saves and once with `--checkpoint.async_mode
 async`; the trainer's `checkpoint_saved` ledger events carry how long each save
-blocked the training loop (for async: until staging returned). The final save
+blocked the training loop (for async: the save call, any wait for the previous
+upload, and the next optimizer step's wait for the background copy). The final save
 is sync in both (TorchTitan's rule) and left out. Every periodic save must also
 be committed by the background committer in both runs. Numbers are printed and
 written to benchmarks/results/async_save.json.

@@ -1,9 +1,11 @@
 """TorchTitan 0.3.0 Trainer subclass: commits checkpoints, saves on notice,
 writes heartbeats, checkpoints RNG state. TorchTitan is not forked or
-patched, but three *private* CheckpointManager methods are overridden (and
+patched, but five *private* CheckpointManager methods are overridden (and
 call through to TorchTitan's): `_find_load_step` (no guess of a step folder
 when the catalog has no verified step), `_should_save` (a forced save on a
-notice) and `_save` (timing, async completion, commit hand-off). Private
+notice), `_save` (timing, async completion, commit hand-off), and
+`_maybe_wait_for_staging` / `_close` (the `async` mode's background copy,
+see `dcp_save`). Private
 names can change in any release: pyproject pins torchtitan to 0.3.x
 (`>=0.3.0,<0.4`), and the CPU training tests exercise every override.
 
@@ -40,7 +42,10 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.checkpointer.dcp import AsyncMode
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import filesystem
 from torchtitan.trainer import Trainer
@@ -79,6 +84,8 @@ class SuperviseCheckpointManager(CheckpointManager):
     on_saved: Callable[[int, float], None] | None = None  # (step, seconds): save returned
     on_complete: Callable[[int, float], None] | None = None  # (step, seconds): on storage
     pending_async: tuple[int, float] | None = None  # (step, monotonic start) in flight
+    pending_staged: tuple[int, float] | None = None  # (step, seconds blocked so far): copy in flight
+    background_stager: DefaultStager | None = None  # `async` mode: one for the run
     fresh_start: bool = False  # the catalog has no verified step: load no step folder
 
     def _find_load_step(self, folder: str = "") -> int:
@@ -94,14 +101,21 @@ class SuperviseCheckpointManager(CheckpointManager):
         return super()._should_save(curr_step, last_step)
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
-        self.finish_async()  # an older async save completes (and commits) before a new one
-        saving = self._should_save(curr_step, last_step)
-        if self.before_save is not None and saving:
-            self.before_save(curr_step)
-        timeouts = self.save_timeouts() if self.save_timeouts is not None and saving else None
-        if timeouts:  # every rank saves at the same step (interval, or an agreed forced save)
-            dist_utils.set_pg_timeouts(timeouts[0], self.parallel_dims)
+        if not self._should_save(curr_step, last_step):
+            return False  # TorchTitan calls this every step: an async upload goes on
         begin = time.monotonic()
+        self.finish_async()  # an older async save completes (and commits) before a new one
+        waited = time.monotonic() - begin  # the loop is blocked by the older upload too
+        if self.before_save is not None:
+            self.before_save(curr_step)
+        sync = last_step or self.async_mode == AsyncMode.DISABLED
+        # A sync save's collectives run on the training groups, every rank at this
+        # step: their timeout is raised for it. An async save's run in the upload
+        # thread on TorchTitan's own gloo group (self.pg): no barrier, no change.
+        timeouts = self.save_timeouts() if self.save_timeouts is not None and sync else None
+        if timeouts:
+            dist_utils.set_pg_timeouts(timeouts[0], self.parallel_dims)
+        begin = time.monotonic()  # after set_pg_timeouts' barrier: the slowest rank is not the save
         try:
             saved = super()._save(curr_step, last_step)
         finally:
@@ -109,8 +123,11 @@ class SuperviseCheckpointManager(CheckpointManager):
                 dist_utils.set_pg_timeouts(timeouts[1], self.parallel_dims)
         if not saved:
             return False
-        if self.on_saved is not None:
-            self.on_saved(curr_step, time.monotonic() - begin)
+        blocked = waited + time.monotonic() - begin
+        if self.staging_future is None:
+            self._saved(curr_step, blocked)
+        else:  # reported once the optimizer step has waited for the copy too
+            self.pending_staged = (curr_step, blocked)
         if last_step and self.last_save_in_hf:
             return True  # an HF export, not a DCP checkpoint: nothing to commit or resume from
         if self.save_future is None:  # synchronous save (always so for the last step)
@@ -119,6 +136,44 @@ class SuperviseCheckpointManager(CheckpointManager):
         else:
             self.pending_async = (curr_step, begin)
         return True
+
+    def _saved(self, step: int, blocked: float) -> None:
+        if self.on_saved is not None:
+            self.on_saved(step, blocked)
+
+    def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection=False, to_hf=False):
+        """TorchTitan's `async` save with the copy to CPU memory off the training
+        loop as well: one stager for the run (DCP's DefaultStager, its buffers
+        reused from the second save on) copies in a background thread, and the
+        optimizer step waits for the copy (`_maybe_wait_for_staging`), not the
+        save call. Parameters and optimizer state change only in that step.
+        Sync and pinned-memory saves and HF exports are TorchTitan's own."""
+        if async_mode != AsyncMode.ASYNC or to_hf:
+            return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        if self.background_stager is None:
+            self.background_stager = DefaultStager(StagingOptions(
+                use_pinned_memory=False, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=False))
+        response = dcp.async_save(state_dict, checkpoint_id=checkpoint_id, process_group=self.pg,
+                                  async_stager=self.background_stager)  # fmt: skip
+        self.staging_future = response.staging_completion
+        return response.upload_completion  # TorchTitan's `async` branch keeps it as save_future
+
+    def _maybe_wait_for_staging(self) -> None:
+        if self.staging_future is None:
+            return
+        begin = time.monotonic()
+        self.staging_future.result()
+        self.staging_future = None
+        if self.pending_staged is not None:
+            step, blocked = self.pending_staged
+            self.pending_staged = None
+            self._saved(step, blocked + time.monotonic() - begin)
+
+    def _close(self) -> None:
+        super()._close()
+        if self.background_stager is not None:
+            self.background_stager.close()
+            self.background_stager = None
 
     def save_now(self, step: int) -> None:
         """Save `step` whatever the interval and wait until it is on storage."""
@@ -137,6 +192,7 @@ class SuperviseCheckpointManager(CheckpointManager):
             if not block and not self.save_future.done():
                 return
             self.maybe_wait_for_saving()
+        self._maybe_wait_for_staging()  # done with the upload: reports the save first
         step, begin = self.pending_async
         self.pending_async = None
         if self.on_complete is not None:
@@ -386,6 +442,7 @@ class SuperviseTrainer(Trainer):
         ckpt = self.checkpointer
         if not self.supervised_checkpoints:
             return False, "checkpointing is off (--checkpoint.enable)"
+        ckpt.maybe_wait_for_staging()  # a save copied in the background is reported (saved) first
         if self._last_saved_step == self.step or (self.step == self._loaded_step and self.step > 0):
             # this step is already on storage (periodic save, or just loaded)
             ckpt.finish_async()
