@@ -1,5 +1,5 @@
 """`python -m supervisor` is `supervise` (for machines where the console script is not on PATH)."""
 
-from supervisor.cli import main
+from supervisor.entry import main
 
 main()

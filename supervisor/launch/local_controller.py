@@ -41,7 +41,7 @@ def resolve_argv(argv: list[str]) -> list[str]:
     """`supervise ...` runs this installation's entry point even when its venv is not on PATH."""
     if argv and argv[0] == "supervise" and not shutil.which("supervise"):
         beside = Path(sys.executable).parent / "supervise"
-        head = [str(beside)] if beside.exists() else [sys.executable, "-c", "from supervisor.cli import main; main()"]
+        head = [str(beside)] if beside.exists() else [sys.executable, "-c", "from supervisor.entry import main; main()"]
         return [*head, *argv[1:]]
     return argv
 

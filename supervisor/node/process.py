@@ -42,6 +42,27 @@ def die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+WRAPPER_NICENESS = 10  # the ranks' CPU comes first: the wrapper only watches and records
+
+
+def yield_cpu() -> None:
+    """Lower this process's CPU priority once torchrun is on its way: its own store
+    round trips and polling then wait for the ranks' imports and steps, not the
+    other way round (on a node with few cores they compete). Children started
+    later inherit it; the ranks, already started, keep theirs."""
+    try:
+        os.nice(WRAPPER_NICENESS)
+    except OSError as err:
+        log.debug("niceness not changed: %s", err)
+
+
+def background_child() -> None:
+    """preexec_fn of a helper that must not slow the ranks (TorchTitan's argument
+    check): dies with the wrapper, runs at the wrapper's lower priority."""
+    die_with_parent()
+    os.nice(WRAPPER_NICENESS)
+
+
 def start(argv: list[str], env: dict[str, str], cwd: str | None = None, stdin=None) -> subprocess.Popen:
     """torchrun in a new session (a signal to our group does not reach it; we decide)."""
     return subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, start_new_session=True, preexec_fn=die_with_parent)

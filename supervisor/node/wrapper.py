@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
+from supervisor.node.early import take as take_prestarted
 from supervisor.node.notices import Notice, NoticeWatcher, cloud_urls
 from supervisor.node.resume import (
     ResumePlan,
@@ -281,10 +282,12 @@ def _newest_step(catalog: Catalog) -> int | None:
 def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
     t0 = time.monotonic()
-    process.become_subreaper()
-    # torchrun starts now and imports torch (seconds) while the catalog decides; it
-    # waits for its command on stdin (torchrun.prestarted).
-    early = process.start(prestart_argv(), dict(os.environ), stdin=subprocess.PIPE)
+    # torchrun imports torch (seconds) while the catalog decides; it waits for its
+    # command on stdin (torchrun.prestarted). `supervise` started it first thing.
+    early = take_prestarted()
+    if early is None:
+        process.become_subreaper()
+        early = process.start(prestart_argv(), dict(os.environ), stdin=subprocess.PIPE)
     try:
         plan = make_plan(opts, trainer_args)
         topo = plan.topology
@@ -326,7 +329,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     # TorchTitan's own parser, beside torchrun rather than before it: it costs what
     # the trainer's own start costs (torch + model code), so it must not delay a good start.
     titan_version = _titan_version()
-    checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck(process.die_with_parent)
+    checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck(process.background_child)
     rc: int | None = None
     hang: str | None = None
     stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
@@ -335,6 +338,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
             checker.submit(strip_node_owned(trainer_args))
         proc = _release(early, plan.command, {k: v for k, v in env.items() if os.environ.get(k) != v})
         overhead_s = round(time.monotonic() - t0, 3)
+        process.yield_cpu()
         # Store round trips (canary, record, ledger): after torchrun is on its way, not
         # before; the ranks take seconds to import torch, longer than any of these.
         try:

@@ -106,3 +106,18 @@ def test_killed_wrapper_takes_torchrun_and_workers_with_it(tmp_path):
         wait_for(lambda: not survivors(proc.tag), 60)
     finally:
         cleanup(proc)
+
+
+def test_supervise_node_prestarts_torchrun_first_thing_except_for_dry_run_and_help():
+    """supervisor.node.early: the torchrun that `supervise node` starts before its CLI
+    imports; it waits for its command, and ends (exit 0) when none comes."""
+    from supervisor.node import early
+
+    for args in (["--dry-run", "--", *TRAINER], ["--help"]):
+        early.prestart(args)
+        assert early.take() is None, args
+    early.prestart(["--checkpoints", "/tmp/x", "--", *TRAINER, "--dry-run"])  # a trainer arg, not ours
+    proc = early.take()
+    assert proc is not None and early.take() is None, "taken once"
+    proc.stdin.close()  # the wrapper decided not to run
+    assert proc.wait(60) == 0
