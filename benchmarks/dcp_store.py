@@ -9,7 +9,10 @@ with thread_count 1 (TorchTitan's default: it passes no storage writer) and with
 more threads; then the same bytes go up as plain objects through s3fs, one
 object per DCP file and concurrently (`fs.pipe` of a dict: s3fs's own
 asyncio batch), which is the best this client does for those bytes. Loads: DCP
-load (FsspecReader) vs a concurrent `fs.cat` of the same objects. Each timing is
+load (FsspecReader) vs a concurrent `fs.cat` of the same objects, with fsspec's
+default ranged reads (TorchTitan's) and with each file fetched whole
+(`cache_type="all"`, the supervised trainer's load), for the widest layout and
+for TorchTitan's one file per rank. Each timing is
 the best of `--repeat` runs, alternated. Numbers are printed and written to
 benchmarks/results/dcp_store.json.
 
@@ -46,6 +49,10 @@ def main() -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
+    from supervisor.titan.policy import LOAD_CACHE_TYPE
+
+    load_kw = {"default_cache_type": LOAD_CACHE_TYPE}  # what the supervised trainer's load uses
+
     per = args.mib * 2**20 // args.tensors // 4
     state = {f"layer{i}.weight": torch.randn(per, generator=torch.Generator().manual_seed(i)) for i in range(args.tensors)}
     nbytes = sum(t.numel() * 4 for t in state.values())
@@ -79,9 +86,13 @@ def main() -> None:
             single = {f"{raw_root}-one/all.bin": b"".join(src.values())}
             timed("raw_put_one_object", lambda: fs.pipe(single))
 
-            target = {k: torch.empty_like(v) for k, v in state.items()}
-            timed("dcp_load", lambda: dcp.load(target, storage_reader=FsspecReader(store.url(f"dcp-t{widest}-r{r}"))))
-            assert all(torch.equal(target[k], state[k]) for k in state), "DCP load returned other bytes"
+            for label, layout, kw in (("dcp_load", widest, {}), ("dcp_load_cache_all", widest, load_kw),
+                                      ("dcp_load_t1", 1, {}), ("dcp_load_t1_cache_all", 1, load_kw)):
+                target = {k: torch.empty_like(v) for k, v in state.items()}
+                reader = FsspecReader(store.url(f"dcp-t{layout}-r{r}"), skip_instance_cache=True, **kw)
+                timed(label, lambda: dcp.load(target, storage_reader=reader))
+                assert all(torch.equal(target[k], state[k]) for k in state), f"{label} returned other bytes"
+            timed("raw_get_t1", lambda: fs.cat(list(layouts[1])))
             timed("raw_get", lambda: fs.cat(list(blobs)))
 
     best = {k: min(v) for k, v in rounds.items()}
@@ -92,7 +103,9 @@ def main() -> None:
         "best_s": {k: round(v, 3) for k, v in best.items()},
         "mib_per_s": {k: round(mib / v, 1) for k, v in best.items()},
         "save_ratio_vs_raw_put": {f"t{n}": round(best["raw_put"] / best[f"dcp_save_t{n}"], 2) for n in threads},
-        "load_ratio_vs_raw_get": round(best["raw_get"] / best["dcp_load"], 2),
+        "load_ratio_vs_raw_get": {k: round(best["raw_get"] / best[k], 2) for k in ("dcp_load", "dcp_load_cache_all")},
+        "load_ratio_vs_raw_get_one_file": {k: round(best["raw_get_t1"] / best[k], 2)
+                                           for k in ("dcp_load_t1", "dcp_load_t1_cache_all")},  # fmt: skip
     }
     out = REPO / "benchmarks" / "results" / "dcp_store.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # marker, TorchTitan's 2 s end-of-training pause and process teardown.
 SAVE_MARGIN = 1.5
 EXIT_SLACK_S = 3.0
+# fsspec cache type for a checkpoint file read from an object store: "all" fetches
+# the file in one GET (DCP reads a rank's files one at a time); fsspec's default
+# reads 50 MiB ranges. benchmarks/dcp_store.py measures both.
+LOAD_CACHE_TYPE = "all"
 
 
 class SaveTimer:
