@@ -23,6 +23,7 @@ from supervisor.launch import chaos, procs
 from supervisor.launch.base import CANCELLED, FAILED, FAILED_SETUP, RECOVERING, RUNNING, STARTING, SUCCEEDED
 from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, node_argv_for, node_dir, node_env,
                                      skypilot_exit_codes)
+from supervisor.node.process import become_subreaper
 from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
 
 POLL_S = 0.2
@@ -276,7 +277,7 @@ class Controller:
     # ---- the managed job ----
 
     def run(self) -> int:
-        procs.become_subreaper()
+        become_subreaper()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.save(controller_pid=os.getpid(), state=STARTING, recoveries=0, errors=0, reason=None, chaos_fired=[])

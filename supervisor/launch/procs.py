@@ -10,7 +10,6 @@ backend.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import time
@@ -18,15 +17,6 @@ import time
 import psutil
 
 ENV_TAG = "SUPERVISE_LOCAL_TAG"  # "<job>/<incarnation>/<node rank>"
-
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Adopt orphaned descendants (so a killed wrapper's workers stay findable)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
 
 def tag(job: str, incarnation: int, rank: int) -> str:
     return f"{job}/{incarnation}/{rank}"
