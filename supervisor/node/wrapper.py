@@ -45,7 +45,6 @@ from supervisor.node.torchrun import (
     DEFAULT_MASTER_PORT,
     DEFAULT_TRAINER_MODULE,
     Topology,
-    prestart_argv,
     topology_from_env,
     torchrun_argv,
     torchrun_executable,
@@ -285,9 +284,6 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     # torchrun imports torch (seconds) while the catalog decides; it waits for its
     # command on stdin (torchrun.prestarted). `supervise` started it first thing.
     early = take_prestarted()
-    if early is None:
-        process.become_subreaper()
-        early = process.start(prestart_argv(), dict(os.environ), stdin=subprocess.PIPE)
     try:
         plan = make_plan(opts, trainer_args)
         topo = plan.topology

@@ -115,9 +115,13 @@ def test_supervise_node_prestarts_torchrun_first_thing_except_for_dry_run_and_he
 
     for args in (["--dry-run", "--", *TRAINER], ["--help"]):
         early.prestart(args)
-        assert early.take() is None, args
+        assert early._early is None, args
     early.prestart(["--checkpoints", "/tmp/x", "--", *TRAINER, "--dry-run"])  # a trainer arg, not ours
+    prestarted = early._early
     proc = early.take()
-    assert proc is not None and early.take() is None, "taken once"
-    proc.stdin.close()  # the wrapper decided not to run
-    assert proc.wait(60) == 0
+    assert proc is prestarted is not None and early._early is None, "taken once"
+    later = early.take()  # none left: started now
+    assert later is not proc
+    for p in (proc, later):
+        p.stdin.close()  # the wrapper decided not to run
+        assert p.wait(60) == 0
