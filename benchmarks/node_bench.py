@@ -6,7 +6,12 @@
    `supervise node` vs plain torchrun running the very command (and environment)
    the wrapper would run, alternated; the difference as a fraction of the wrapper's
    start -> first step, plus the wrapper's own start -> command handed to torchrun
-   (`wrapper_overhead_s` in the ledger; torchrun imports torch meanwhile);
+   (`wrapper_overhead_s` in the ledger; torchrun imports torch meanwhile). Where
+   the machine's noise exceeds the difference, the wrapper's critical path measured
+   directly: how long after `supervise` its torchrun started (less a bare
+   interpreter's start), its import of torch beside the working wrapper (less the
+   same import alone), and how long it then waited for its command (the ledger's
+   `trainer_ready`: `torchrun_started_at`, `torchrun_import_s`, `torchrun_waited_s`);
 3. notice -> committed checkpoint, vs the DCP save time alone.
 
 Checkpoints go to a local SeaweedFS S3 server. Numbers are printed and written to
@@ -92,6 +97,15 @@ def first_beat(run_dir: Path) -> float:
 def log_step(log: Path) -> int:
     found = STEP_RE.findall(log.read_text(errors="replace")) if log.exists() else []
     return int(found[-1]) if found else 0
+
+
+def bare_torchrun_start() -> tuple[float, float]:
+    """A bare interpreter's start to its first line, and its import of torch.distributed.run
+    alone on the machine: what plain torchrun pays before its `main`."""
+    t0 = time.time()
+    code = "import time; t = time.time(); import torch.distributed.run; print(t, time.time() - t)"
+    first, imported = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split())
+    return first - t0, imported
 
 
 class Bench:
@@ -197,19 +211,31 @@ class Bench:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(300)
         # Restarts, alternated: supervise node vs plain torchrun on the command it would run.
-        node_first, plain_first = [], []
+        node_first, plain_first, node_t0, bare = [], [], [], []
         for i in range(self.args.restarts):
             run_dir = self.work / f"ovh-run-{i + 2}"
             t0 = time.time()
             proc = self.start_node(url, run_dir, log)
+            node_t0.append(t0)
             wait_for(lambda: heartbeat_step(run_dir) >= 1)
             node_first.append(first_beat(run_dir) - t0)
             vanish(tree(proc.pid))
             plain_first.append(self.plain_restart(url, self.work / f"ovh-plain-{i + 2}", log))
+            bare.append(bare_torchrun_start())
         events, _ = read_events(ledger_url(url))
+        events.sort(key=lambda e: e.t)
         handed = [e.get("wrapper_overhead_s") for e in events if e.kind == "trainer_start"][1:]  # restarts only
         node_s, plain_s = statistics.median(node_first), statistics.median(plain_first)
-        events.sort(key=lambda e: e.t)
+        # The wrapper on the critical path, measured directly rather than as the
+        # difference of two noisy totals: the prestarted torchrun's start after the
+        # wrapper's (vs a bare interpreter's first line), its import of torch while
+        # the wrapper works beside it (vs alone), and its wait for the command.
+        ready = [e for e in events if e.kind == "trainer_ready" and e.get("torchrun_started_at")][1:]
+        prespawn = statistics.median(e.get("torchrun_started_at") - t0 for e, t0 in zip(ready, node_t0))
+        imported = statistics.median(e.get("torchrun_import_s") for e in ready)
+        waited = statistics.median(e.get("torchrun_waited_s") for e in ready)
+        bare_first, bare_import = (statistics.median(x) for x in zip(*bare))
+        critical = (prespawn - bare_first) + (imported - bare_import) + waited
         notice = next((e for e in events if e.kind == "notice"), None)
         committed = next((e for e in events if notice and e.kind == "checkpoint_committed" and e.t >= notice.t), None)
         saves = [e.get("duration_s") for e in events if e.kind == "checkpoint_saved" and e.get("duration_s") is not None]
@@ -221,7 +247,16 @@ class Bench:
             "restart_first_step_s_plain_torchrun": plain_s,
             "restart_overhead_s": node_s - plain_s,
             "restart_overhead_fraction": (node_s - plain_s) / node_s,
+            "restarts_s_supervised": node_first,  # in the order run, alternated with plain
+            "restarts_s_plain_torchrun": plain_first,
             "wrapper_start_to_command_s": statistics.median(handed) if handed else None,
+            "torchrun_started_after_wrapper_s": prespawn,
+            "python_first_line_s": bare_first,
+            "torchrun_import_s_beside_wrapper": imported,
+            "torchrun_import_s_alone": bare_import,
+            "torchrun_waited_for_command_s": waited,
+            "wrapper_critical_path_s": critical,
+            "wrapper_critical_path_fraction": critical / node_s,
             "restarts_measured": len(node_first),
             "notice_to_commit_s": (committed.t - notice_t) if committed else None,
             "notice_dcp_save_s": notice_save,

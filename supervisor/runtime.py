@@ -37,6 +37,7 @@ ENV_INCARNATION = "SUPERVISE_INCARNATION"  # id of this (re)start of the job
 ENV_RESUME_STEP = "SUPERVISE_RESUME_STEP"  # catalog's verified step to load, or "none": start fresh
 ENV_COMMIT_WAIT_S = "SUPERVISE_COMMIT_WAIT_S"  # seconds a commit polls for a mount's upload to land
 ENV_CHECKPOINT_KEEP = "SUPERVISE_CHECKPOINT_KEEP"  # committed checkpoints kept during the run; unset/0: all
+ENV_TORCHRUN_TIMES = "SUPERVISE_TORCHRUN_TIMES"  # the prestarted torchrun's start, import, wait (JSON)
 
 NOTICE_FILE = "notice.json"
 OUTCOME_FILE = "outcome.json"

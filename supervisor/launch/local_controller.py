@@ -23,7 +23,7 @@ from supervisor.launch import chaos, procs
 from supervisor.launch.base import CANCELLED, FAILED, FAILED_SETUP, RECOVERING, RUNNING, STARTING, SUCCEEDED
 from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, node_argv_for, node_dir, node_env,
                                      skypilot_exit_codes)
-from supervisor.node.process import become_subreaper
+from supervisor.node.prctl import become_subreaper
 from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
 
 POLL_S = 0.2

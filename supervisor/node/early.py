@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+
+from supervisor.node.prctl import become_subreaper, die_with_parent
+
+# The standard library and prctl only, until torchrun is started: psutil, logging
+# and supervisor.node.torchrun's imports cost 60 ms here, all of it a restart's.
+PRESTARTED_TORCHRUN = "supervisor.node.prestarted"  # `python -m` it
 
 _early: subprocess.Popen | None = None
 
@@ -22,11 +29,11 @@ def prestart(args: list[str]) -> None:
 
 
 def _start() -> subprocess.Popen:
-    from supervisor.node import process
-    from supervisor.node.torchrun import prestart_argv
-
-    process.become_subreaper()  # before the fork: an orphaned rank stays ours to kill
-    return process.start(prestart_argv(), dict(os.environ), stdin=subprocess.PIPE)
+    """torchrun in a new session (a signal to our group does not reach it; we decide),
+    waiting for its command on stdin."""
+    become_subreaper()  # before the fork: an orphaned rank stays ours to kill
+    return subprocess.Popen([sys.executable, "-m", PRESTARTED_TORCHRUN], env=dict(os.environ),
+                            stdin=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def take() -> subprocess.Popen:

@@ -1,46 +1,25 @@
-"""Start torchrun in its own session and make sure nothing it started outlives us.
+"""Make sure nothing torchrun started outlives us, and keep the wrapper's CPU use
+behind the ranks'.
 
 torchrun puts each worker in a session of its own, so killing torchrun's group
 misses them. The wrapper therefore (1) makes itself a child subreaper, so workers
 orphaned by a dying torchrun are re-parented to it and stay findable, (2) asks the
-kernel to SIGTERM torchrun if the wrapper dies (torchrun then stops its workers),
+kernel to SIGTERM torchrun if the wrapper dies (torchrun then stops its workers):
+both in supervisor.node.prctl, set where torchrun starts (supervisor.node.early),
 and (3) on every exit path kills all of its descendants, found with psutil.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import subprocess
-import sys
 
 import psutil
 
+from supervisor.node.prctl import die_with_parent
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-# Resolved once, before any fork: the child between fork and exec must not dlopen.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _prctl(option: int, value: int) -> None:
-    if _LIBC is not None:
-        _LIBC.prctl(option, value, 0, 0, 0)
-
-
-def become_subreaper() -> None:
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGTERM to this child when the wrapper dies."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 WRAPPER_NICENESS = 10  # the ranks' CPU comes first: the wrapper only watches and records
 
@@ -61,11 +40,6 @@ def background_child() -> None:
     check): dies with the wrapper, runs at the wrapper's lower priority."""
     die_with_parent()
     os.nice(WRAPPER_NICENESS)
-
-
-def start(argv: list[str], env: dict[str, str], cwd: str | None = None, stdin=None) -> subprocess.Popen:
-    """torchrun in a new session (a signal to our group does not reach it; we decide)."""
-    return subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def descendants() -> list[psutil.Process]:

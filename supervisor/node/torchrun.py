@@ -7,17 +7,12 @@ TorchTitan example (examples/training/torchtitan/torchtitan.yaml) builds it:
 
 Pure functions of the environment, so they are tested without processes.
 
-`python -m supervisor.node.torchrun` is torchrun started early: it imports
-torch.distributed.run (seconds: torch) while the wrapper still asks the catalog
-what to resume, then reads the command from stdin and runs torchrun's own
-`main` on it (the same code the `torchrun` script runs). See `prestarted`.
+The torchrun the wrapper starts before its command is known: supervisor.node.prestarted.
 """
 
 from __future__ import annotations
 
 import glob
-import json
-import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -134,29 +129,3 @@ def torchrun_argv(
         "-m", module,
         *trainer_args,
     ]  # fmt: skip
-
-
-def prestarted() -> int:
-    """torchrun, imported before its command is known: one JSON line on stdin,
-    {"argv": torchrun's args, "env": variables to add}, then torchrun's `main`.
-    End of input without a line: the wrapper decided not to run (exit 0)."""
-    from torch.distributed.run import main as torchrun_main
-
-    line = sys.stdin.readline()
-    if not line:
-        return 0
-    order = json.loads(line)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)  # the workers must not inherit the wrapper's pipe
-    os.environ.update(order["env"])
-    sys.argv = ["torchrun", *order["argv"]]
-    torchrun_main(order["argv"])
-    return 0
-
-
-def prestart_argv() -> list[str]:
-    return [sys.executable, "-m", "supervisor.node.torchrun"]
-
-
-if __name__ == "__main__":
-    sys.exit(prestarted())

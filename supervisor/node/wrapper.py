@@ -282,7 +282,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
     t0 = time.monotonic()
     # torchrun imports torch (seconds) while the catalog decides; it waits for its
-    # command on stdin (torchrun.prestarted). `supervise` started it first thing.
+    # command on stdin (supervisor.node.prestarted). `supervise` started it first thing.
     early = take_prestarted()
     try:
         plan = make_plan(opts, trainer_args)

@@ -312,9 +312,17 @@ class SuperviseTrainer(Trainer):
             self._skip_rng_if_absent()
         # TorchTitan's train() loads the checkpoint first: the report's start-up
         # ends here and its checkpoint load at the first step boundary.
-        self._emit("trainer_ready")
+        self._emit("trainer_ready", **{f"torchrun_{k}": v for k, v in self._torchrun_times().items()})
         super().train()
         self._finish_commits()
+
+    def _torchrun_times(self) -> dict[str, float]:
+        """The prestarted torchrun's timings (supervisor.node.prestarted), if it was one."""
+        try:
+            times = json.loads(os.environ.get(runtime.ENV_TORCHRUN_TIMES) or "{}")
+        except ValueError:
+            return {}
+        return {k: v for k, v in times.items() if isinstance(v, (int, float))} if isinstance(times, dict) else {}
 
     def should_continue_training(self) -> bool:
         first = self._boundary_step is None
