@@ -68,6 +68,11 @@ def test_start_local_runs_the_debug_recipe_with_its_own_setup(s3_store, s3_env, 
     order = [e.kind for e in sorted(events, key=lambda e: e.t)
              if e.kind in ("node_start", "trainer_ready", "checkpoint_loaded", "first_step")]
     assert order == ["node_start", "trainer_ready", "checkpoint_loaded", "first_step"], order
+    # the prestarted torchrun's timings: the wrapper's share of the critical path
+    ready = next(e for e in events if e.kind == "trainer_ready")
+    started, node = ready.get("torchrun_started_at"), next(e for e in events if e.kind == "node_start")
+    assert started is not None and started < node.t and ready.get("torchrun_import_s") > 0 \
+        and ready.get("torchrun_waited_s") >= 0, ready.fields
     start = r["phases"]["start"]
     assert start["setup_s"] > 0 and start["startup_s"] > 0 and start["checkpoint_load_s"] >= 0 \
         and start["first_step_s"] > 0, start
