@@ -11,10 +11,10 @@ from dataclasses import dataclass
 # marker, TorchTitan's 2 s end-of-training pause and process teardown.
 SAVE_MARGIN = 1.5
 EXIT_SLACK_S = 3.0
-# fsspec cache type for a checkpoint file read from an object store: "all" fetches
-# the file in one GET (DCP reads a rank's files one at a time); fsspec's default
-# reads 50 MiB ranges. benchmarks/dcp_store.py measures both.
-LOAD_CACHE_TYPE = "all"
+# A checkpoint file read from an object store (supervisor.titan.store_reader): GETs
+# of this many bytes, this many in flight. benchmarks/dcp_store.py measures them.
+LOAD_PART_BYTES = 16 * 2**20
+LOAD_PARALLEL = 8
 
 
 class SaveTimer:

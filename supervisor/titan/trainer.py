@@ -43,7 +43,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.checkpointer.base import MODEL
@@ -57,7 +56,6 @@ from supervisor.titan import rng
 from supervisor.titan.committer import CommitResult, Committer
 from supervisor.titan.policy import (
     COMM_MARGIN_S,
-    LOAD_CACHE_TYPE,
     SaveTimer,
     Throttle,
     commit_budget_s,
@@ -66,6 +64,7 @@ from supervisor.titan.policy import (
     save_comm_timeout_s,
     resume_load_step,
 )
+from supervisor.titan.store_reader import PartsReader
 from supervisor.titan.trainer_files import METRICS_FILE
 
 log = logging.getLogger("supervisor.titan")
@@ -175,13 +174,14 @@ class SuperviseCheckpointManager(CheckpointManager):
         return response.upload_completion  # TorchTitan's `async` branch keeps it as save_future
 
     def dcp_load(self, state_dict, checkpoint_id, from_hf, from_quantized):
-        """TorchTitan's load, with one setting for object stores: each checkpoint
-        file is fetched whole in one GET (fsspec `cache_type="all"`) instead of
-        a ranged read per 50 MiB block. DCP reads a rank's files one at a time,
-        so at most one file is held in memory. Measured in benchmarks/dcp_store.py."""
+        """TorchTitan's load, with one change for object stores: each checkpoint
+        file is fetched as concurrent ranged GETs, its tensors read as their parts
+        arrive (supervisor.titan.store_reader), instead of one 50 MiB ranged read
+        at a time. DCP reads a rank's files one at a time, so at most one file is
+        held in memory. Measured in benchmarks/dcp_store.py."""
         if from_hf or "://" not in str(checkpoint_id) or str(checkpoint_id).startswith("file://"):
             return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
-        dcp.load(state_dict, storage_reader=FsspecReader(str(checkpoint_id), default_cache_type=LOAD_CACHE_TYPE))
+        dcp.load(state_dict, storage_reader=PartsReader(str(checkpoint_id)))
         if MODEL in self.states:  # TorchTitan's step after its load: the model state is flattened
             self.states[MODEL].load_state_dict(state_dict)
 
