@@ -274,8 +274,11 @@ def test_slurm_managed_jobs_recover_from_scancel_stop_with_a_save_and_report(loc
         assert not problems, problems
         assert second is not None, f"expected a second node start after scancel: {incarnations}"
         resume = resumes[0]
-        assert resume == max(committed_before), (resume, committed_before)
-        assert resume >= step_at_cancel
+        # The catalog is the truth for commits: the resume is at least its latest committed step
+        # when the allocation vanished. The ledger's checkpoint_committed is written by the
+        # journal's thread after the commit, so a kill within that write's round trip can leave
+        # the last commit out of the ledger (seen once, 2026-12-04: committed_before == []).
+        assert resume >= step_at_cancel and resume >= max(committed_before, default=0), (resume, committed_before)
         assert first_steps[0].fields["step"] == resume + 1
         latest = Catalog(recover.url).latest()
         assert (latest.step, latest.state) == (STEPS, "committed"), latest.describe()
