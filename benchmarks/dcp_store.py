@@ -14,9 +14,13 @@ read at a time) and with the supervised trainer's (supervisor/titan/store_reader
 each file as concurrent ranged GETs), for the widest layout and for TorchTitan's
 one file per rank, vs the best raw get of the same bytes: the files as objects
 concurrently, and for the one file a single GET or the same ranged GETs
-(`fs.cat_ranges`), whichever is faster. Each timing is the best of `--repeat`
-runs, alternated. Numbers are printed and written to
-benchmarks/results/dcp_store.json.
+(`fs.cat_ranges`), whichever is faster. Every transfer goes through one warm
+client (the readers get the benchmark's S3FileSystem): a process's first
+request also pays importing s3fs and creating the client, measured apart in
+fresh interpreters, cold and with the backend imported in the background
+during a stand-in for the model build, as the supervised trainer does
+(`import_backend_in_background`). Each timing is the best of `--repeat` runs,
+alternated. Numbers are printed and written to benchmarks/results/dcp_store.json.
 
     OMP_NUM_THREADS=1 python benchmarks/dcp_store.py [--mib 256] [--tensors 64] [--repeat 3]
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +95,8 @@ def main() -> None:
             for label, layout, make in (("dcp_load", widest, FsspecReader), ("dcp_load_parts", widest, PartsReader),
                                         ("dcp_load_t1", 1, FsspecReader), ("dcp_load_t1_parts", 1, PartsReader)):
                 target = {k: torch.empty_like(v) for k, v in state.items()}
-                reader = make(store.url(f"dcp-t{layout}-r{r}"), skip_instance_cache=True)
+                reader = make(store.url(f"dcp-t{layout}-r{r}"))
+                reader.fs.fs = fs  # the raw transfers' warm client
                 timed(label, lambda: dcp.load(target, storage_reader=reader))
                 assert all(torch.equal(target[k], state[k]) for k in state), f"{label} returned other bytes"
             (one, size), = layouts[1].items()
@@ -99,6 +105,8 @@ def main() -> None:
             timed("raw_get_t1_ranges", lambda: fs.cat_ranges([one] * len(starts), starts,
                                                               [min(s + LOAD_PART_BYTES, size) for s in starts]))
             timed("raw_get", lambda: fs.cat(list(blobs)))
+            for label, warm in (("first_request_cold", False), ("first_request_after_background_import", True)):
+                rounds.setdefault(label, []).append(first_request_s(store.url(f"dcp-t1-r{r}/.metadata"), warm))
 
     best = {k: min(v) for k, v in rounds.items()}
     mib = nbytes / 2**20
@@ -109,6 +117,7 @@ def main() -> None:
         "mib_per_s": {k: round(mib / v, 1) for k, v in best.items()},
         "save_ratio_vs_raw_put": {f"t{n}": round(best["raw_put"] / best[f"dcp_save_t{n}"], 2) for n in threads},
         "load_ratio_vs_raw_get": {k: round(best["raw_get"] / best[k], 2) for k in ("dcp_load", "dcp_load_parts")},
+        "first_request_saved_s": round(best["first_request_cold"] - best["first_request_after_background_import"], 3),
         "load_ratio_vs_raw_get_one_file": {k: round(min(best["raw_get_t1"], best["raw_get_t1_ranges"]) / best[k], 2)
                                            for k in ("dcp_load_t1", "dcp_load_t1_parts")},  # fmt: skip
     }
@@ -117,6 +126,28 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     print(f"written to {out}")
+
+
+FIRST_REQUEST = """
+import sys, time
+from supervisor.titan.store_reader import import_backend_in_background
+url, warm = sys.argv[1], sys.argv[2] == "1"
+if warm:
+    import_backend_in_background(url)
+time.sleep(2.0)  # stands in for TorchTitan building the model
+begin = time.perf_counter()
+import fsspec
+fs, path = fsspec.core.url_to_fs(url)
+fs.info(path)
+print(time.perf_counter() - begin)
+"""
+
+
+def first_request_s(url: str, background_import: bool) -> float:
+    """A fresh process's first request to the store: import, client, one HEAD."""
+    done = subprocess.run([sys.executable, "-c", FIRST_REQUEST, url, "1" if background_import else "0"],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    return float(done.stdout.split()[-1])
 
 
 if __name__ == "__main__":

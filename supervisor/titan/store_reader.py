@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
+import fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader
 
 from supervisor.titan.policy import LOAD_PARALLEL, LOAD_PART_BYTES
@@ -84,3 +86,26 @@ class PartsReader(FsspecReader):
     def __init__(self, path: str, part_bytes: int = LOAD_PART_BYTES, parallel: int = LOAD_PARALLEL, **kwargs):
         super().__init__(path, **kwargs)
         self.fs = _PartsFileSystem(self.fs.fs, part_bytes, parallel)
+
+
+def import_backend_in_background(url: str) -> threading.Thread | None:
+    """Import the fsspec backend of a `scheme://` checkpoint folder in a daemon thread.
+
+    The trainer's first look at the folder (RNG check, TorchTitan's load) would
+    otherwise import it on the resume's critical path: s3fs with aiobotocore
+    takes about 0.4 s here. Started before TorchTitan builds the model, it is
+    done by then. A missing backend is not reported here: TorchTitan's own first
+    call raises fsspec's ImportError, where it belongs."""
+    protocol, sep, _ = str(url).partition("://")
+    if not sep or protocol == "file":
+        return None
+
+    def run() -> None:
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError):
+            pass  # raised again, in context, by the trainer's first use of the folder
+
+    thread = threading.Thread(target=run, name="supervise-import-store", daemon=True)
+    thread.start()
+    return thread

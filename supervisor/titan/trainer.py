@@ -64,7 +64,7 @@ from supervisor.titan.policy import (
     save_comm_timeout_s,
     resume_load_step,
 )
-from supervisor.titan.store_reader import PartsReader
+from supervisor.titan.store_reader import PartsReader, import_backend_in_background
 from supervisor.titan.trainer_files import METRICS_FILE
 
 log = logging.getLogger("supervisor.titan")
@@ -246,6 +246,8 @@ class SuperviseTrainer(Trainer):
 
     def __init__(self, config: Trainer.Config):
         config.checkpoint = _as_supervise_checkpoint_config(config.checkpoint)
+        if config.checkpoint.enable:  # while the model is built, not on the resume's critical path
+            import_backend_in_background(config.checkpoint.folder)
         super().__init__(config)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1

@@ -1,12 +1,16 @@
 """supervisor.titan.store_reader on fsspec's own in-memory filesystem: the bytes a
 PrefetchedFile gives back, however it is read, and a DCP round trip through
 PartsReader with parts smaller than a tensor. Against SeaweedFS it runs in every
-resume from an s3:// checkpoint (tests/titan/test_commits.py, the drills)."""
+resume from an s3:// checkpoint (tests/titan/test_commits.py, the drills).
+The background import of a folder's backend runs in a fresh interpreter, where
+s3fs is not imported yet."""
 
 from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from supervisor.titan.store_reader import PartsReader, PrefetchedFile
+from supervisor.titan.store_reader import PartsReader, PrefetchedFile, import_backend_in_background
 
 
 @pytest.fixture
@@ -54,3 +58,22 @@ def test_a_missing_checkpoint_file_is_an_error_not_a_short_read(memfs):
     with pytest.raises(FileNotFoundError):
         with reader.fs.create_stream(f"/{uuid.uuid4().hex}/__0_0.distcp", "rb"):
             pass
+
+
+def test_the_backend_of_a_remote_folder_is_imported_in_the_background():
+    script = ("import sys; from supervisor.titan.store_reader import import_backend_in_background as bg;"
+              "assert 's3fs' not in sys.modules; t = bg('s3://bucket/run/checkpoint'); t.join(60);"
+              "print(t.name, t.daemon, 's3fs' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["supervise-import-store", "True", "True"]
+
+
+def test_local_folders_start_no_import_and_an_unknown_scheme_is_left_to_the_first_use(tmp_path):
+    assert import_backend_in_background(str(tmp_path / "checkpoint")) is None
+    assert import_backend_in_background(f"file://{tmp_path}") is None
+    thread = import_backend_in_background("nosuchscheme://bucket/checkpoint")
+    thread.join(10)
+    assert not thread.is_alive()
+    with pytest.raises(ValueError, match="nosuchscheme"):  # what TorchTitan's first call will say
+        fsspec.core.url_to_fs("nosuchscheme://bucket/checkpoint")
