@@ -15,7 +15,6 @@ step, and scans older steps only when that one fails to verify.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ __all__ = [
 
 log = logging.getLogger("supervisor.store")
 
+DEEP_OBJECTS = 2  # objects re-hashed at once; each is read as parallel ranged GETs (Store.iter_bytes)
 STALE_UPLOAD_S = 3600.0  # a multipart upload this old under the catalog is a killed writer's leftover
 
 
@@ -196,27 +196,63 @@ class Catalog:
         return info
 
     def _structural(self, d: str, listing: dict) -> list[str]:
+        return self._structure(d, listing)[0]
+
+    def _structure(self, d: str, listing: dict) -> tuple[list[str], object | None]:
+        """(problems, the parsed `.metadata`)."""
         if mf.METADATA not in listing:
-            return [f"{mf.METADATA} missing"]
+            return [f"{mf.METADATA} missing"], None
         try:
             metadata = _load_metadata(self.store.cat(d, mf.METADATA))
         except ValueError as err:
-            return [str(err)]
-        return mf.structural_problems(mf.required_sizes(metadata), listing)
+            return [str(err)], None
+        return mf.structural_problems(mf.required_sizes(metadata), listing), metadata
+
+    def _written(self, d: str, listing: dict) -> tuple[dict | None, str | None]:
+        """(the writers' record of the save, or None; why it cannot be used)."""
+        if mf.WRITTEN not in listing:
+            return None, f"{mf.WRITTEN} missing"
+        try:
+            return mf.parse_written(self.store.cat(d, mf.WRITTEN)), None
+        except FileNotFoundError:
+            return None, f"{mf.WRITTEN} missing"
+        except ValueError as err:
+            return None, str(err)
+
+    def _commit_problems(self, d: str, listing: dict, written: bool) -> tuple[list[str], dict | None]:
+        """What keeps the listed step from being committed now, and the writers' record.
+
+        Without a record (plain TorchTitan, a hand commit of one) the step must be
+        structurally complete; with one (required when `written`: the trainer's
+        own save), every object must also be exactly the one this save wrote."""
+        if not listing:
+            return ["folder missing"], None
+        problems, metadata = self._structure(d, listing)
+        if problems:
+            return problems, None
+        record, why = self._written(d, listing)
+        if record is None:
+            return ([why] if written else []), None
+        meta = getattr(metadata, "storage_meta", None)
+        return mf.stale_problems(record, listing, getattr(meta, "save_id", None)), record
 
     def _deep_problems(self, d: str, records: dict[str, dict]) -> list[str]:
-        problems = []
-        for name, record in sorted(records.items()):
+        """Re-hash the objects' bytes (deep verify, a copy, a quarantine decision):
+        each object as parallel ranged GETs, DEEP_OBJECTS objects at a time."""
+
+        def check(item: tuple[str, dict]) -> list[str]:
+            name, record = item
             parts = mf.multipart_count(record)
             check = mf.ContentCheck(name, record, self.store.part_sizes(parts, d, name) if parts else None)
             try:
                 for chunk in self.store.iter_bytes(d, name):
                     check.update(chunk)
             except FileNotFoundError:
-                problems.append(f"{name} missing")
-                continue
-            problems += check.problems()
-        return problems
+                return [f"{name} missing"]
+            return check.problems()
+
+        with ThreadPoolExecutor(max_workers=DEEP_OBJECTS) as pool:
+            return [p for found in pool.map(check, sorted(records.items())) for p in found]
 
     def _quarantine_reason(self, step: int) -> str:
         try:
@@ -233,34 +269,50 @@ class Catalog:
         return self.inspect(step, deep=deep)
 
     # -- commit ---------------------------------------------------------------
-    def commit(self, step: int, *, world_size: int | None = None, writer: str | None = None, wait_s: float = 0.0) -> dict:
+    def commit(self, step: int, *, world_size: int | None = None, writer: str | None = None, wait_s: float = 0.0,
+               written: bool = False) -> dict:
         """Write `step-N/_COMMIT.json` once every file `.metadata` names is complete.
 
-        `wait_s` bounds a poll for objects that are not visible yet (a cached
-        mount uploads after `save` returns). Raises IncompleteCheckpoint with
-        the reason, or AlreadyCommitted if another writer won.
+        Costs a listing and two small reads, never the shards' bytes: their MD5s
+        come from the writers' record (`_WRITTEN.json`, supervisor.titan.hashing)
+        when the save left one, else from the store where it keeps a plain MD5;
+        otherwise the step is committed on sizes and ETags and the manifest says so.
+        `written`: the save was ours, so its record must be there and every object
+        must be the one it wrote (a stale shard of the same name waits, then fails).
+
+        `wait_s` bounds a poll for objects that are not there yet (a cached mount
+        uploads after `save` returns); the bound restarts while the listing changes.
+        Raises IncompleteCheckpoint with the reason, or AlreadyCommitted if another writer won.
         """
         d = mf.step_dir(step)
-        deadline = time.monotonic() + max(0.0, wait_s)
+        wait_s = max(0.0, wait_s)
+        deadline, seen = time.monotonic() + wait_s, None
         while True:
             listing = self.store.listdir(d)
             if mf.COMMIT in listing:
                 raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)})")
             if mf.QUARANTINE in listing:
                 raise CheckpointInvalid(f"step {step} is quarantined: {self._quarantine_reason(step)}")
-            problems = self._structural(d, listing) if listing else ["folder missing"]
+            problems, record = self._commit_problems(d, listing, written)
             if not problems or time.monotonic() >= deadline:
                 break
+            progress = sorted((n, e.get("size"), str(mf.modified_at(e))) for n, e in listing.items())
+            if progress != seen:  # uploads are landing: give them the full wait again
+                seen, deadline = progress, time.monotonic() + wait_s
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         if problems:
             raise IncompleteCheckpoint(f"step {step} is incomplete, not committed: {'; '.join(problems)}")
         files = mf.checkpoint_files(listing)
-        md5s = {n: mf.content_md5(e) or self._read_md5(d, n) for n, e in files.items()}
+        if record is not None:
+            files = {n: e for n, e in files.items() if n in record["files"] or n == mf.WRITTEN}
+            md5s = {n: f["md5"] for n, f in record["files"].items()}
+        else:
+            md5s = {n: md5 for n, e in files.items() if (md5 := mf.content_md5(e))}
         manifest = mf.build_manifest(
-            step, listing,
+            step, files,
             world_size=world_size or mf.infer_world_size(files),
             writer=writer or f"{socket.gethostname()}:{os.getpid()}",
-            versions=_versions(), created=_now(), md5s=md5s,
+            versions=_versions(), created=_now(), md5s=md5s, hashes="writer" if record is not None else "store",
         )  # fmt: skip
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         if not self.store.create_exclusive(data, d, mf.COMMIT) and not self._is_ours(d, data):
@@ -269,23 +321,20 @@ class Catalog:
         log.info("committed step %d (%d objects) at %s", step, len(manifest["objects"]), self.path(step))
         return manifest
 
-    def _read_md5(self, d: str, name: str) -> str:
-        h = hashlib.md5()
-        for chunk in self.store.iter_bytes(d, name):
-            h.update(chunk)
-        return h.hexdigest()
-
     def set_aside(self, step: int) -> tuple[str, list[str]] | None:
-        """Before a new save into an existing `step-N`: move its old marker (and,
-        for a quarantined step, its files too: evidence) into
+        """Before a new save into an existing `step-N`: move its old marker, `.metadata`
+        and writers' record (for a quarantined step, all its files: evidence) into
         `step-N/_superseded/<time>/`, so the new save is committed on its own and
-        never mistaken for the old commit. Nothing is deleted. Returns (where, names)."""
+        never mistaken for the old one. Nothing is deleted. Returns (where, names)."""
         d = mf.step_dir(step)
         listing = self.store.listdir(d)
         markers = [n for n in (mf.COMMIT, mf.QUARANTINE) if n in listing]
-        if not markers:
+        # .metadata and the writers' record go too: until the new save writes its own,
+        # a mix of old and new shards can be neither loaded nor committed as the old save
+        names = markers + (sorted(mf.checkpoint_files(listing)) if mf.QUARANTINE in listing
+                           else [n for n in (mf.METADATA, mf.WRITTEN) if n in listing])
+        if not names:
             return None
-        names = markers + (sorted(mf.checkpoint_files(listing)) if mf.QUARANTINE in listing else [])
         where = f"{mf.SUPERSEDED}/{_now().replace(':', '')}"
         for name in names:  # the commit marker first: from here on the step is uncommitted
             self.store.move((d, name), (d, where, name))

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 STEP_RE = re.compile(r"^step-(\d+)$")  # exactly; TorchTitan's r"step-(\d+)" also matches bad-step-12
 METADATA = ".metadata"
 COMMIT = "_COMMIT.json"
+WRITTEN = "_WRITTEN.json"  # the writers' record of a save: each file's size and MD5 (supervisor.titan.hashing)
+WRITTEN_FORMAT = "supervise.written/1"
+CLOCK_TOLERANCE_S = 2.0  # store vs writer clocks, and listings that give whole seconds
 QUARANTINE = "_QUARANTINE.json"
 POINTER = "LATEST"
 SUPERSEDED = "_superseded"  # step-N/_superseded/<time>/: old markers of a step saved again
@@ -72,8 +75,8 @@ def content_md5(entry: dict) -> str | None:
     """The object's MD5 (hex) as the store reports it, when it reports one:
     GCS's `md5Hash` (base64), or an S3 ETag that is a plain MD5 (single-part
     upload; SSE-KMS/SSE-C ETags are not). None for multipart ETags and the
-    like: the commit re-reads those once, so that the manifest holds a
-    checksum that does not depend on how an object was uploaded or copied."""
+    like: a commit never reads bytes back, so those get their MD5 from the
+    writers' record (`WRITTEN`) or none at all."""
     b64 = entry.get("md5Hash")
     if b64:
         try:
@@ -82,6 +85,67 @@ def content_md5(entry: dict) -> str | None:
             return None
     tag = (etag_of(entry) or "").lower()
     return tag if _HEX_MD5.match(tag) else None
+
+
+def modified_at(entry: dict) -> float | None:
+    """When the store says the object was written (epoch seconds), if it says:
+    S3's LastModified, GCS's `updated`, a local file's mtime."""
+    import datetime as dt
+
+    value = entry.get("LastModified") or entry.get("updated") or entry.get("mtime")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if isinstance(value, dt.datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+    return None
+
+
+def written_record(files: dict[str, dict], *, save_id: str, started: float, finished: float) -> dict:
+    """The writers' record of one save: {file: {size, md5}}, the DCP save id, and when it started."""
+    return {"format": WRITTEN_FORMAT, "save_id": save_id, "started": started, "finished": finished,
+            "files": {name: {"size": int(f["size"]), "md5": str(f["md5"])} for name, f in sorted(files.items())}}
+
+
+def parse_written(data: bytes) -> dict:
+    """Raises ValueError with a one-line reason if the record cannot be used."""
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"unreadable {WRITTEN} ({err})") from err
+    if not isinstance(record, dict) or record.get("format") != WRITTEN_FORMAT or not isinstance(record.get("files"), dict):
+        raise ValueError(f"unknown {WRITTEN} format")
+    return record
+
+
+def stale_problems(record: dict, listing: dict[str, dict], metadata_save_id: str | None) -> list[str]:
+    """What keeps the listed objects from being exactly the ones this save wrote,
+    judged without reading them: the record and `.metadata` are of one save (its
+    id), every file the writers wrote is there with the size they wrote, none
+    is older than the save's start (a shard of the same name from an earlier
+    save of this step), and where the store keeps a plain MD5 it is theirs."""
+    if metadata_save_id is not None and record.get("save_id") != metadata_save_id:
+        return [f"{METADATA} and {WRITTEN} are of different saves (one is left from an earlier save of this step)"]
+    problems = []
+    since = float(record.get("started") or 0) - CLOCK_TOLERANCE_S
+    for name, want in sorted(record["files"].items()):
+        entry = listing.get(name)
+        if entry is None:
+            problems.append(f"{_label(name)} missing")
+            continue
+        size, written = int(entry.get("size") or 0), int(want["size"])
+        when = modified_at(entry)
+        if size != written:
+            problems.append(f"{_label(name)} is {size} bytes, this save wrote {written} (not this save's object yet)")
+        elif when is not None and when < since:
+            problems.append(f"{_label(name)} is older than this save (an earlier save's object of the same name)")
+        elif content_md5(entry) not in (None, want["md5"]):
+            problems.append(f"{_label(name)} has another MD5 than this save wrote (not this save's object)")
+    return problems
 
 
 def checkpoint_files(listing: dict[str, dict]) -> dict[str, dict]:
@@ -104,7 +168,11 @@ def build_manifest(
     versions: dict[str, str],
     created: str,
     md5s: dict[str, str] | None = None,
+    hashes: str = "store",
 ) -> dict:
+    """`hashes` says where the md5s come from: "writer" (hashed while written:
+    supervisor.titan.hashing), "store" (what the store reports, where it keeps a
+    plain MD5; the rest is committed on sizes and ETags)."""
     objects = {}
     for name, entry in sorted(checkpoint_files(listing).items()):
         record = {"size": int(entry.get("size") or 0)}
@@ -120,6 +188,7 @@ def build_manifest(
         "writer": writer,
         "created": created,
         "versions": versions,
+        "hashes": hashes if any("md5" in o for o in objects.values()) else "none: sizes and ETags",
         "objects": objects,
     }
 

@@ -49,11 +49,13 @@ from torchtitan.components.checkpointer.base import MODEL
 from torchtitan.components.checkpointer.dcp import AsyncMode
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import filesystem
+from torchtitan.tools.utils import GarbageCollection
 from torchtitan.trainer import Trainer
 
 from supervisor import runtime
 from supervisor.titan import rng
 from supervisor.titan.committer import CommitResult, Committer
+from supervisor.titan.hashing import hashing_writer
 from supervisor.titan.policy import (
     COMM_MARGIN_S,
     SaveTimer,
@@ -89,6 +91,8 @@ class SuperviseCheckpointManager(CheckpointManager):
     pending_staged: tuple[int, float] | None = None  # (step, seconds blocked so far): copy in flight
     background_stager: DefaultStager | None = None  # `async` mode: one for the run
     fresh_start: bool = False  # the catalog has no verified step: load no step folder
+    load_url: str | None = None  # the catalog's URL where `folder` is a mount of it: step-N is read there
+    hashed_saves: set[int] = set()  # steps written by the hashing writer (set per manager in __init__)
 
     def _find_load_step(self, folder: str = "") -> int:
         # TorchTitan's guess for load_step -1 (highest step-N with a .metadata,
@@ -157,19 +161,29 @@ class SuperviseCheckpointManager(CheckpointManager):
             self.on_saved(step, blocked)
 
     def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection=False, to_hf=False):
-        """TorchTitan's `async` save with the copy to CPU memory off the training
-        loop as well: one stager for the run (DCP's DefaultStager, its buffers
+        """TorchTitan's sync and `async` saves through a writer that hashes every
+        file as it writes it (supervisor.titan.hashing), and for `async` the copy
+        to CPU memory off the training loop as well: one stager for the run (DCP's DefaultStager, its buffers
         reused from the second save on) copies in a background thread, and the
         optimizer step waits for the copy (`_maybe_wait_for_staging`), not the
         save call. Parameters and optimizer state change only in that step.
-        Sync and pinned-memory saves and HF exports are TorchTitan's own."""
-        if async_mode != AsyncMode.ASYNC or to_hf:
+        Pinned-memory saves (a writer in another process) and HF exports are
+        TorchTitan's own, without hashes: their commit relies on sizes and ETags."""
+        if async_mode not in (AsyncMode.ASYNC, AsyncMode.DISABLED) or to_hf:
+            self.hashed_saves.discard(_step_of(checkpoint_id))  # committed on sizes and ETags
             return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        self.hashed_saves.add(_step_of(checkpoint_id))
+        writer = hashing_writer(checkpoint_id)  # each file's MD5 as it is written: the commit reads nothing back
+        if async_mode == AsyncMode.DISABLED:
+            dcp.save(state_dict, storage_writer=writer, checkpoint_id=checkpoint_id)
+            if enable_garbage_collection:
+                GarbageCollection.collect("GC collection invoked by checkpointer.")
+            return None
         if self.background_stager is None:
             self.background_stager = DefaultStager(StagingOptions(
                 use_pinned_memory=False, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=False))
-        response = dcp.async_save(state_dict, checkpoint_id=checkpoint_id, process_group=self.pg,
-                                  async_stager=self.background_stager)  # fmt: skip
+        response = dcp.async_save(state_dict, storage_writer=writer, checkpoint_id=checkpoint_id,
+                                  process_group=self.pg, async_stager=self.background_stager)  # fmt: skip
         self.staging_future = response.staging_completion
         return response.upload_completion  # TorchTitan's `async` branch keeps it as save_future
 
@@ -178,12 +192,31 @@ class SuperviseCheckpointManager(CheckpointManager):
         file is fetched as concurrent ranged GETs, its tensors read as their parts
         arrive (supervisor.titan.store_reader), instead of one 50 MiB ranged read
         at a time. DCP reads a rank's files one at a time, so at most one file is
-        held in memory. Measured in benchmarks/dcp_store.py."""
-        if from_hf or "://" not in str(checkpoint_id) or str(checkpoint_id).startswith("file://"):
+        held in memory. Measured in benchmarks/dcp_store.py.
+
+        Where TorchTitan writes through a bucket mount (MOUNT/MOUNT_CACHED), the
+        step folder is read from the bucket itself (`load_source`), the same way:
+        the catalog verified that step there, through the bucket API, and a FUSE
+        mount reads one stream at a time. An HF load is TorchTitan's own."""
+        if from_hf:
             return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
-        dcp.load(state_dict, storage_reader=PartsReader(str(checkpoint_id)))
+        source = self.load_source(checkpoint_id)
+        remote = "://" in source and not source.startswith("file://")
+        how = "bucket API, parallel ranged reads" if remote else "filesystem"
+        log.info("supervise: loading %s from %s (%s)", checkpoint_id, source, how)
+        if not remote:
+            return super().dcp_load(state_dict, source, from_hf, from_quantized)
+        dcp.load(state_dict, storage_reader=PartsReader(source))
         if MODEL in self.states:  # TorchTitan's step after its load: the model state is flattened
             self.states[MODEL].load_state_dict(state_dict)
+
+    def load_source(self, checkpoint_id) -> str:
+        """Where a checkpoint under `folder` is read from: the same path under
+        `load_url` when that is set (`folder` is a mount of it), else itself."""
+        path, folder = str(checkpoint_id), str(self.folder).rstrip("/")
+        if self.load_url is None or not path.startswith(folder + "/"):
+            return path
+        return self.load_url.rstrip("/") + path[len(folder) :]
 
     def _maybe_wait_for_staging(self) -> None:
         if self.staging_future is None:
@@ -247,7 +280,7 @@ class SuperviseTrainer(Trainer):
     def __init__(self, config: Trainer.Config):
         config.checkpoint = _as_supervise_checkpoint_config(config.checkpoint)
         if config.checkpoint.enable:  # while the model is built, not on the resume's critical path
-            import_backend_in_background(config.checkpoint.folder)
+            import_backend_in_background(os.environ.get(runtime.ENV_CHECKPOINTS) or config.checkpoint.folder)
         super().__init__(config)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -291,6 +324,8 @@ class SuperviseTrainer(Trainer):
             self.config.checkpoint.load_step = -1 if step is None else step
             if env.get(runtime.ENV_RESUME_STEP, "").strip().isdigit():
                 self._verified_step = self._last_committed_step = step
+                ckpt.load_url = None if same_place else self.catalog_url  # verified there through its API
+            ckpt.hashed_saves = set()
             ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
             ckpt.on_saved, ckpt.on_complete = self._on_saved, self._on_complete
             if dist.is_initialized() and self.world_size > 1:
@@ -412,7 +447,7 @@ class SuperviseTrainer(Trainer):
         catalog = Catalog(self.catalog_url)
         try:
             catalog.commit(step, world_size=self.world_size, writer=f"node{self.node_rank}-rank0",
-                           wait_s=self.commit_wait_s)  # fmt: skip
+                           wait_s=self.commit_wait_s, written=step in self.checkpointer.hashed_saves)  # fmt: skip
         except AlreadyCommitted:
             info = catalog.inspect(step)
             if info.state != "committed":
@@ -553,7 +588,7 @@ class SuperviseTrainer(Trainer):
             step = ckpt._find_load_step()
         if step <= 0:
             return
-        path = filesystem.join(ckpt.folder, f"step-{step}")
+        path = ckpt.load_source(filesystem.join(ckpt.folder, f"step-{step}"))  # read where the load reads
         try:
             keys = _checkpoint_keys(path)
         except Exception:  # unreadable: let TorchTitan's own load report it
@@ -574,6 +609,12 @@ class SuperviseTrainer(Trainer):
         self.outcome = shared[0]
         if self.local_rank == 0 and self.run_dir is not None:
             runtime.write_json_atomic(self.run_dir / runtime.OUTCOME_FILE, self.outcome)
+
+
+def _step_of(checkpoint_id: str) -> int:
+    """N of TorchTitan's `<folder>/step-N` checkpoint id (-1 for anything else)."""
+    tail = str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1]
+    return int(tail[5:]) if tail.startswith("step-") and tail[5:].isdigit() else -1
 
 
 def _checkpoint_keys(path: str) -> list[str]:

@@ -26,19 +26,24 @@ def _state(step: int, rank: int, extra_mb: int = 0):
     return state
 
 
-def save(url: str, step: int, extra_mb: int = 0) -> str:
-    """One writer, no process group: DCP writes straight to s3:// or a path through fsspec."""
+def save(url: str, step: int, extra_mb: int = 0, hashed: bool = False) -> str:
+    """One writer, no process group: DCP writes straight to s3:// or a path through fsspec.
+    `hashed`: through the supervised trainer's writer (supervisor.titan.hashing), which
+    leaves the writers' record; else plain DCP, as plain TorchTitan writes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     import fsspec
+
+    from supervisor.titan.hashing import HashingFsspecWriter
 
     # DCP opens the URL with fsspec's cached instance: drop it so the current AWS_* env applies.
     fsspec.get_filesystem_class("s3").clear_instance_cache()
     path = f"{url}/step-{step}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_state(step, 0, extra_mb), storage_writer=FsspecWriter(path, sync_files=False))
+        writer = (HashingFsspecWriter if hashed else FsspecWriter)(path, sync_files=False)
+        dcp.save(_state(step, 0, extra_mb), storage_writer=writer)
     return path
 
 

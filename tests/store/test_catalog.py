@@ -70,10 +70,10 @@ def test_two_writer_ranks_commit_and_torn_rank1_shard(s3_url):
 def test_deep_catches_same_size_overwrite_on_a_plain_path(tmp_path):
     url = str(tmp_path / "ckpt")
     cat = Catalog(url)
-    save(url, 1)
-    cat.commit(1)
-    save(url, 2)
-    cat.commit(2)
+    save(url, 1, hashed=True)
+    cat.commit(1, written=True)
+    save(url, 2, hashed=True)
+    assert cat.commit(2, written=True)["hashes"] == "writer"
     shard = tmp_path / "ckpt" / "step-2" / "__0_0.distcp"
     data = shard.read_bytes()
     shard.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
