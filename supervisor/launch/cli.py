@@ -148,14 +148,31 @@ def logs(
 def stop(
     name: str = typer.Argument(..., help="Job name."),
     now: bool = typer.Option(False, "--now", help="Hard cancel: no final checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"name", "saved", "step", "reason"}.'),
 ) -> None:
-    """Stop a job; by default the wrapper saves and commits a final checkpoint first."""
+    """Stop a job; by default the nodes save and commit a final checkpoint first, for as
+    long as this run's measured saves need. Prints the step committed at the stop, or
+    "not saved: <why>" and exits 1."""
     try:
-        get_backend(_backend_of(name)).cancel(name, graceful=not now)
+        result = get_backend(_backend_of(name)).cancel(name, graceful=not now)
     except AlreadyFinished as done:
-        typer.echo(str(done))
+        if as_json:
+            typer.echo(json.dumps({"name": name, "saved": None, "step": None, "reason": str(done)}))
+        else:
+            typer.echo(str(done))
         return
-    typer.echo(f"stopped {name}" + ("" if now else " (final checkpoint saved and committed where possible)"))
+    if result is None:  # --now
+        if as_json:
+            typer.echo(json.dumps({"name": name, "saved": False, "step": None, "reason": "--now: no final checkpoint"}))
+        else:
+            typer.echo(f"stopped {name} (--now: no final checkpoint)")
+        return
+    if as_json:
+        typer.echo(json.dumps(result.as_json()))
+    else:
+        typer.echo(f"stopped {name}: {result.line()}")
+    if not result.saved:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

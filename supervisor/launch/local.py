@@ -60,7 +60,9 @@ class LocalJob:
     recover_on_exit_codes: list[int] = field(default_factory=lambda: [int(ExitCode.PREEMPTED_SAVED)])
     env: dict[str, str] = field(default_factory=dict)  # the task's envs
     chaos: list[dict] = field(default_factory=list)  # ChaosEvent dicts
-    graceful_timeout_s: float = 120.0  # stop: time for the nodes to save and commit
+    # stop: the least wait for the nodes to save and commit; beyond it, as long as this
+    # run's measured saves need (notices.SaveWait), not a fixed budget
+    graceful_timeout_s: float = 120.0
     peer_grace_s: float = 60.0  # after one node exits cleanly, time for the others to follow
     submitted_at: float = 0.0  # UTC epoch
     missing_secrets: list[str] = field(default_factory=list)  # names of task secrets this shell lacks
@@ -349,24 +351,37 @@ class LocalBackend:
                 continue
             time.sleep(0.5)
 
-    def cancel(self, name: str, *, graceful: bool = True) -> None:
+    def cancel(self, name: str, *, graceful: bool = True):
         """Ask the controller to stop the job and wait until it has: nodes SIGTERMed so
-        they save and commit (graceful), then killed; no process left."""
+        they save and commit (graceful), then killed; no process left. Graceful: returns
+        what was saved (skypilot.StopResult), waiting as long as this run's measured
+        saves need, not a fixed budget; --now: None."""
         from supervisor.launch.procs import kill_tagged
+        from supervisor.launch.skypilot import StopResult, stop_result, wait_for_stop
 
         job = _load_job(name)
         state = read_state(name) or {}
         if is_terminal(state.get("state")):
             raise AlreadyFinished(f"local job {name} already finished: {state['state']}; nothing to stop")
         write_json_atomic(job_dir(name) / "cancel.json", {"graceful": graceful, "time": time.time()})
-        deadline = time.monotonic() + job.graceful_timeout_s + 30.0
-        while time.monotonic() < deadline:
-            state = read_state(name) or {}
-            if is_terminal(state.get("state")) and not controller_alive(state):
-                break
-            if state.get("state") != PENDING and not controller_alive(state):
-                break
-            time.sleep(0.2)
+
+        asked = time.monotonic()
+
+        def over(_events=None) -> bool:
+            st = read_state(name) or {}
+            started = st.get("state") != PENDING or time.monotonic() - asked > CONTROLLER_START_S
+            return not controller_alive(st) and (is_terminal(st.get("state")) or started)
+
+        events, waited_out = [], None
+        if graceful and job.ledger_url:
+            print(f"asking the nodes of {name} to save and stop (SIGTERM to every node wrapper)", file=sys.stderr,
+                  flush=True)
+            events, waited_out = wait_for_stop(name, job.ledger_url, over, poll_s=1.0, floor_s=job.graceful_timeout_s)
+        else:
+            deadline = time.monotonic() + (job.graceful_timeout_s if graceful else 0.0) + 30.0
+            while time.monotonic() < deadline and not over():
+                time.sleep(0.2)
+        state = read_state(name) or {}
         if controller_alive(state):
             import psutil
 
@@ -376,6 +391,15 @@ class LocalBackend:
         if not is_terminal(state.get("state")):
             state.update(state=CANCELLED, reason=state.get("reason") or "stopped by the user")
             write_json_atomic(job_dir(name) / "state.json", state)
+        if not graceful:
+            return None
+        if not job.ledger_url:
+            return StopResult(name, False, None, "the job has no run ledger to say what its nodes saved")
+        if waited_out is None:  # the controller wrote the nodes' exits before it finished: read them all
+            from supervisor.ledger.journal import read_events
+
+            events = read_events(job.ledger_url)[0]
+        return stop_result(name, events, job.checkpoints_url, waited_out=waited_out)
 
     def forget(self, name: str) -> None:
         """Remove a finished job's folder and registry entry (the demo cleans up after itself)."""

@@ -23,6 +23,7 @@ from supervisor.launch import chaos, procs
 from supervisor.launch.base import CANCELLED, FAILED, FAILED_SETUP, RECOVERING, RUNNING, STARTING, SUCCEEDED
 from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, node_argv_for, node_dir, node_env,
                                      skypilot_exit_codes)
+from supervisor.node.notices import SaveWait
 from supervisor.node.prctl import become_subreaper
 from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
 
@@ -30,6 +31,14 @@ POLL_S = 0.2
 HEARTBEAT_EVERY_S = 0.5
 FAILURE_GRACE_S = 3.0  # after a node fails, time for its peers' own exits to be seen
 SETUP_DONE = ".supervise-setup-done"  # in a node directory once its setup succeeded
+LEDGER_POLL_S = 2.0  # stop: how often the run ledger is read for the nodes' save progress
+NODE_EXIT_SLACK_S = 60.0  # stop: after a wrapper gives up on the save, time to kill its workers and exit
+
+
+def read_events(url: str):
+    from supervisor.ledger.journal import read_events as read
+
+    return read(url)
 
 
 def free_port() -> int:
@@ -247,7 +256,10 @@ class Controller:
             time.sleep(POLL_S)
 
     def stop(self, nodes: list[Node], *, graceful: bool) -> None:
-        """SIGTERM the wrappers (they save and commit), wait, then kill whatever is left."""
+        """SIGTERM the wrappers (they save and commit), wait, then kill whatever is left.
+        The wait has no fixed budget: it is the wrappers' own (notices.SaveWait: this
+        run's measured save + commit from the ledger, at least graceful_timeout_s,
+        longer while saves and commits keep being reported) plus their exit."""
         if graceful:
             self.log("stop requested: SIGTERM to every node wrapper, waiting for them to save")
             for node in nodes:
@@ -256,12 +268,35 @@ class Controller:
                         node.proc.send_signal(signal.SIGTERM)
                     except OSError:
                         pass
-            deadline = time.monotonic() + self.job.graceful_timeout_s
-            while time.monotonic() < deadline and any(n.proc.poll() is None for n in nodes):
+            wait = self.save_wait()
+            next_read = time.monotonic() + LEDGER_POLL_S
+            while any(n.proc.poll() is None for n in nodes):
+                now = time.monotonic()
+                if now >= next_read and self.job.ledger_url:
+                    next_read = now + LEDGER_POLL_S
+                    events, problems = read_events(self.job.ledger_url)
+                    if events or not problems:
+                        wait.observe(events, now)
+                if now > wait.give_up_at + NODE_EXIT_SLACK_S:
+                    self.log(f"stop: the nodes did not finish saving ({wait.describe()}); killing them")
+                    break
                 time.sleep(POLL_S)
         for node in nodes:
             node.code = node.proc.poll()
         self.log(f"stop: node exit codes {[n.code for n in nodes]}")
+
+    def save_wait(self) -> SaveWait:
+        """The node wrappers' wait for a save without deadline (their defaults), with
+        this job's graceful_timeout_s as the floor."""
+        from supervisor.node.wrapper import NodeOptions
+
+        wait = SaveWait(self.job.graceful_timeout_s, NodeOptions().hang_timeout_s, time.monotonic())
+        if self.job.ledger_url:
+            events, problems = read_events(self.job.ledger_url)
+            if events or not problems:
+                wait.observe(events, time.monotonic())
+        self.log(f"stop: {wait.describe()}")
+        return wait
 
     def teardown(self, inc: int, nodes: list[Node]) -> None:
         n = procs.kill_tagged(procs.tag(self.job.name, inc, 0).rsplit("/", 1)[0] + "/")

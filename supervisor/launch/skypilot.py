@@ -23,9 +23,11 @@ uploads it to its jobs bucket and every recovery fetches it again:
 sky/utils/controller_utils.py, maybe_translate_local_file_mounts_and_sync_up).
 
 `stop` saves first: it writes a stop request into the bucket that every node
-wrapper polls as a notice (the trainer saves at the next step, commits, and the
-wrapper exits 0), waits for the nodes to report their exit in the run ledger,
-then cancels the managed job. SkyPilot's own graceful cancel cannot do this: it
+wrapper polls as a notice without deadline (the trainer always saves at the next
+step and commits, and the wrapper exits 0), waits for the nodes to report their
+exit in the run ledger -- as long as this run's measured saves say the save
+needs (notices.SaveWait), not a fixed budget -- then cancels the managed job and
+says what was saved: the step committed at the stop, or why none was. SkyPilot's own graceful cancel cannot do this: it
 SIGTERMs every process of the job at once, torchrun's workers included, and
 SIGKILLs about 30 s later (sky/skylet/subprocess_daemon.py).
 """
@@ -36,9 +38,10 @@ import json
 import os
 import shlex
 import sys
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from supervisor import registry
 from supervisor.errors import SuperviseError
@@ -59,8 +62,11 @@ ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 NODE_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
 # Every variable of the launching shell the rendered task reads (besides the recipe's secrets).
 LAUNCH_ENV = (*STORE_SECRETS, SESSION_TOKEN, *STORE_ENVS, *ENDPOINT_ENVS)
-GRACEFUL_TIMEOUT_S = 900  # stop: time for the final save + MOUNT_CACHED upload
 STOP_POLL_S = 5.0
+STOP_PROGRESS_S = 30.0  # stop: a line about the wait this often
+# stop: beyond a node's own wait for the save (notices.SaveWait): its poll of the
+# request, the step boundary, killing the workers and writing its exit
+STOP_SLACK_S = 300.0
 UNSET = "<unset>"  # stands in for a secret the launching shell does not have (dry runs)
 
 
@@ -373,41 +379,40 @@ class SkyPilotBackend:
         if code:
             sys.exit(code)
 
-    def cancel(self, name: str, *, graceful: bool = True, timeout_s: float = GRACEFUL_TIMEOUT_S) -> None:
-        """Graceful: the stop request first (the nodes save, commit and exit 0), then the cancel."""
+    def cancel(self, name: str, *, graceful: bool = True, timeout_s: float | None = None) -> StopResult | None:
+        """Graceful: the stop request first (the nodes save, commit and exit 0), then the
+        cancel; returns what was saved. `timeout_s` caps the wait (None: as long as this
+        run's measured saves need, see wait_for_stop). --now (not graceful): None."""
         sky = _sky()
         job_id, state = self._resolve(name)
         if is_terminal(state):
             raise AlreadyFinished(f"{name} (managed job {job_id}) already finished: {state}; nothing to stop")
         url = (registry.lookup(name) or {}).get("checkpoints_url")
-        if graceful and url and state == "RUNNING":
-            print(f"asking the nodes of {name} to save and stop ({stop_request_url(url)})", flush=True)
-            write_stop_request(url, deadline_s=timeout_s)
-            state = self._wait_for_nodes(name, url, timeout_s)
-            if is_terminal(state):
+        result = None
+        if graceful and not url:
+            result = StopResult(name, False, None, "no checkpoint URL is recorded for this job; cancelled without a save")
+        elif graceful and state != "RUNNING":
+            result = StopResult(name, False, None, f"the job is {state}: no node is running to save; cancelled")
+        elif graceful:
+            _say(f"asking the nodes of {name} to save and stop ({stop_request_url(url)})")
+            write_stop_request(url)
+            ended: dict[str, str | None] = {}
+
+            def done(events: list) -> bool:
+                _id, ended["state"] = self._resolve(name)
+                return is_terminal(ended["state"]) or nodes_exited(events)
+
+            events, waited_out = wait_for_stop(name, ledger_url(url), done, cap_s=timeout_s, poll_s=STOP_POLL_S)
+            result = stop_result(name, events, url, waited_out=waited_out)
+            if is_terminal(ended.get("state")):
                 clear_stop_request(url)
-                raise AlreadyFinished(f"{name}: the nodes saved and exited; managed job {job_id} {state}")
+                return result
+            _say(f"the nodes of {name} exited; cancelling managed job {job_id}" if waited_out is None
+                 else f"{waited_out}; cancelling managed job {job_id}")
         _call(sky.jobs.cancel, job_ids=[job_id])
         if url:
             clear_stop_request(url)
-
-    def _wait_for_nodes(self, name: str, url: str, timeout_s: float) -> str | None:
-        """Until every node's latest run has exited (run ledger) or the job ended; returns the job state."""
-        from supervisor.ledger.journal import read_events
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            _job_id, state = self._resolve(name)
-            if is_terminal(state):
-                return state
-            events, _problems = read_events(ledger_url(url))
-            if nodes_exited(events):
-                print(f"the nodes of {name} saved and exited; cancelling", flush=True)
-                return state
-            if time.monotonic() > deadline:
-                print(f"the nodes of {name} did not report a save within {timeout_s:.0f} s; cancelling", flush=True)
-                return state
-            time.sleep(STOP_POLL_S)
+        return result
 
     def _resolve(self, name: str) -> tuple[int, str | None]:
         recorded = (registry.lookup(name) or {}).get("job_id")
@@ -445,11 +450,13 @@ def nodes_exited(events: list) -> bool:
     return len(done) >= wanted
 
 
-def write_stop_request(checkpoints_url: str, *, deadline_s: float) -> None:
+def write_stop_request(checkpoints_url: str) -> None:
+    """The stop request in the bucket. It carries no deadline: nothing reclaims the
+    machines, so the trainer always saves (the node wrapper ignores any deadline in it)."""
     from supervisor.store.fs import Store
 
     folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
-    body = {"requested_at": time.time(), "deadline_s": deadline_s, "by": "supervise stop"}
+    body = {"requested_at": time.time(), "by": "supervise stop"}
     Store(folder).put(json.dumps(body).encode(), leaf)
 
 
@@ -459,6 +466,125 @@ def clear_stop_request(checkpoints_url: str) -> None:
     folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
     store = Store(folder)
     store.rm([store.path(leaf)])
+
+
+# ---- what a stop saved (both backends) ------------------------------------------
+
+
+@dataclass
+class StopResult:
+    """What `supervise stop` saved: the step committed at the stop, or why none was."""
+
+    name: str
+    saved: bool
+    step: int | None
+    reason: str
+
+    def line(self) -> str:
+        return f"saved and committed step {self.step}" if self.saved else f"not saved: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "saved": self.saved, "step": self.step, "reason": self.reason}
+
+
+_SAVED_AT = re.compile(r"saved and committed at step (\d+)")
+_REASON_PREFIXES = ("stopped on request; ", "not saved: ")
+
+
+def _say(line: str) -> None:
+    """stop's progress lines: stderr, so that `stop --json` prints JSON alone."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def latest_exits(events: list) -> tuple[int, list]:
+    """(nodes of the newest start, the `exit` events of that start), from the run ledger."""
+    latest: dict[str, Any] = {}
+    for e in events:
+        if e.kind == "node_start":
+            latest[e.writer] = e
+    wanted = max((int(e.get("num_nodes", 1)) for e in latest.values()), default=0)
+    exits = {e.writer: e for e in events if e.kind == "exit" and e.writer in latest
+             and e.incarnation == latest[e.writer].incarnation}
+    return wanted, [exits[w] for w in sorted(exits)]
+
+
+def stop_outcome(events: list) -> tuple[int | None, str]:
+    """(step the nodes saved and committed at the stop, or None; why not), from the
+    node wrappers' exit events: their `saved_step`, else the step their reason names."""
+    wanted, exits = latest_exits(events)
+    if not exits:
+        return None, "no node reported its exit in the run ledger" if wanted else "no node ever started"
+    steps = set()
+    for e in exits:
+        step = e.get("saved_step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            m = _SAVED_AT.search(str(e.get("reason") or ""))
+            step = int(m.group(1)) if m else None
+        if step is not None:
+            steps.add(step)
+    if steps:
+        return max(steps), ""
+    why = str(exits[0].get("reason") or f"exit {exits[0].get('code')}")
+    for prefix in _REASON_PREFIXES:
+        why = why[len(prefix):] if why.startswith(prefix) else why
+    return None, why
+
+
+def stop_result(name: str, events: list, checkpoints_url: str | None, *, waited_out: str | None = None,
+                catalog=None) -> StopResult:
+    """What the nodes said they saved, checked against the catalog: a step counts
+    only if it is committed and verifies there."""
+    step, why = stop_outcome(events)
+    if step is None:
+        wanted, exits = latest_exits(events)
+        if waited_out and len(exits) < wanted:
+            why = waited_out
+        return StopResult(name, False, None, why)
+    if checkpoints_url is None and catalog is None:
+        return StopResult(name, True, step, "reported by the nodes (no catalog to check)")
+    try:
+        from supervisor.store.catalog import Catalog
+
+        info = (catalog or Catalog(checkpoints_url)).inspect(step)
+    except Exception as err:  # noqa: BLE001 - then the nodes' word is all there is, and not enough
+        return StopResult(name, False, step, f"the nodes reported step {step} saved, but the catalog could not be "
+                                             f"read to confirm it: {type(err).__name__}: {err}")
+    if info.state != "committed":
+        return StopResult(name, False, step, f"the nodes reported step {step} saved, but the catalog has it "
+                                             f"{info.state}" + (f" ({info.reason})" if info.reason else ""))
+    return StopResult(name, True, step, "committed at the stop; it verifies in the catalog")
+
+
+def wait_for_stop(name: str, ledger: str, done: Callable[[list], bool], *, cap_s: float | None = None,
+                  poll_s: float = STOP_POLL_S, floor_s: float | None = None) -> tuple[list, str | None]:
+    """Poll the run ledger until `done(events)` (the nodes exited); returns (events,
+    None), or (events, why the wait ended first). No fixed budget: the wait is the
+    node's own (notices.SaveWait: this run's measured save + commit, extended while
+    save/commit events keep coming) plus STOP_SLACK_S; `cap_s` caps it where given."""
+    from supervisor.ledger.journal import read_events
+    from supervisor.node.notices import SaveWait
+    from supervisor.node.wrapper import NodeOptions
+
+    defaults = NodeOptions()
+    start = time.monotonic()
+    wait = SaveWait(defaults.grace_s if floor_s is None else floor_s, defaults.hang_timeout_s, start)
+    next_line = start + STOP_PROGRESS_S
+    while True:
+        events, _problems = read_events(ledger)
+        if done(events):
+            return events, None
+        now = time.monotonic()
+        wait.observe(events, now)
+        limit = wait.give_up_at + STOP_SLACK_S if cap_s is None else start + cap_s
+        if now > limit:
+            return events, f"the nodes did not finish saving within {now - start:.0f} s ({wait.describe()})"
+        if now >= next_line:
+            next_line = now + STOP_PROGRESS_S
+            saves = [e for e in events if e.kind in ("checkpoint_saved", "checkpoint_committed")]
+            last = f"; last: {saves[-1].kind.replace('checkpoint_', '')} step {saves[-1].get('step')}" if saves else ""
+            _say(f"waiting for the nodes of {name} to save and exit: {now - start:.0f} s so far, "
+                 f"at most {limit - now:.0f} s more ({wait.describe()}{last})")
+        time.sleep(poll_s)
 
 
 # What status/stop/logs read from the queue; queue_v2's default fields drop failure_reason.

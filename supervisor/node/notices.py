@@ -47,12 +47,83 @@ CLOUDS = ("aws", "gcp", "azure")
 
 @dataclass(frozen=True)
 class Notice:
-    source: str  # "sigterm", "sigint", "file", "aws", "gcp", "azure"
+    source: str  # "sigterm", "sigint", "file", "stop" (`supervise stop`), "aws", "gcp", "azure"
     received_at: float  # UTC epoch seconds
     deadline: float | None  # UTC epoch seconds by which the node goes away, if known
 
     def as_json(self) -> dict:
         return asdict(self)
+
+
+# --- how long a notice without deadline waits for the save ---------------------
+#
+# A stop request (and SIGTERM, SIGINT, a notice file without deadline) gives no
+# cloud deadline: the trainer always saves. Whoever waits for it (the node
+# wrapper before it kills the workers; `supervise stop` before it cancels) waits
+# as long as this run's measured saves say a save needs, not a fixed budget, and
+# longer while the trainer keeps reporting saves and commits (ledger events).
+
+SAVE_WAIT_FACTOR = 3.0  # a save under load (a throttled store) may take this much longer than measured
+SAVE_WAIT_SLACK_S = 60.0  # the step boundary before the save, the exit after it
+SAVE_EVENTS = ("checkpoint_saved", "checkpoint_committed")
+
+
+def measured_save_s(events) -> float | None:
+    """The longest save + commit of one step this run measured, from the ledger's
+    `checkpoint_saved` and `checkpoint_committed` durations; None before any."""
+    per_step: dict[tuple, float] = {}
+    for e in events:
+        seconds = e.get("duration_s") if e.kind in SAVE_EVENTS else None
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            key = (e.incarnation, e.writer, e.get("step"))
+            per_step[key] = per_step.get(key, 0.0) + max(float(seconds), 0.0)
+    return max(per_step.values()) if per_step else None
+
+
+def save_wait_s(floor_s: float, measured_s: float | None, unmeasured_s: float) -> float:
+    """Seconds to wait for a save: `SAVE_WAIT_FACTOR` x the measured save + slack,
+    never under `floor_s`; `unmeasured_s` (the hang timeout: no wait longer than a
+    silent trainer gets anyway) before any save was measured."""
+    if measured_s is None:
+        return max(floor_s, unmeasured_s)
+    return max(floor_s, SAVE_WAIT_FACTOR * measured_s + SAVE_WAIT_SLACK_S)
+
+
+class SaveWait:
+    """When to give up on a save asked for without deadline (no I/O: fed the
+    ledger's events and the clock). Every new save or commit event is progress
+    and starts the wait again, so a save + commit that the measurement
+    underestimated is not cut off while it visibly advances."""
+
+    def __init__(self, floor_s: float, unmeasured_s: float, now: float):
+        self.floor_s, self.unmeasured_s = floor_s, unmeasured_s
+        self.measured_s: float | None = None
+        self.last_progress = now
+        self._seen: int | None = None  # save/commit events seen at the first look
+
+    def observe(self, events, now: float) -> bool:
+        """Feed the ledger's events; True when they show new save/commit progress."""
+        events = list(events)
+        self.measured_s = measured_save_s(events)
+        count = sum(1 for e in events if e.kind in SAVE_EVENTS)
+        progressed = self._seen is not None and count > self._seen
+        self._seen = count if self._seen is None else max(count, self._seen)
+        if progressed:
+            self.last_progress = now
+        return progressed
+
+    @property
+    def wait_s(self) -> float:
+        return save_wait_s(self.floor_s, self.measured_s, self.unmeasured_s)
+
+    @property
+    def give_up_at(self) -> float:
+        return self.last_progress + self.wait_s
+
+    def describe(self) -> str:
+        if self.measured_s is None:
+            return f"no save measured yet in this run: waiting up to {self.wait_s:.0f} s"
+        return f"measured save + commit {self.measured_s:.1f} s: waiting up to {self.wait_s:.0f} s"
 
 
 # --- pure parsers: (HTTP status, body, now) -> Notice | None -----------------
@@ -240,20 +311,23 @@ class NoticeWatcher:
         return parse_notice_file(text, time.time())
 
     def _check_stop(self) -> Notice | None:
-        """The stop request stays in the bucket: every node, and a restart, must see it."""
+        """The stop request stays in the bucket: every node, and a restart, must see it.
+        Its content does not matter: any object there is a request."""
         if not self.stop_url:
             return None
         try:
             from supervisor.store.fs import Store
 
             folder, _, name = self.stop_url.rpartition("/")
-            text = Store(folder).cat(name).decode(errors="replace")
+            Store(folder).cat(name)
         except FileNotFoundError:
             return None
         except Exception as err:  # noqa: BLE001 - a store hiccup is no notice
             log.debug("stop request %s unreadable: %s", self.stop_url, err)
             return None
-        return parse_notice_file(text, time.time(), source="stop")
+        # No deadline, whatever the request says (an older `supervise stop` wrote a fixed
+        # 900 s budget): nothing reclaims the machine, so the trainer always saves.
+        return Notice("stop", time.time(), None)
 
     def _run(self) -> None:
         if self.cloud == "auto":

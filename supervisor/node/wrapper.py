@@ -32,7 +32,7 @@ from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
-from supervisor.node.notices import Notice, NoticeWatcher, cloud_urls
+from supervisor.node.notices import Notice, NoticeWatcher, SaveWait, cloud_urls
 from supervisor.node.resume import (
     ResumePlan,
     checkpoint_url,
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 ARGS_VERDICT_WAIT_S = 300.0  # after torchrun exited non-zero: how long to wait for TorchTitan's parser
+LEDGER_POLL_S = 2.0  # while a save without deadline is awaited: how often the run ledger is re-read
 
 
 @dataclass
@@ -94,7 +95,7 @@ class NodeOptions:
     cloud: str = "auto"
     metadata_urls: dict[str, str | None] = field(default_factory=dict)
     notice_poll_s: float = 5.0
-    grace_s: float = 300.0  # wait after a notice without deadline before killing
+    grace_s: float = 300.0  # after a notice without deadline: the least wait for the save (see SaveWait)
     hang_timeout_s: float = 1800.0
     startup_timeout_s: float = 1800.0
     max_restarts_without_progress: int = budget.DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS  # 0: never give up
@@ -171,8 +172,10 @@ def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, h
     if kind == "finished":
         return ExitCode.FINISHED, f"training finished at step {step}"
     if notice is not None and notice.source == "stop":  # `supervise stop`: done, not a preemption to recover
-        saved = f"state saved and committed at step {step}" if kind == "preempted_saved" else "no save reported"
-        return ExitCode.FINISHED, f"stopped on request; {saved}"
+        if kind == "preempted_saved":
+            return ExitCode.FINISHED, f"stopped on request; state saved and committed at step {step}"
+        why = (outcome or {}).get("reason") if kind in ("preempted_unsaved", "commit_failed") else hang
+        return ExitCode.FINISHED, f"stopped on request; not saved: {why}" if why else "stopped on request; no save reported"
     if kind == "preempted_saved":
         return ExitCode.PREEMPTED_SAVED, f"preempted; state saved and committed at step {step}"
     if kind == "commit_failed":  # the trainer stopped: training on unsaved helps nobody
@@ -189,6 +192,47 @@ def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, h
     if rc is None:
         return ExitCode.RETRYABLE, "torchrun was killed by the wrapper"
     return ExitCode.RETRYABLE, f"torchrun failed (exit {rc}): worker crash, NCCL/gloo or store error"
+
+
+def saved_step(outcome: dict | None) -> int | None:
+    """The step the trainer saved and committed at a notice or stop, for the exit event."""
+    if (outcome or {}).get("outcome") == "preempted_saved" and isinstance(outcome.get("step"), int):
+        return outcome["step"]
+    return None
+
+
+class _LedgerWatch:
+    """The run ledger's events, re-read in a thread every `every_s` while a save
+    without deadline is awaited: a slow store must not stall the wrapper's loop."""
+
+    def __init__(self, url: str, every_s: float):
+        self.url, self.every_s = url, every_s
+        self._events: list | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="supervise-ledger-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        from supervisor.ledger.journal import read_events
+
+        while not self._stop.is_set():
+            try:
+                events, problems = read_events(self.url)
+            except Exception as err:  # noqa: BLE001 - the wait goes on with what it knew
+                events, problems = [], [str(err)]
+            if events or not problems:  # an unreadable ledger is no news (a missing one is)
+                with self._lock:
+                    self._events = events
+            self._stop.wait(self.every_s)
+
+    def take(self) -> list | None:
+        """The events of the newest read not taken yet, else None."""
+        with self._lock:
+            events, self._events = self._events, None
+        return events
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _incarnation(opts: NodeOptions) -> str:
@@ -328,6 +372,8 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck(process.background_child)
     rc: int | None = None
     hang: str | None = None
+    gave_up: str | None = None  # why the wrapper stopped waiting for a save it asked for
+    ledger_watch: _LedgerWatch | None = None
     stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
     try:
         if checker is not None:
@@ -354,6 +400,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         watcher.start()
         dog = Watchdog(hang_timeout_s=opts.hang_timeout_s, startup_timeout_s=opts.startup_timeout_s, now=time.monotonic())
         give_up_at: float | None = None
+        save_wait: SaveWait | None = None  # a notice without deadline: the wait follows the measured saves
         reported = False
         while rc is None and stop is None:
             try:
@@ -379,20 +426,43 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
             if notices and not reported:
                 reported = True
                 n = notices[0]
-                budget_s = (n.deadline - time.time()) if n.deadline else opts.grace_s
-                give_up_at = now + max(budget_s, 0.0)
-                _say(f"preemption notice from {n.source}; asking the trainer to save (waiting up to {max(budget_s, 0):.0f} s)")
+                what = "stop request (`supervise stop`)" if n.source == "stop" else f"preemption notice from {n.source}"
+                if n.deadline:
+                    budget_s = n.deadline - time.time()
+                    give_up_at = now + max(budget_s, 0.0)
+                    _say(f"{what}; asking the trainer to save (waiting up to {max(budget_s, 0):.0f} s)")
+                else:  # nothing reclaims the machine at a known time: wait as long as the save needs
+                    save_wait = SaveWait(opts.grace_s, opts.hang_timeout_s, now)
+                    give_up_at = save_wait.give_up_at
+                    ledger_watch = _LedgerWatch(plan.env[ENV_LEDGER], LEDGER_POLL_S)
+                    _say(f"{what}, no deadline; asking the trainer to save (waiting as long as this run's "
+                         f"measured saves need)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
+            if ledger_watch is not None and save_wait is not None and (events := ledger_watch.take()) is not None:
+                first = save_wait.measured_s is None
+                if save_wait.observe(events, now):
+                    _say(f"the trainer reports save progress; {save_wait.describe()} from now")
+                elif first and save_wait.measured_s is not None:
+                    _say(save_wait.describe())
+                give_up_at = save_wait.give_up_at
             hang = dog.observe(heartbeat_steps(run_dir), now)
             if hang:
                 _say(f"{hang}; killing the workers")
                 break
             if kill_now.is_set() or (give_up_at is not None and now > give_up_at):
-                _say("the trainer did not finish saving in time; killing the workers")
+                if kill_now.is_set():
+                    gave_up = "a second Ctrl-C: the save was abandoned"
+                elif save_wait is not None:
+                    gave_up = f"the trainer did not finish saving in time ({save_wait.describe()})"
+                else:
+                    gave_up = "the trainer did not finish saving before the notice's deadline"
+                _say(f"{gave_up}; killing the workers")
                 break
     finally:
         if checker is not None:
             checker.close()
+        if ledger_watch is not None:
+            ledger_watch.close()
         watcher.stop()
         process.kill_all(grace_s=0 if (hang or stop) else 5.0)
         for s, handler in old.items():
@@ -403,11 +473,12 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     if stop:
         code, reason = stop
     else:
-        code, reason = exit_decision(outcome, rc, notice, hang)
+        code, reason = exit_decision(outcome, rc, notice, hang or gave_up)
     if outcome and outcome.get("outcome", "").startswith("preempted") and (notice is None or notice.source != "stop"):
         saved = outcome.get("outcome") == "preempted_saved"
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
-    journal.emit("exit", code=int(code), reason=reason)
+    journal.emit("exit", code=int(code), reason=reason, notice=notice.source if notice else None,
+                 saved_step=saved_step(outcome) if notice else None)
     if record.writer:
         end_step = plan.resume.step if stop else _newest_step(plan.catalog)
         budget.end(record.data, incarnation, code, reason, end_step)
