@@ -18,17 +18,31 @@ LOAD_PARALLEL = 8
 
 
 class SaveTimer:
-    """Moving average of the last few save+commit durations (seconds)."""
+    """Moving averages of the last few measured saves of this run, notice to
+    committed (the save to storage, plus, through a mount, the wait for its
+    upload; the commit itself is a listing), kept apart per kind of save
+    (`save_kind`): an async save through a mount and a sync one straight to the
+    bucket cost different amounts."""
 
     def __init__(self, window: int = 5):
-        self._samples: deque[float] = deque(maxlen=window)
+        self._window = window
+        self._samples: dict[str, deque[float]] = {}
 
-    def add(self, seconds: float) -> None:
-        self._samples.append(float(seconds))
+    def add(self, seconds: float, kind: str = "") -> None:
+        self._samples.setdefault(kind, deque(maxlen=self._window)).append(float(seconds))
 
-    def expected(self) -> float | None:
-        """Mean of the recent durations, or None before the first save."""
-        return sum(self._samples) / len(self._samples) if self._samples else None
+    def expected(self, kind: str | None = None) -> float | None:
+        """Mean of the recent durations of `kind` (of any kind when it has none yet,
+        or when `kind` is None); None before the first save."""
+        samples = self._samples.get(kind) if kind is not None else None
+        if not samples:
+            samples = [s for q in self._samples.values() for s in q]
+        return sum(samples) / len(samples) if samples else None
+
+
+def save_kind(sync: bool, mounted: bool) -> str:
+    """The SaveTimer key of a save: "sync|async" + "/direct|mount"."""
+    return f"{'sync' if sync else 'async'}/{'mount' if mounted else 'direct'}"
 
 
 @dataclass(frozen=True)
@@ -117,10 +131,12 @@ def save_comm_timeout_s(expected_save_s: float | None, init_s: float, train_s: f
     return max(init_s, train_s, 3.0 * (expected_save_s or 0.0))
 
 
-def commit_budget_s(now: float, deadline: float | None, commit_wait_s: float) -> float:
+def commit_budget_s(now: float, deadline: float | None, commit_wait_s: float, measured_commit_s: float | None = None) -> float:
     """How long rank 0 waits at the end of training for its pending commits:
-    until EXIT_SLACK_S before a notice's deadline, else the commit's own bound
-    (the wait for a mount's upload plus the store calls)."""
+    until EXIT_SLACK_S before a notice's deadline, else the commit's own bound,
+    which scales with this run's measured commits (through a mount a commit waits
+    for the upload: minutes at 100 GB): the wait for a mount's upload or three
+    measured commits, whichever is longer, plus the store calls."""
     if deadline is not None:
         return max(0.0, deadline - now - EXIT_SLACK_S)
-    return commit_wait_s + STORE_MARGIN_S
+    return max(commit_wait_s, 3.0 * (measured_commit_s or 0.0)) + STORE_MARGIN_S

@@ -64,6 +64,7 @@ from supervisor.titan.policy import (
     commit_wait_s,
     notice_plan,
     save_comm_timeout_s,
+    save_kind,
     resume_load_step,
 )
 from supervisor.titan.store_reader import PartsReader, import_backend_in_background
@@ -88,6 +89,7 @@ class SuperviseCheckpointManager(CheckpointManager):
     on_saved: Callable[[int, float], None] | None = None  # (step, seconds): save returned
     on_complete: Callable[[int, float], None] | None = None  # (step, seconds): on storage
     pending_async: tuple[int, float] | None = None  # (step, monotonic start) in flight
+    upload_done_at: float | None = None  # monotonic time the upload in flight completed
     pending_staged: tuple[int, float] | None = None  # (step, seconds blocked so far): copy in flight
     background_stager: DefaultStager | None = None  # `async` mode: one for the run
     fresh_start: bool = False  # the catalog has no verified step: load no step folder
@@ -141,6 +143,9 @@ class SuperviseCheckpointManager(CheckpointManager):
                 self.on_complete(curr_step, time.monotonic() - begin)
         else:
             self.pending_async = (curr_step, begin)
+            self.upload_done_at = None
+            if hasattr(self.save_future, "add_done_callback"):  # when it landed, not when a step boundary saw it
+                self.save_future.add_done_callback(lambda _f: setattr(self, "upload_done_at", time.monotonic()))
         return True
 
     @torch.no_grad()
@@ -256,7 +261,7 @@ class SuperviseCheckpointManager(CheckpointManager):
         step, begin = self.pending_async
         self.pending_async = None
         if self.on_complete is not None:
-            self.on_complete(step, time.monotonic() - begin)
+            self.on_complete(step, (self.upload_done_at or time.monotonic()) - begin)
 
 
 def _as_supervise_checkpoint_config(cfg: Any) -> Any:
@@ -293,7 +298,8 @@ class SuperviseTrainer(Trainer):
         self.local_rank = int(env.get("LOCAL_RANK", self.rank))
 
         self.outcome: dict[str, Any] = {"outcome": "finished"}  # rank 0's decision, see write_outcome
-        self.save_timer = SaveTimer()
+        self.save_timer = SaveTimer()  # notice -> committed, per kind of save (policy.save_kind)
+        self.commit_timer = SaveTimer()  # the commits alone: through a mount, the wait for the upload
         self.progress = Throttle(every_s=10.0, every_steps=100)
         self._stop = False
         self._boundary_step: int | None = None  # step of the last boundary seen
@@ -306,6 +312,7 @@ class SuperviseTrainer(Trainer):
         self._steps_on_store: set[int] | None = None  # step folders found or written (rank 0)
         self._stopped: tuple[bool, str] | None = None  # a notice was acted on: (saved, reason)
         self._notice_deadline: float | None = None
+        self._notice_save: dict[str, Any] | None = None  # the plan acted on: step, predicted_s, started
         self._commit_stop: str | None = None  # rank 0's reason to end: commits keep failing
         self.committer: Committer | None = None
         self._journal = None
@@ -314,6 +321,7 @@ class SuperviseTrainer(Trainer):
 
         ckpt = self.checkpointer
         same_place = (self.catalog_url or "").rstrip("/") == str(getattr(ckpt, "folder", "")).rstrip("/")
+        self.mounted = not same_place  # TorchTitan writes through a bucket mount; the catalog reads the bucket
         self.commit_wait_s = commit_wait_s(env.get(runtime.ENV_COMMIT_WAIT_S), same_place)  # parsed at start
         self.keep = int(env.get(runtime.ENV_CHECKPOINT_KEEP) or 0)  # in-run retention after each commit
         self.supervised_checkpoints = isinstance(ckpt, SuperviseCheckpointManager) and ckpt.enable
@@ -412,7 +420,7 @@ class SuperviseTrainer(Trainer):
         # .metadata; an async one's future on rank 0 completes only then too.
         # Either way rank 0 knows that every rank's shard is written.
         if self.committer is None:
-            self.save_timer.add(seconds)
+            self.save_timer.add(seconds, self._kind_of_save(step))
             return
         self._save_seconds[step] = seconds
         self.committer.submit(step)  # returns at once; the result arrives at a later boundary
@@ -447,7 +455,7 @@ class SuperviseTrainer(Trainer):
         catalog = Catalog(self.catalog_url)
         try:
             catalog.commit(step, world_size=self.world_size, writer=f"node{self.node_rank}-rank0",
-                           wait_s=self.commit_wait_s, written=step in self.checkpointer.hashed_saves)  # fmt: skip
+                           wait_s=self._commit_wait(), written=step in self.checkpointer.hashed_saves)  # fmt: skip
         except AlreadyCommitted:
             info = catalog.inspect(step)
             if info.state != "committed":
@@ -468,8 +476,21 @@ class SuperviseTrainer(Trainer):
         if result.delete:
             log.info("supervise: retention (keep %d) deleted %s", self.keep, ", ".join(f"step-{s}" for s in result.delete))
 
+    def _kind_of_save(self, step: int) -> str:
+        """policy.save_kind of the save of `step`: the last step's is always sync."""
+        sync = self.checkpointer.async_mode == AsyncMode.DISABLED or step >= self.config.training.steps
+        return save_kind(sync, self.mounted)
+
+    def _commit_wait(self) -> float:
+        """How long a commit waits for objects (restarted while they land): through a
+        mount, the configured wait or three measured commits, whichever is longer."""
+        if not self.mounted:
+            return self.commit_wait_s
+        return max(self.commit_wait_s, 3.0 * (self.commit_timer.expected() or 0.0))
+
     def _on_committed(self, result: CommitResult) -> None:
-        self.save_timer.add(self._save_seconds.pop(result.step, 0.0) + result.seconds)
+        self.save_timer.add(self._save_seconds.pop(result.step, 0.0) + result.seconds, self._kind_of_save(result.step))
+        self.commit_timer.add(result.seconds)
         if not result.ok:
             log.error("supervise: could not commit step %d: %s", result.step, result.reason)
             return
@@ -488,11 +509,16 @@ class SuperviseTrainer(Trainer):
         timeout raised to the same bound (TorchTitan's is train_timeout_seconds)."""
         if not self.supervised_checkpoints:
             return
-        budget = commit_budget_s(time.time(), self._notice_deadline, self.commit_wait_s)
+        budget = commit_budget_s(time.time(), self._notice_deadline, self._commit_wait(), self.commit_timer.expected())
         if dist.is_initialized() and self.world_size > 1:
             dist_utils.set_pg_timeouts(timedelta(seconds=budget + COMM_MARGIN_S), self.parallel_dims)
         if self.committer is not None and not self.committer.wait(budget):
             log.error("supervise: commits still pending after %.0f s", budget)
+        if self._notice_save is not None and self.rank == 0:  # what the notice plan predicted, and what happened
+            plan = self._notice_save
+            self._emit("notice_save", step=plan["step"], predicted_s=plan["predicted_s"],
+                       actual_s=round(time.monotonic() - plan["started"], 3),
+                       committed=self._is_committed(plan["step"]))  # fmt: skip
 
     # -- preemption notice ------------------------------------------------------
 
@@ -533,7 +559,12 @@ class SuperviseTrainer(Trainer):
             return True, "step already saved"
         if self.step == 0:
             return False, "no training step completed yet"
-        plan = notice_plan(time.time(), deadline, self.save_timer.expected())
+        kind = save_kind(ckpt.async_mode == AsyncMode.DISABLED, self.mounted)
+        predicted = self.save_timer.expected(kind)
+        plan = notice_plan(time.time(), deadline, predicted)
+        self._emit("notice_plan", step=self.step, save_kind=kind, save=plan.save, reason=plan.reason,
+                   predicted_s=None if predicted is None else round(predicted, 3),
+                   left_s=None if deadline is None else round(deadline - time.time(), 3))
         skip = torch.tensor([0.0 if plan.save else 1.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(skip, op=dist.ReduceOp.MAX)  # ranks' clocks differ: agree
@@ -542,6 +573,7 @@ class SuperviseTrainer(Trainer):
             log.warning("supervise: %s", reason)
             return False, reason
         log.warning("supervise: %s (step %d)", plan.reason, self.step)
+        self._notice_save = {"step": self.step, "predicted_s": predicted, "started": time.monotonic()}
         ckpt.save_now(self.step)  # rank 0 hands it to the committer
         return True, plan.reason
 

@@ -4,7 +4,8 @@ Faults apply per new connection, in order: `reset(n)` resets the next n
 connections at once (RST), `unavailable(n)` answers the first request of the
 next n connections with an S3 `503 SlowDown` and closes, `delay_s` sleeps
 before forwarding every chunk. `requests` counts HTTP requests sent upstream
-(request lines seen client->server), which the benchmark uses too.
+(request lines seen client->server), which the benchmark uses too;
+`to_client_bytes` counts every byte sent server->client (what clients received).
 
 Two rewrites stand in for stores this machine does not have: `deny(regex)`
 answers matching requests (e.g. PUTs of `_COMMIT.json`) with `403 AccessDenied`
@@ -44,6 +45,7 @@ class FaultProxy:
         self.endpoint = f"http://{host}:{self.port}"
         self.delay_s = 0.0
         self.requests = 0
+        self.to_client_bytes = 0
         self.denied = 0
         self.ignore_preconditions = False
         self._deny: re.Pattern | None = None
@@ -125,7 +127,12 @@ class FaultProxy:
                         self.requests += len(_REQUEST_LINE.findall(data))
                 elif self.ignore_preconditions and data.startswith(b"HTTP/1.1 412 "):
                     dst.sendall(_OK)  # the error and its body dropped; the connection closed
+                    with self._lock:
+                        self.to_client_bytes += len(_OK)
                     break
+                else:
+                    with self._lock:
+                        self.to_client_bytes += len(data)
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 dst.sendall(data)

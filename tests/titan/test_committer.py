@@ -55,6 +55,9 @@ def test_commit_budget_follows_the_deadline():
     assert commit_budget_s(100.0, 130.0, 600.0) == 30.0 - EXIT_SLACK_S
     assert commit_budget_s(100.0, 101.0, 600.0) == 0.0
     assert commit_budget_s(100.0, None, 10.0) > 10.0
+    # no deadline (the end of training, a stop): the bound grows with this run's measured commits
+    assert commit_budget_s(100.0, None, 60.0, 300.0) >= 900.0
+    assert commit_budget_s(100.0, None, 60.0, 300.0) > commit_budget_s(100.0, None, 60.0, 1.0)
 
 
 def test_the_collective_timeout_during_a_save_covers_a_slow_one():

@@ -9,6 +9,7 @@ from supervisor.titan.policy import (
     EXIT_SLACK_S,
     SAVE_MARGIN,
     SaveTimer,
+    save_kind,
     Throttle,
     commit_wait_s,
     notice_plan,
@@ -22,6 +23,23 @@ def test_save_timer_is_a_moving_average():
     for s in (1.0, 2.0, 3.0, 10.0):
         t.add(s)
     assert t.expected() == 5.0  # last three
+
+
+def test_save_timer_predicts_each_kind_of_save_from_its_own_measurements():
+    t = SaveTimer()
+    sync_direct, async_mount = save_kind(True, False), save_kind(False, True)
+    assert (sync_direct, async_mount) == ("sync/direct", "async/mount")
+    t.add(2.0, sync_direct)
+    t.add(40.0, async_mount)  # through a mount a save waits for its upload too
+    assert t.expected(sync_direct) == 2.0 and t.expected(async_mount) == 40.0
+    assert t.expected(save_kind(False, False)) == 21.0  # none of its kind yet: every measured save
+    assert t.expected() == 21.0
+
+
+def test_notice_plan_sized_by_the_measured_save_not_a_reread_commit():
+    # 8B through a mount: a save and its upload measured at 45 s fit AWS's two minutes
+    assert notice_plan(0.0, 120.0, 45.0).save
+    assert not notice_plan(0.0, 30.0, 45.0).save  # GCP's 30 s: the last committed step stands
 
 
 def test_notice_without_deadline_saves():
