@@ -23,7 +23,9 @@ def node(
         help="Where TorchTitan writes when the bucket is mounted; the catalog still reads --checkpoints.",
     ),
     commit_wait: float = typer.Option(
-        None, "--commit-wait", help="Seconds a commit waits for a mount's upload to land (0 = no wait; default: the trainer's, 60)."
+        None, "--commit-wait",
+        help="Seconds a commit waits at least for a mount's upload to land (default: the trainer's, 60); it waits "
+        "3 x this run's average commit when that is longer, and the wait starts again while objects land.",
     ),
     keep: int = typer.Option(
         0, "--keep", min=0, help="Committed checkpoints kept during the run (older ones pruned after each commit; 0 = all)."
@@ -42,7 +44,12 @@ def node(
     gcp_metadata_url: str = typer.Option(None, "--gcp-metadata-url", envvar="SUPERVISE_GCP_METADATA_URL"),
     azure_metadata_url: str = typer.Option(None, "--azure-metadata-url", envvar="SUPERVISE_AZURE_METADATA_URL"),
     notice_poll: float = typer.Option(5.0, "--notice-poll", help="Seconds between metadata polls."),
-    grace: float = typer.Option(300.0, "--grace", help="After a notice without deadline, seconds to wait for the save."),
+    grace: float = typer.Option(
+        300.0, "--grace",
+        help="After a notice without deadline (SIGTERM, SIGINT, a notice file without one, `supervise stop`): "
+        "the least wait for the save. The wait is 3 x the longest save + commit in the run ledger + 60 s, at "
+        "least this; before any save was measured, --hang-timeout; each new save or commit event starts it again.",
+    ),
     hang_timeout: float = typer.Option(1800.0, "--hang-timeout", help="Seconds without any rank advancing = hang."),
     startup_timeout: float = typer.Option(1800.0, "--startup-timeout", help="Seconds allowed before the first heartbeat."),
     max_restarts_without_progress: int = typer.Option(
