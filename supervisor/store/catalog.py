@@ -15,6 +15,7 @@ step, and scans older steps only when that one fails to verify.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -209,15 +210,20 @@ class Catalog:
         return mf.structural_problems(mf.required_sizes(metadata), listing), metadata
 
     def _written(self, d: str, listing: dict) -> tuple[dict | None, str | None]:
-        """(the writers' record of the save, or None; why it cannot be used)."""
+        """(the writers' record of the save, or None; why it cannot be used).
+        The record lists itself too, as the bytes just read, so the manifest
+        hashes every object it covers."""
         if mf.WRITTEN not in listing:
             return None, f"{mf.WRITTEN} missing"
         try:
-            return mf.parse_written(self.store.cat(d, mf.WRITTEN)), None
+            data = self.store.cat(d, mf.WRITTEN)
+            record = mf.parse_written(data)
         except FileNotFoundError:
             return None, f"{mf.WRITTEN} missing"
         except ValueError as err:
             return None, str(err)
+        record["files"][mf.WRITTEN] = {"size": len(data), "md5": hashlib.md5(data).hexdigest()}
+        return record, None
 
     def _commit_problems(self, d: str, listing: dict, written: bool) -> tuple[list[str], dict | None]:
         """What keeps the listed step from being committed now, and the writers' record.
@@ -236,20 +242,27 @@ class Catalog:
         meta = getattr(metadata, "storage_meta", None)
         return mf.stale_problems(record, listing, getattr(meta, "save_id", None)), record
 
-    def _deep_problems(self, d: str, records: dict[str, dict]) -> list[str]:
+    def _deep_problems(self, d: str, records: dict[str, dict], layout: Store | None = None,
+                       md5s: dict[str, str] | None = None) -> list[str]:
         """Re-hash the objects' bytes (deep verify, a copy, a quarantine decision):
-        each object as parallel ranged GETs, DEEP_OBJECTS objects at a time."""
+        each object as parallel ranged GETs, DEEP_OBJECTS objects at a time.
+        `layout`: the store whose multipart ETags the records hold (a copy checks its
+        bytes against the original's), for their part sizes. `md5s` receives the
+        MD5 of every object that matched."""
 
         def check(item: tuple[str, dict]) -> list[str]:
             name, record = item
             parts = mf.multipart_count(record)
-            check = mf.ContentCheck(name, record, self.store.part_sizes(parts, d, name) if parts else None)
+            check = mf.ContentCheck(name, record, (layout or self.store).part_sizes(parts, d, name) if parts else None)
             try:
                 for chunk in self.store.iter_bytes(d, name):
                     check.update(chunk)
             except FileNotFoundError:
                 return [f"{name} missing"]
-            return check.problems()
+            problems = check.problems()
+            if not problems and md5s is not None:
+                md5s[name] = check.md5()
+            return problems
 
         with ThreadPoolExecutor(max_workers=DEEP_OBJECTS) as pool:
             return [p for found in pool.map(check, sorted(records.items())) for p in found]
@@ -304,10 +317,9 @@ class Catalog:
             raise IncompleteCheckpoint(f"step {step} is incomplete, not committed: {'; '.join(problems)}")
         files = mf.checkpoint_files(listing)
         if record is not None:
-            files = {n: e for n, e in files.items() if n in record["files"] or n == mf.WRITTEN}
-            md5s = {n: f["md5"] for n, f in record["files"].items()}
-        else:
-            md5s = {n: md5 for n, e in files.items() if (md5 := mf.content_md5(e))}
+            files = {n: e for n, e in files.items() if n in record["files"]}
+        md5s = {n: md5 for n, e in files.items() if (md5 := mf.content_md5(e))}
+        md5s.update({n: f["md5"] for n, f in (record or {"files": {}})["files"].items()})
         manifest = mf.build_manifest(
             step, files,
             world_size=world_size or mf.infer_world_size(files),
@@ -425,10 +437,12 @@ class Catalog:
                 raise AlreadyCommitted(f"step {step} is already committed at {dst.url}: nothing copied")
             for name in sorted(info.manifest["objects"]):
                 self._copy_object(dst, d, name)
-            manifest = mf.rebased(info.manifest, dst.store.listdir(d), copied_from=self.path(step), copied=_now())
-            problems = dst._deep_problems(d, manifest["objects"])
+            # the copy's bytes against the original's record (its md5s, else its ETags and part sizes)
+            md5s: dict[str, str] = {}
+            problems = dst._deep_problems(d, info.manifest["objects"], layout=self.store, md5s=md5s)
             if problems:
                 raise CheckpointInvalid(f"step {step} copied to {dst.url} does not verify: {'; '.join(problems)}")
+            manifest = mf.rebased(info.manifest, dst.store.listdir(d), md5s, copied_from=self.path(step), copied=_now())
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()
             if not dst.store.create_exclusive(data, d, mf.COMMIT):
                 raise AlreadyCommitted(f"step {step} was committed at {dst.url} by another writer during the copy")

@@ -171,8 +171,9 @@ def build_manifest(
     hashes: str = "store",
 ) -> dict:
     """`hashes` says where the md5s come from: "writer" (hashed while written:
-    supervisor.titan.hashing), "store" (what the store reports, where it keeps a
-    plain MD5; the rest is committed on sizes and ETags)."""
+    supervisor.titan.hashing) or "store" (what the store reports where it keeps a
+    plain MD5). The manifest's `hashes` also says when only some objects, or none,
+    have one: those are committed on sizes and ETags."""
     objects = {}
     for name, entry in sorted(checkpoint_files(listing).items()):
         record = {"size": int(entry.get("size") or 0)}
@@ -188,9 +189,17 @@ def build_manifest(
         "writer": writer,
         "created": created,
         "versions": versions,
-        "hashes": hashes if any("md5" in o for o in objects.values()) else "none: sizes and ETags",
+        "hashes": _hashes_note(hashes, sum("md5" in o for o in objects.values()), len(objects)),
         "objects": objects,
     }
+
+
+def _hashes_note(source: str, hashed: int, total: int) -> str:
+    if hashed and hashed == total:
+        return source
+    if not hashed:
+        return "none: sizes and ETags"
+    return f"{source} for {hashed} of {total} objects; sizes and ETags for the rest"
 
 
 def infer_world_size(names) -> int | None:
@@ -240,15 +249,23 @@ def etag_changed(manifest: dict, listing: dict[str, dict]) -> list[str]:
     )
 
 
-def rebased(manifest: dict, listing: dict[str, dict], **extra) -> dict:
-    """The same manifest for a copy of the step: the copy's ETags, the original's md5s."""
-    objects = {}
+def rebased(manifest: dict, listing: dict[str, dict], md5s: dict[str, str] | None = None, **extra) -> dict:
+    """The same manifest for a copy of the step: the copy's ETags, the original's md5s.
+    `md5s`: hashes the copy took of the objects the original had none for (their
+    bytes matched the original's ETags), so the copy's own ETags, which a store may
+    compute its own way for a copied object, are never all that vouches for them."""
+    objects, added = {}, 0
     for name, record in manifest["objects"].items():
         record = {k: v for k, v in record.items() if k != "etag"}
         if etag_of(listing.get(name, {})):
             record["etag"] = etag_of(listing[name])
+        if "md5" not in record and md5s and name in md5s:
+            record["md5"], added = md5s[name], added + 1
         objects[name] = record
-    return {**manifest, "objects": objects, **extra}
+    hashes = manifest.get("hashes")
+    if added:
+        hashes = _hashes_note("copy", sum("md5" in o for o in objects.values()), len(objects))
+    return {**manifest, "objects": objects, **({"hashes": hashes} if hashes else {}), **extra}
 
 
 _PART_SIZES_MIB = (5, 8, 10, 16, 25, 32, 50, 64, 100, 128, 256, 512, 1024)
@@ -304,6 +321,10 @@ class ContentCheck:
                 if state[2] == plan[len(state[3])]:
                     state[3].append(state[1].digest())
                     state[1], state[2] = hashlib.md5(), 0
+
+    def md5(self) -> str:
+        """The MD5 of every byte seen (meaningful once `problems()` is empty)."""
+        return self._md5.hexdigest()
 
     def problems(self) -> list[str]:
         want = int(self.record["size"])

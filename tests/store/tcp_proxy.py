@@ -4,8 +4,9 @@ Faults apply per new connection, in order: `reset(n)` resets the next n
 connections at once (RST), `unavailable(n)` answers the first request of the
 next n connections with an S3 `503 SlowDown` and closes, `delay_s` sleeps
 before forwarding every chunk. `requests` counts HTTP requests sent upstream
-(request lines seen client->server), which the benchmark uses too;
-`to_client_bytes` counts every byte sent server->client (what clients received).
+(request lines seen client->server), which the benchmark uses too, and
+`seen` keeps them ("GET /bucket/key?query"); `to_client_bytes` counts every
+byte sent server->client (what clients received).
 
 Two rewrites stand in for stores this machine does not have: `deny(regex)`
 answers matching requests (e.g. PUTs of `_COMMIT.json`) with `403 AccessDenied`
@@ -23,7 +24,7 @@ import threading
 import time
 from collections import deque
 
-_REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|PUT|POST|HEAD|DELETE) [^ ]+ HTTP/1\.[01]\r\n")
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)((?:GET|PUT|POST|HEAD|DELETE) [^ ]+) HTTP/1\.[01]\r\n")
 _BODY = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 _DENIED_BODY = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
 _DENIED = (
@@ -46,6 +47,7 @@ class FaultProxy:
         self.delay_s = 0.0
         self.requests = 0
         self.to_client_bytes = 0
+        self.seen: list[str] = []
         self.denied = 0
         self.ignore_preconditions = False
         self._deny: re.Pattern | None = None
@@ -123,8 +125,10 @@ class FaultProxy:
                             self.denied += 1
                         src.sendall(_DENIED)
                         break
+                    lines = [m.group(1).decode() for m in _REQUEST_LINE.finditer(data)]
                     with self._lock:
-                        self.requests += len(_REQUEST_LINE.findall(data))
+                        self.requests += len(lines)
+                        self.seen += lines
                 elif self.ignore_preconditions and data.startswith(b"HTTP/1.1 412 "):
                     dst.sendall(_OK)  # the error and its body dropped; the connection closed
                     with self._lock:
