@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import fsspec
 import pytest
@@ -83,6 +84,27 @@ def test_deep_catches_same_size_overwrite_on_a_plain_path(tmp_path):
     latest = cat.latest(deep=True)
     assert latest.step == 1 and latest.skipped[0][0] == 2
     assert (tmp_path / "ckpt" / "step-2" / "_QUARANTINE.json").exists() and shard.exists()
+
+
+def test_a_resave_is_not_committed_while_an_older_shard_of_the_same_name_is_there(s3_url, tmp_path):
+    from supervisor.store.manifest import CLOCK_TOLERANCE_S
+
+    fs, root = _fs(s3_url)
+    save(s3_url, 1, extra_mb=6, hashed=True)  # a save of step 1 that was never committed (the node died)
+    time.sleep(CLOCK_TOLERANCE_S + 1.5)
+    again = save(str(tmp_path / "again"), 1, extra_mb=6, hashed=True)  # the same step saved again: same names, sizes
+    old_shard = fs.info(f"{root}/step-1/__0_0.distcp")
+    assert old_shard["size"] == os.path.getsize(f"{again}/__0_0.distcp")
+    for name in (".metadata", "_WRITTEN.json"):  # the new save's small files landed, its shard not yet
+        fs.put_file(f"{again}/{name}", f"{root}/step-1/{name}")
+    cat = Catalog(s3_url)
+    for written in (True, False):  # the trainer's commit and a hand one
+        with pytest.raises(IncompleteCheckpoint, match="__0_0.distcp is older than this save"):
+            cat.commit(1, written=written, wait_s=1)
+    assert not fs.exists(f"{root}/step-1/_COMMIT.json")
+    fs.put_file(f"{again}/__0_0.distcp", f"{root}/step-1/__0_0.distcp")  # the upload lands
+    assert cat.commit(1, written=True)["hashes"] == "writer"
+    assert cat.latest().step == 1
 
 
 def test_second_conditional_create_loses_and_keeps_the_first(s3_url):

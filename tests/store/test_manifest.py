@@ -58,9 +58,63 @@ def test_manifest_round_trip_and_drift():
 
 def test_content_md5_from_what_the_store_reports():
     assert mf.content_md5({"ETag": '"0CC175B9C0F1B6A831C399E269772661"'}) == "0cc175b9c0f1b6a831c399e269772661"
-    assert mf.content_md5({"ETag": '"0cc175b9c0f1b6a831c399e269772661-3"'}) is None  # multipart: re-read
+    assert mf.content_md5({"ETag": '"0cc175b9c0f1b6a831c399e269772661-3"'}) is None  # multipart: not an MD5
     assert mf.content_md5({"md5Hash": "DMF1ucDxtqgxw5niaXcmYQ==", "etag": "CJ+x"}) == "0cc175b9c0f1b6a831c399e269772661"
     assert mf.content_md5({}) is None
+
+
+def test_modified_at_reads_s3_gcs_and_local_timestamps():
+    import datetime as dt
+
+    when = dt.datetime(2026, 12, 6, 12, 0, 0, tzinfo=dt.timezone.utc)
+    assert mf.modified_at({"LastModified": when}) == when.timestamp()  # s3fs: aware datetime
+    assert mf.modified_at({"LastModified": when.replace(tzinfo=None)}) == when.timestamp()  # naive: UTC
+    assert mf.modified_at({"updated": "2026-12-06T12:00:00.000Z"}) == when.timestamp()  # gcsfs
+    assert mf.modified_at({"mtime": 1234.5}) == 1234.5  # a local file
+    assert mf.modified_at({"LastModified": "yesterday"}) is None and mf.modified_at({}) is None
+
+
+def _record(started=1000.0, save_id="s1", **files):
+    return mf.written_record(files or {"__0_0.distcp": {"size": 10, "md5": "a" * 32}}, save_id=save_id,
+                             started=started, finished=started + 5)
+
+
+def test_stale_objects_are_told_from_this_saves_without_reading_them():
+    record = _record()
+    ok = {"__0_0.distcp": {"size": 10, "LastModified": 1001.0, "ETag": '"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-2"'}}
+    assert mf.stale_problems(record, ok, "s1") == []
+    assert mf.stale_problems(record, ok, None) == []  # a `.metadata` without an id: the objects decide
+    assert "different saves" in mf.stale_problems(record, ok, "s0")[0]  # .metadata of another save
+    assert mf.stale_problems(record, {}, "s1") == ["shard __0_0.distcp missing"]
+    short = {"__0_0.distcp": dict(ok["__0_0.distcp"], size=9)}
+    assert "is 9 bytes, this save wrote 10" in mf.stale_problems(record, short, "s1")[0]
+    # same name, same size, written before this save began: an earlier save's object
+    old = {"__0_0.distcp": dict(ok["__0_0.distcp"], LastModified=1000.0 - mf.CLOCK_TOLERANCE_S - 1)}
+    assert "older than this save" in mf.stale_problems(record, old, "s1")[0]
+    skewed = {"__0_0.distcp": dict(ok["__0_0.distcp"], LastModified=1000.0 - mf.CLOCK_TOLERANCE_S + 0.5)}
+    assert mf.stale_problems(record, skewed, "s1") == []  # within the store's clock tolerance
+    other = {"__0_0.distcp": {"size": 10, "LastModified": 1001.0, "ETag": '"' + "b" * 32 + '"'}}
+    assert "another MD5" in mf.stale_problems(record, other, "s1")[0]  # a plain ETag is an MD5: compared
+
+
+def test_written_record_round_trip_and_bad_records():
+    record = _record()
+    assert mf.parse_written(__import__("json").dumps(record).encode()) == record
+    with pytest.raises(ValueError, match="unreadable"):
+        mf.parse_written(b"{")
+    with pytest.raises(ValueError, match="unknown"):
+        mf.parse_written(b'{"format": "other/1", "files": {}}')
+
+
+def test_manifest_says_which_objects_have_hashes():
+    listing = {".metadata": {"size": 5, "ETag": '"' + "a" * 32 + '"'}, "__0_0.distcp": {"size": 9, "ETag": '"b-3"'}}
+    build = lambda md5s, hashes: mf.build_manifest(1, listing, world_size=1, writer="w", versions={}, created="t",  # noqa: E731
+                                                   md5s=md5s, hashes=hashes)  # fmt: skip
+    assert build({".metadata": "a" * 32, "__0_0.distcp": "c" * 32}, "writer")["hashes"] == "writer"
+    assert build({".metadata": "a" * 32}, "store")["hashes"] == "store for 1 of 2 objects; sizes and ETags for the rest"
+    assert build({}, "store")["hashes"] == "none: sizes and ETags"
+    copy = mf.rebased(build({".metadata": "a" * 32}, "store"), listing, {"__0_0.distcp": "c" * 32})
+    assert copy["hashes"] == "copy" and copy["objects"]["__0_0.distcp"]["md5"] == "c" * 32
 
 
 def test_content_check_plain_and_multipart_etags():
