@@ -562,7 +562,7 @@ def wait_for_stop(name: str, ledger: str, done: Callable[[list], bool], *, cap_s
     node's own (notices.SaveWait: this run's measured save + commit, extended while
     save/commit events keep coming) plus STOP_SLACK_S; `cap_s` caps it where given."""
     from supervisor.ledger.journal import read_events
-    from supervisor.node.notices import SaveWait
+    from supervisor.node.notices import SAVE_EVENTS, SaveWait
     from supervisor.node.wrapper import NodeOptions
 
     defaults = NodeOptions()
@@ -580,7 +580,7 @@ def wait_for_stop(name: str, ledger: str, done: Callable[[list], bool], *, cap_s
             return events, f"the nodes did not finish saving within {now - start:.0f} s ({wait.describe()})"
         if now >= next_line:
             next_line = now + STOP_PROGRESS_S
-            saves = [e for e in events if e.kind in ("checkpoint_saved", "checkpoint_committed")]
+            saves = [e for e in events if e.kind in SAVE_EVENTS]
             last = f"; last: {saves[-1].kind.replace('checkpoint_', '')} step {saves[-1].get('step')}" if saves else ""
             _say(f"waiting for the nodes of {name} to save and exit: {now - start:.0f} s so far, "
                  f"at most {limit - now:.0f} s more ({wait.describe()}{last})")

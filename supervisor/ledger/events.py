@@ -43,6 +43,8 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "first_step": {"step": (int,)},  # first training step of this incarnation completed
     "progress": {"step": (int,), "loss": _NUM},  # a training step completed
     "checkpoint_saved": {"step": (int,), "duration_s": _NUM},  # save of step returned (emitted at its end)
+    # an async save's upload finished (duration_s: from the save's start; the loop was blocked for checkpoint_saved's)
+    "checkpoint_uploaded": {"step": (int,), "duration_s": _NUM},
     "checkpoint_committed": {"step": (int,), "duration_s": _NUM},  # verified + _COMMIT.json written
     "checkpoint_quarantined": {"step": (int,), "reason": (str,)},
     "notice": {"source": (str,), "deadline": _NUM},  # preemption notice received (deadline: epoch or null)
@@ -57,6 +59,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "first_step": ("step",),
     "progress": ("step",),
     "checkpoint_saved": ("step", "duration_s"),
+    "checkpoint_uploaded": ("step", "duration_s"),
     "checkpoint_committed": ("step", "duration_s"),
     "setup": ("duration_s",),
     "preempted": ("with_notice",),
@@ -65,7 +68,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 # Events that end a stretch of training (the machine or the trainer is gone).
 LOSS_KINDS = frozenset({"preempted", "exit"})
 # Events that prove the trainer of an incarnation is still working.
-ACTIVITY_KINDS = frozenset({"progress", "checkpoint_saved", "checkpoint_committed"})
+ACTIVITY_KINDS = frozenset({"progress", "checkpoint_saved", "checkpoint_uploaded", "checkpoint_committed"})
 
 
 @dataclass(frozen=True)

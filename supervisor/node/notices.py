@@ -65,19 +65,23 @@ class Notice:
 
 SAVE_WAIT_FACTOR = 3.0  # a save under load (a throttled store) may take this much longer than measured
 SAVE_WAIT_SLACK_S = 60.0  # the step boundary before the save, the exit after it
-SAVE_EVENTS = ("checkpoint_saved", "checkpoint_committed")
+SAVE_EVENTS = ("checkpoint_saved", "checkpoint_uploaded", "checkpoint_committed")
 
 
 def measured_save_s(events) -> float | None:
     """The longest save + commit of one step this run measured, from the ledger's
-    `checkpoint_saved` and `checkpoint_committed` durations; None before any."""
-    per_step: dict[tuple, float] = {}
+    durations: `checkpoint_saved` (the loop blocked) or, for an async save, the
+    longer `checkpoint_uploaded` (its upload done), plus `checkpoint_committed`.
+    None before any."""
+    per_step: dict[tuple, dict[str, float]] = {}
     for e in events:
         seconds = e.get("duration_s") if e.kind in SAVE_EVENTS else None
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            key = (e.incarnation, e.writer, e.get("step"))
-            per_step[key] = per_step.get(key, 0.0) + max(float(seconds), 0.0)
-    return max(per_step.values()) if per_step else None
+            parts = per_step.setdefault((e.incarnation, e.writer, e.get("step")), {})
+            parts[e.kind] = parts.get(e.kind, 0.0) + max(float(seconds), 0.0)
+    totals = [max(p.get("checkpoint_saved", 0.0), p.get("checkpoint_uploaded", 0.0)) + p.get("checkpoint_committed", 0.0)
+              for p in per_step.values()]
+    return max(totals) if totals else None
 
 
 def save_wait_s(floor_s: float, measured_s: float | None, unmeasured_s: float) -> float:

@@ -419,6 +419,8 @@ class SuperviseTrainer(Trainer):
         # Sync DCP save returns on every rank only after the coordinator wrote
         # .metadata; an async one's future on rank 0 completes only then too.
         # Either way rank 0 knows that every rank's shard is written.
+        if self._kind_of_save(step).startswith("async"):  # what a stop must wait for (notices.SaveWait)
+            self._emit("checkpoint_uploaded", step=step, duration_s=round(seconds, 3))
         if self.committer is None:
             self.save_timer.add(seconds, self._kind_of_save(step))
             return
@@ -489,7 +491,10 @@ class SuperviseTrainer(Trainer):
         return max(self.commit_wait_s, 3.0 * (self.commit_timer.expected() or 0.0))
 
     def _on_committed(self, result: CommitResult) -> None:
-        self.save_timer.add(self._save_seconds.pop(result.step, 0.0) + result.seconds, self._kind_of_save(result.step))
+        # A notice save is predicted from the save alone: a commit is a listing and a
+        # marker, except through a mount, where it waits for the upload of the save.
+        upload = result.seconds if self.mounted else 0.0
+        self.save_timer.add(self._save_seconds.pop(result.step, 0.0) + upload, self._kind_of_save(result.step))
         self.commit_timer.add(result.seconds)
         if not result.ok:
             log.error("supervise: could not commit step %d: %s", result.step, result.reason)

@@ -58,6 +58,10 @@ def test_a_save_without_deadline_is_awaited_as_long_as_the_measured_save_needs()
     assert wait.give_up_at == 1200 + SAVE_WAIT_FACTOR * 500 + SAVE_WAIT_SLACK_S
     assert not wait.observe(saves[:3], now=1300.0) and wait.give_up_at == 1200 + 1560
     assert "measured save + commit 500.0 s" in wait.describe()
+    # an async save blocks the loop briefly; its upload is what a stop waits for
+    upload = [_ev("checkpoint_saved", 15, 3.0), _ev("checkpoint_uploaded", 15, 900.0), _ev("checkpoint_committed", 15, 1.0)]
+    assert measured_save_s(upload) == 901.0
+    assert wait.observe(saves[:3] + upload[:2], now=1400.0)  # the upload landing is progress too
 
 
 def test_a_stop_exit_says_what_was_saved_and_why_not():

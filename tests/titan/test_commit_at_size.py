@@ -20,6 +20,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from supervisor.ledger.journal import read_events
 from supervisor.store.catalog import Catalog
 from tests.fixtures_titan import checkpoint_args, start_trainer
 from tests.store.dcp_helpers import save
@@ -76,7 +77,9 @@ def _deep_verify_copy_and_a_flip(url: str, step: int, supervise) -> None:  # noq
 def test_the_trainer_commits_multipart_shards_without_reading_them(tmp_path, s3_store, s3_url, titan_args,
                                                                    supervise):  # noqa: F811
     with FaultProxy(s3_store.ports["s3"]) as proxy:
-        env = {"AWS_ENDPOINT_URL": proxy.endpoint, "SUPERVISE_CHECKPOINTS": s3_url}
+        ledger = str(tmp_path / "ledger")
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint, "SUPERVISE_CHECKPOINTS": s3_url, "SUPERVISE_LEDGER": ledger,
+               "SUPERVISE_INCARNATION": "a"}
         args = [*_scale_args(titan_args, tmp_path / "dump", "llama3_scale_ci"), "--checkpoint.async_mode", "async",
                 *checkpoint_args(s3_url)]  # fmt: skip
         run = start_trainer(args, tmp_path / "run", nproc=2, env={**env, "PYTHONPATH": str(ROOT)})
@@ -90,6 +93,11 @@ def test_the_trainer_commits_multipart_shards_without_reading_them(tmp_path, s3_
     for step in (1, 2):
         manifest = cat.inspect(step).manifest
         assert manifest["hashes"] == "writer" and all("md5" in o for o in manifest["objects"].values()), manifest
+    # the async save of step 1: the loop was blocked briefly, its upload (what a stop waits for) is reported too
+    events, _ = read_events(ledger)
+    durations = {(e.kind, e.fields["step"]): e.fields["duration_s"] for e in events if "duration_s" in e.fields}
+    assert durations[("checkpoint_uploaded", 1)] >= durations[("checkpoint_saved", 1)], durations
+    assert ("checkpoint_uploaded", 2) not in durations  # the last save is synchronous
     _deep_verify_copy_and_a_flip(s3_url, 2, supervise)
 
 
