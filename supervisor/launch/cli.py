@@ -60,22 +60,33 @@ def _backend_of(name: str) -> str:
 
 
 def _bucket_view(url: str | None) -> dict[str, Any]:
-    """Latest committed step and its time (read-only listing), and goodput so far."""
-    view: dict[str, Any] = {"step": None, "checkpoint_time": None, "goodput": None}
+    """Latest committed step and its time (read-only listing), the restart streak
+    (budget.streak_view of the nodes' restart record), and goodput so far."""
+    view: dict[str, Any] = {"step": None, "checkpoint_time": None, "restarts": None, "goodput": None}
     if not url:
         return view
     try:
+        from supervisor.node.budget import RestartRecord, streak_view
         from supervisor.store.catalog import Catalog
 
-        committed = [s for s in Catalog(url).list() if s.state == "committed"]
+        catalog = Catalog(url)
+        committed = [s for s in catalog.list() if s.state == "committed"]
         if committed:
             top = max(committed, key=lambda s: s.step)
             view["step"] = top.step
             view["checkpoint_time"] = (top.manifest or {}).get("created")
+        view["restarts"] = streak_view(RestartRecord(catalog.store).load(), view["step"])
     except (ImportError, SuperviseError, OSError):
         pass
     view["goodput"] = _goodput(url)
     return view
+
+
+def _streak(restarts: dict | None) -> str:
+    """STREAK: failures without a new checkpoint in a row (preemptions never count)."""
+    if not restarts:
+        return "-"
+    return f"{restarts['streak']} ({restarts['preemptions']} preempted)" if restarts["preemptions"] else str(restarts["streak"])
 
 
 def _goodput(url: str) -> float | None:
@@ -120,7 +131,8 @@ def status(
     name: Optional[str] = typer.Argument(None, help="Job name (default: all jobs of both backends)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects."),
 ) -> None:
-    """State, recoveries, latest committed step, last checkpoint time and goodput of jobs."""
+    """State, recoveries, restart streak (failures without a new checkpoint; preemptions
+    never count), latest committed step, last checkpoint time and goodput of jobs."""
     rows = [_row(st) for st in _collect(name)]
     if as_json:
         typer.echo(json.dumps(rows, indent=1, default=str))
@@ -128,10 +140,10 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("NAME", "BACKEND", "STATE", "RECOVERIES", "STEP", "LAST CHECKPOINT", "GOODPUT", "REASON")
+    table = Table("NAME", "BACKEND", "STATE", "RECOVERIES", "STREAK", "STEP", "LAST CHECKPOINT", "GOODPUT", "REASON")
     for r in rows:
         goodput = f"{r['goodput']:.1%}" if r["goodput"] is not None else "-"
-        table.add_row(r["name"], r["backend"], r["state"], str(r["recoveries"]),
+        table.add_row(r["name"], r["backend"], r["state"], str(r["recoveries"]), _streak(r["restarts"]),
                       "-" if r["step"] is None else str(r["step"]), r["checkpoint_time"] or "-",
                       goodput, r["reason"] or "")
     Console().print(table)

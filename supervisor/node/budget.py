@@ -7,8 +7,13 @@ retried. A crash or hang loop (69 after 69) would therefore re-provision a
 cluster forever. The wrapper bounds it by progress instead: it keeps a small
 record next to the ledger, `<checkpoints>/_supervise/restarts.json` (a `_`
 folder: the catalog, retention and TorchTitan ignore it), and a start that
-finds K consecutive incarnations that ended 69 without a new committed step
-exits 78. A recorded 78 for the same config short-circuits the next start.
+finds K consecutive incarnations that failed (69) on a healthy cluster without
+a new committed step exits 78. A preemption never counts, whatever its exit
+code: an incarnation that got a notice (SIGTERM, a notice file, cloud
+metadata; also the survivor of a partial preemption, whose SIGTERM comes at
+its peers' loss or at OS shutdown), that a peer node's notice ended, or whose
+node vanished, is recorded `preempted` with its `cause`. A recorded 78 for the
+same config short-circuits the next start.
 
 The rules are plain functions of the record (a dict); `RestartRecord` is the
 I/O at the edge, through the catalog's store and its retry policy. Only node
@@ -22,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,9 +41,12 @@ log = logging.getLogger(__name__)
 
 RECORD_DIR = "_supervise"
 RECORD_NAME = "restarts.json"
+MARKS_DIR = "notices"  # under RECORD_DIR: node-R.json, the newest notice of node R > 0
 DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS = 3
+CLOCK_SKEW_S = 5.0  # nodes' clocks (NTP) agree better than this
 KEEP = 50  # newest incarnations kept in the record; the ledger keeps the full history
 LOST = "no exit recorded (node lost or killed)"
+STOP = "stop"  # the notice source of `supervise stop`: a request, not a preemption
 
 
 def config_hash(trainer_args: list[str]) -> str:
@@ -60,29 +69,78 @@ def for_config(record: dict | None, chash: str) -> dict:
     return {"config_hash": chash, "incarnations": [], "fatal": None, "args_ok": None}
 
 
+def cause_of(code: int | None, notice: str | None) -> tuple[bool, str]:
+    """(preempted, cause) of an incarnation from its node's own view. Any notice
+    but `supervise stop`'s is a preemption whatever the code (a notice whose save
+    could not finish exits 69), and so is a node that vanished."""
+    if code is None:
+        return True, "node lost: no exit recorded (VM reclaimed or killed)"
+    if notice and notice != STOP:
+        return True, f"preemption notice ({notice})"
+    if code == ExitCode.RETRYABLE:
+        return False, "failure on a healthy cluster"
+    return False, {ExitCode.FINISHED: "finished", ExitCode.USER_ERROR: "config error or gave up"}.get(code, f"exit {code}")
+
+
 def close_open(record: dict, step: int | None) -> dict:
-    """An incarnation without a recorded end vanished (VM lost, SIGKILL): it ends
-    neutral, with the newest committed step found now as its end."""
+    """An incarnation without a recorded end vanished (VM lost, SIGKILL): a
+    preemption, with the newest committed step found now as its end."""
     for inc in record["incarnations"]:
         if "code" not in inc:
-            inc.update(code=None, reason=LOST, end_step=step, ended=None)
+            preempted, cause = cause_of(None, None)
+            inc.update(code=None, reason=LOST, end_step=step, ended=None, preempted=preempted, cause=cause)
     return record
 
 
+def counts(inc: dict) -> bool:
+    """Whether an incarnation spends the budget: a 69 that was no preemption."""
+    return inc.get("code") == ExitCode.RETRYABLE and not inc.get("preempted")
+
+
 def no_progress_streak(incarnations: list[dict], current_step: int | None) -> list[dict]:
-    """The newest run of incarnations that ended 69 without a new committed step
-    (newest first). Progress anywhere ends the run; other exits without progress
-    (a lost node, a 75) neither count nor break it."""
+    """The newest run of incarnations that failed (69) on a healthy cluster without
+    a new committed step (newest first). Progress anywhere ends the run; other
+    exits without progress (preemptions of any code, a lost node, a 75) neither
+    count nor break it."""
     streak = []
     later_start = current_step
     for inc in reversed(incarnations):
         end = max(_rank(inc.get("end_step")), _rank(later_start))
         if end > _rank(inc.get("start_step")):
             break
-        if inc.get("code") == ExitCode.RETRYABLE:
+        if counts(inc):
             streak.append(inc)
         later_start = inc.get("start_step")
     return streak
+
+
+def streak_view(record: dict | None, current_step: int | None) -> dict | None:
+    """What `supervise status` shows: the streak now and the preemptions recorded."""
+    if not record or not isinstance(record.get("incarnations"), list):
+        return None
+    streak = no_progress_streak(record["incarnations"], current_step)
+    return {
+        "streak": len(streak),
+        "last_error": streak[0].get("reason") if streak else None,
+        "preemptions": sum(1 for inc in record["incarnations"] if inc.get("preempted")),
+        "gave_up": (record.get("fatal") or {}).get("reason"),
+    }
+
+
+def peer_preempted(record: dict, marks: list[dict]) -> dict:
+    """The newest incarnation, if it failed (69) on what looked like a healthy
+    cluster, was the survivor of a partial preemption when a peer node got a
+    notice during it (its collectives then fail): a preemption too. `marks`: the
+    peers' notices (`{"node", "source", "at"}`, newest per node, see NoticeMarks)."""
+    incs = record["incarnations"]
+    inc = incs[-1] if incs else None
+    if inc is None or not counts(inc) or inc.get("started_at") is None:
+        return record
+    during = sorted((m for m in marks if m.get("at", 0) >= inc["started_at"] - CLOCK_SKEW_S), key=lambda m: m["at"])
+    if during:
+        first = during[0]
+        inc.update(preempted=True, cause=f"peer node {first.get('node')} got a preemption notice ({first.get('source')})")
+    return record
 
 
 @dataclass
@@ -103,16 +161,21 @@ def decide_start(record: dict, current_step: int | None, limit: int) -> Verdict:
     return Verdict(False)
 
 
-def begin(record: dict, incarnation: str, step: int | None) -> dict:
-    record["incarnations"] = [*record["incarnations"], {"id": incarnation, "started": _now(), "start_step": step}][-KEEP:]
+def begin(record: dict, incarnation: str, step: int | None, started_at: float | None = None) -> dict:
+    """Open this incarnation (`started_at`: epoch seconds, to match peers' notices)."""
+    new = {"id": incarnation, "started": _now(), "started_at": time.time() if started_at is None else started_at,
+           "start_step": step}
+    record["incarnations"] = [*record["incarnations"], new][-KEEP:]
     return record
 
 
-def end(record: dict, incarnation: str, code: int, reason: str, step: int | None) -> dict:
-    """Close this incarnation; a 78 becomes the record's verdict for this config."""
+def end(record: dict, incarnation: str, code: int, reason: str, step: int | None, notice: str | None = None) -> dict:
+    """Close this incarnation, saying whether a preemption ended it (`notice`: the
+    source of the notice this node got); a 78 becomes the record's verdict for this config."""
+    preempted, cause = cause_of(int(code), notice)
     for inc in record["incarnations"]:
         if inc.get("id") == incarnation:
-            inc.update(code=int(code), reason=reason, end_step=step, ended=_now())
+            inc.update(code=int(code), reason=reason, end_step=step, ended=_now(), preempted=preempted, cause=cause)
     if code == ExitCode.USER_ERROR:
         record["fatal"] = {"reason": reason, "time": _now()}
     return record
@@ -141,3 +204,30 @@ class RestartRecord:
         if not self.store.remote:
             os.makedirs(os.path.dirname(self.store.path(RECORD_DIR, RECORD_NAME)), exist_ok=True)
         self.store.put(data, RECORD_DIR, RECORD_NAME)
+
+
+class NoticeMarks:
+    """`<checkpoints>/_supervise/notices/node-R.json`: the newest preemption notice
+    of each node R > 0 (node 0's are in the record), one object per node so
+    writers never contend; node 0's next start reads them (`peer_preempted`)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def write(self, node: int, source: str, at: float) -> None:
+        name = f"node-{node}.json"
+        if not self.store.remote:
+            os.makedirs(self.store.path(RECORD_DIR, MARKS_DIR), exist_ok=True)
+        self.store.put(json.dumps({"node": node, "source": source, "at": at}).encode(), RECORD_DIR, MARKS_DIR, name)
+
+    def read(self) -> list[dict]:
+        """Every node's newest mark; unreadable ones are skipped."""
+        marks = []
+        for name in sorted(self.store.listdir(RECORD_DIR, MARKS_DIR)):
+            try:
+                mark = json.loads(self.store.cat(RECORD_DIR, MARKS_DIR, name))
+            except (FileNotFoundError, ValueError):
+                continue
+            if isinstance(mark, dict) and isinstance(mark.get("at"), (int, float)):
+                marks.append(mark)
+        return marks

@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 ARGS_VERDICT_WAIT_S = 300.0  # after torchrun exited non-zero: how long to wait for TorchTitan's parser
+MARK_WAIT_S = 10.0  # at exit: how long a node > 0 waits for its notice mark to be written
 LEDGER_POLL_S = 2.0  # while a save without deadline is awaited: how often the run ledger is re-read
 
 
@@ -294,6 +295,9 @@ class _Record:
             stored = self.io.load()
         self.data = budget.close_open(budget.for_config(stored, budget.config_hash(trainer_args)), step)
         self.incarnation, self.step, self.writer = incarnation, step, writer
+        incs = self.data["incarnations"]
+        if incs and budget.counts(incs[-1]):  # a survivor of a partial preemption? (node count may change)
+            budget.peer_preempted(self.data, _peer_marks(catalog))
 
     def save(self) -> None:
         if not self.writer:
@@ -302,6 +306,30 @@ class _Record:
             self.io.save(self.data)
         except SuperviseError as err:  # the run matters more; the next start sees this one as lost
             log.warning("restart record %s not written: %s", self.io.url, err)
+
+
+def _peer_marks(catalog: Catalog) -> list[dict]:
+    """The peers' notices (budget.NoticeMarks); none when they cannot be read."""
+    try:
+        return budget.NoticeMarks(catalog.store).read()
+    except (SuperviseError, OSError) as err:
+        log.warning("peer notices unknown: %s", err)
+        return []
+
+
+def _mark_notice(catalog: Catalog, node_rank: int, notice: Notice) -> threading.Thread:
+    """A node > 0 tells node 0's next start that a preemption ended this incarnation:
+    in a thread, so that a slow store never delays the save the notice asks for."""
+
+    def write() -> None:
+        try:
+            budget.NoticeMarks(catalog.store).write(node_rank, notice.source, notice.received_at)
+        except (SuperviseError, OSError) as err:
+            log.warning("notice mark not written: %s", err)
+
+    thread = threading.Thread(target=write, name="supervise-notice-mark", daemon=True)
+    thread.start()
+    return thread
 
 
 def _titan_version() -> str:
@@ -324,7 +352,7 @@ def _newest_step(catalog: Catalog) -> int | None:
 
 def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
-    t0 = time.monotonic()
+    t0, started_at = time.monotonic(), time.time()
     # torchrun imports torch (seconds) while the catalog decides; it waits for its
     # command on stdin (supervisor.node.prestarted). `supervise` started it first thing.
     early = take_prestarted()
@@ -374,6 +402,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     hang: str | None = None
     gave_up: str | None = None  # why the wrapper stopped waiting for a save it asked for
     ledger_watch: _LedgerWatch | None = None
+    marking: threading.Thread | None = None  # this node's notice, on its way to node 0's next start
     stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
     try:
         if checker is not None:
@@ -388,7 +417,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         except SuperviseError as err:
             stop = (err.exit_code, str(err))
             _say(f"{err}; stopping the workers")
-        budget.begin(record.data, incarnation, plan.resume.step)
+        budget.begin(record.data, incarnation, plan.resume.step, started_at)
         record.save()
         journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
         journal.emit("node_start", node_rank=topo.node_rank, num_nodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
@@ -438,6 +467,8 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                     _say(f"{what}, no deadline; asking the trainer to save (waiting as long as this run's "
                          f"measured saves need)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
+                if topo.node_rank > 0 and n.source != budget.STOP:
+                    marking = _mark_notice(plan.catalog, topo.node_rank, n)
             if ledger_watch is not None and save_wait is not None and (events := ledger_watch.take()) is not None:
                 first = save_wait.measured_s is None
                 if save_wait.observe(events, now):
@@ -479,11 +510,16 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
     journal.emit("exit", code=int(code), reason=reason, notice=notice.source if notice else None,
                  saved_step=saved_step(outcome) if notice else None)
+    if marking is not None:
+        marking.join(MARK_WAIT_S)
     if record.writer:
         end_step = plan.resume.step if stop else _newest_step(plan.catalog)
-        budget.end(record.data, incarnation, code, reason, end_step)
+        budget.end(record.data, incarnation, code, reason, end_step, notice.source if notice else None)
         record.save()
     _say(f"exit {int(code)}: {reason}")
+    preempted, cause = budget.cause_of(int(code), notice.source if notice else None)
+    if preempted and code == ExitCode.RETRYABLE:
+        _say(f"not counted as a restart without progress: {cause}")
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
         shutil.rmtree(run_dir, ignore_errors=True)
     return int(code)

@@ -4,7 +4,9 @@ runtime contract (heartbeats, notice.json -> outcome.json) and nothing else.
 `--training.steps N` sets the length; the environment the rest, so that the args
 stay ones TorchTitan's parser accepts (the wrapper checks them): STANDIN_STEP_S the
 step time (default 0.1 s), STANDIN_EXIT a non-zero exit of every rank after the
-last step instead of finishing (a crash, which the wrapper reports as 69).
+last step instead of finishing (a crash, which the wrapper reports as 69),
+STANDIN_STARTUP_S a start-up before the first step (TorchTitan building the
+model); a notice during it finds no step to save, as the trainer reports it.
 
 Saves (off unless STANDIN_SAVE_EVERY is set): rank 0 writes a real single-rank DCP
 checkpoint of STANDIN_SAVE_BYTES (default 1 MiB) into $SUPERVISE_CHECKPOINTS/step-N
@@ -90,6 +92,20 @@ class Saver:
         return {"outcome": "preempted_saved", "step": step, "reason": "notice without deadline: saved"}
 
 
+def started_up(run_dir: Path, rank: int) -> bool:
+    """STANDIN_STARTUP_S of start-up; False when a notice came first (rank 0 says
+    there was nothing to save, as the trainer does before its first step)."""
+    end = time.monotonic() + float(os.environ.get("STANDIN_STARTUP_S", "0"))
+    while time.monotonic() < end:
+        if (run_dir / NOTICE_FILE).exists():
+            if rank == 0:
+                write_json_atomic(run_dir / OUTCOME_FILE, {"outcome": "preempted_unsaved", "step": None,
+                                                           "reason": "no training step completed yet"})
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def main() -> None:
     run_dir = Path(os.environ[ENV_RUN_DIR])
     rank = int(os.environ["RANK"])
@@ -100,6 +116,8 @@ def main() -> None:
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
     saver = Saver(int(os.environ["STANDIN_SAVE_EVERY"])) if rank == 0 and "STANDIN_SAVE_EVERY" in os.environ else None
     (run_dir / f"pid-{rank}").write_text(str(os.getpid()))
+    if not started_up(run_dir, rank):
+        return
     for step in range(1, steps + 1):
         time.sleep(step_s)
         write_json_atomic(run_dir / HEARTBEAT_DIR / f"rank-{rank}.json", {"rank": rank, "step": step, "time": time.time()})

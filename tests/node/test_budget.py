@@ -10,12 +10,12 @@ CRASH = "torchrun failed (exit 1)"
 def _run(record, *incarnations):
     """Play incarnations (start step, exit code, step committed at the end; None = vanished)
     through the same calls the wrapper makes, and return the verdict for the next start."""
-    for i, (start, code, end_step) in enumerate(incarnations):
+    for i, (start, code, end_step, *notice) in enumerate(incarnations):
         budget.close_open(record, start)
         assert not budget.decide_start(record, start, 3).give_up, (i, record)
-        budget.begin(record, f"i{i}", start)
+        budget.begin(record, f"i{i}", start, started_at=100.0 * i)
         if code is not None:
-            budget.end(record, f"i{i}", code, CRASH if code == 69 else "other", end_step)
+            budget.end(record, f"i{i}", code, CRASH if code == 69 else "other", end_step, *notice)
     return record
 
 
@@ -73,3 +73,48 @@ def test_record_keeps_the_newest_incarnations():
         budget.begin(record, f"i{i}", None)
         budget.end(record, f"i{i}", ExitCode.PREEMPTED_SAVED, "saved", i)
     assert len(record["incarnations"]) == budget.KEEP and record["incarnations"][-1]["id"] == f"i{budget.KEEP + 4}"
+
+
+def test_preemptions_never_count_whatever_their_code():
+    """A spot VM reclaimed during start-up, three times: each start got a notice and
+    exited 69 (no step to save yet); the fourth start trains."""
+    record = _run(_fresh(), *[(None, 69, None, "sigterm")] * 3, (None, 69, None, "gcp"))
+    assert budget.no_progress_streak(record["incarnations"], None) == []
+    assert not budget.decide_start(record, None, 3).give_up
+    assert [(i["preempted"], i["cause"]) for i in record["incarnations"][:2]] == [
+        (True, "preemption notice (sigterm)")] * 2
+    # they neither count nor break the count: healthy failures around them still add up
+    record = _run(_fresh(), (None, 69, None), (None, 69, None, "sigterm"), (None, 69, None), (None, None, None))
+    budget.close_open(record, None)
+    assert [i["id"] for i in budget.no_progress_streak(record["incarnations"], None)] == ["i2", "i0"]
+    assert budget.decide_start(record, None, 2).give_up
+
+
+def test_each_incarnation_says_whether_a_preemption_ended_it():
+    record = _run(_fresh(), (None, 69, None), (None, 75, 3, "aws"), (3, 69, 3, "stop"), (3, None, None), (3, 0, 9))
+    budget.close_open(record, 9)
+    assert [(i["code"], i["preempted"], i["cause"]) for i in record["incarnations"]] == [
+        (69, False, "failure on a healthy cluster"),
+        (75, True, "preemption notice (aws)"),
+        (69, False, "failure on a healthy cluster"),  # `supervise stop` is a request, not a preemption
+        (None, True, "node lost: no exit recorded (VM reclaimed or killed)"),
+        (0, False, "finished"),
+    ]  # fmt: skip
+
+
+def test_a_peer_notice_during_the_incarnation_makes_the_survivor_preempted():
+    """Node 1 got the notice; node 0 saw only its collectives fail (69, no notice)."""
+    record = _run(_fresh(), (None, 69, None), (None, 69, None))  # the newest started at 100.0
+    stale, during = {"node": 2, "source": "aws", "at": 50.0}, {"node": 1, "source": "sigterm", "at": 130.0}
+    assert budget.peer_preempted(record, [stale])["incarnations"][-1]["preempted"] is False
+    budget.peer_preempted(record, [stale, during])
+    assert [(i["preempted"], i["cause"]) for i in record["incarnations"]] == [
+        (False, "failure on a healthy cluster"), (True, "peer node 1 got a preemption notice (sigterm)")]
+    assert len(budget.no_progress_streak(record["incarnations"], None)) == 1
+
+
+def test_status_view_of_the_record():
+    assert budget.streak_view(None, None) is None
+    record = _run(_fresh(), (None, 69, None, "sigterm"), (None, 69, None), (None, 69, None))
+    assert budget.streak_view(record, None) == {"streak": 2, "last_error": CRASH, "preemptions": 1, "gave_up": None}
+    assert budget.streak_view(record, 5)["streak"] == 0  # a newer commit than any start: progress

@@ -6,6 +6,8 @@ Each `_start` is one incarnation, as a managed job would restart `run`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 import warnings
@@ -14,7 +16,7 @@ import pytest
 
 from supervisor.exitcodes import ExitCode
 from supervisor.store.local_server import LocalObjectStore
-from tests.node.nodeproc import cleanup, start_node
+from tests.node.nodeproc import cleanup, start_node, vanish, wait_for
 
 pytestmark = pytest.mark.slow
 TT = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "3"]
@@ -125,3 +127,70 @@ def test_store_down_at_start_is_69_and_the_next_start_resumes(tmp_path, monkeypa
         store.start()  # same data folder and ports: the outage is over
         code, log, _ = _start(tmp_path, url)
         assert code == ExitCode.FINISHED and "resuming from step 4" in log, log
+
+
+def _preempted_start(tmp_path, url, nodes: int = 1, *, how: str = "sigterm", extra=()):
+    """One incarnation of `nodes` nodes, each in start-up (STANDIN_STARTUP_S), ended
+    by a preemption. `how`: "sigterm", node 0 gets SIGTERM (a spot VM reclaimed);
+    "survivor", the other nodes vanish, then node 0 gets SIGTERM (at OS shutdown);
+    "peer", node 1 gets the notice and ends, then node 0's rank dies as its
+    collectives would fail (69 with no notice of its own). Returns node 0's (exit code, log)."""
+    port, procs, logs = _port(), [], []
+    for rank in range(nodes):
+        run_dir = tmp_path / f"run-{time.monotonic_ns()}-{rank}"
+        logs.append(tmp_path / f"node{rank}-{time.monotonic_ns()}.log")
+        args = ["--checkpoints", url, "--trainer-module", "tests.node.standin_trainer", "--nproc-per-node", "1",
+                "--cloud", "none", "--master-port", str(port), "--run-dir", str(run_dir), *extra,
+                # a node whose peer is gone: its torchrun waits for it at its exit barrier (300 s)
+                "--grace", "3", "--hang-timeout", "3"]  # fmt: skip
+        sky = {"SKYPILOT_NUM_NODES": str(nodes), "SKYPILOT_NODE_RANK": str(rank),
+               "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * nodes)}  # fmt: skip
+        procs.append(start_node(args, TT, env={"STANDIN_STARTUP_S": "120", **sky}, log=logs[-1]))
+        procs[-1].run_dir = run_dir
+    try:
+        wait_for(lambda: all((p.run_dir / f"pid-{rank}").exists() for rank, p in enumerate(procs)), timeout=180)
+        if how == "survivor":
+            for peer in procs[1:]:
+                vanish(peer)
+        if how == "peer":
+            procs[1].send_signal(signal.SIGTERM)
+            procs[1].wait(120)
+            os.kill(int((procs[0].run_dir / "pid-0").read_text()), signal.SIGKILL)
+        else:
+            procs[0].send_signal(signal.SIGTERM)
+        code = procs[0].wait(300)
+    finally:
+        for p in procs:
+            cleanup(p)
+    return code, logs[0].read_text(errors="replace")
+
+
+def test_preemptions_during_start_up_never_end_the_job(tmp_path, s3_url):
+    """Three starts reclaimed during start-up (a notice, nothing to save: 69), then a
+    start that trains to the end: 0, not 78 (the default budget is 3)."""
+    for _ in range(3):
+        code, log = _preempted_start(tmp_path, s3_url)
+        assert code == ExitCode.RETRYABLE and "preempted without a save (no training step completed yet)" in log, log
+    code, log, _ = _start(tmp_path, s3_url)
+    assert code == ExitCode.FINISHED, log
+    record = _record(s3_url)
+    assert [(i["code"], i["preempted"], i["cause"]) for i in record["incarnations"]] == [
+        *[(69, True, "preemption notice (sigterm)")] * 3, (0, False, "finished")]  # fmt: skip
+
+
+def test_the_survivor_of_a_partial_preemption_does_not_count(tmp_path, s3_url):
+    """Two nodes, K=1 (one counted 69 ends the next start): node 1 vanishes and the
+    survivor gets SIGTERM; then node 1 gets the notice and node 0 fails without
+    one (seen at the next start, from node 1's mark); then the job trains to the end."""
+    k = ["--max-restarts-without-progress", "1"]
+    code, log = _preempted_start(tmp_path, s3_url, nodes=2, how="survivor", extra=k)
+    assert code == ExitCode.RETRYABLE and "not counted as a restart without progress: preemption notice" in log, log
+    code, log = _preempted_start(tmp_path, s3_url, nodes=2, how="peer", extra=k)
+    assert code == ExitCode.RETRYABLE and "torchrun failed" in log, log  # its own view: a failure
+    code, log, _ = _start(tmp_path, s3_url, extra=k)
+    assert code == ExitCode.FINISHED, log
+    assert [(i["code"], i["preempted"], i["cause"]) for i in _record(s3_url)["incarnations"]] == [
+        (69, True, "preemption notice (sigterm)"),
+        (69, True, "peer node 1 got a preemption notice (sigterm)"),
+        (0, False, "finished"),
+    ]  # fmt: skip
