@@ -53,7 +53,10 @@ class LocalJob:
     node_argv: list[str]  # the per-node command, e.g. ["supervise", "node", "--checkpoints", URL, "--", ...]
     setup: str = ""  # bash, run once in each node directory before the first incarnation
     num_nodes: int = 1
-    gpus_per_node: int = 1  # SKYPILOT_NUM_GPUS_PER_NODE (ranks per node on CPU)
+    # SKYPILOT_NUM_GPUS_PER_NODE, as SkyPilot sets it: the task's accelerator count, 0 for a
+    # CPU task (sky/backends/task_codegen.py, RayCodeGen._add_ray_task, SlurmCodeGen.add_task).
+    # A CPU job's ranks per node travel in its node command (--nproc-per-node), as on SkyPilot.
+    gpus_per_node: int = 0
     checkpoints_url: str | None = None
     ledger_url: str | None = None
     max_restarts_on_errors: int = 0
@@ -250,7 +253,7 @@ class LocalBackend:
             node_argv=list(task.run),
             setup=task.setup,
             num_nodes=task.num_nodes,
-            gpus_per_node=task.ranks_per_node,
+            gpus_per_node=task.ranks_per_node if task.resources.accelerators else 0,
             checkpoints_url=task.checkpoints_url,
             ledger_url=task.ledger_url,
             max_restarts_on_errors=task.restart.max_restarts_on_errors,

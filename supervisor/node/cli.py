@@ -54,8 +54,8 @@ def node(
     startup_timeout: float = typer.Option(1800.0, "--startup-timeout", help="Seconds allowed before the first heartbeat."),
     max_restarts_without_progress: int = typer.Option(
         DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, "--max-restarts-without-progress", min=0, metavar="K",
-        help="Exit 78 at a start that follows K incarnations in a row that ended 69 without a new "
-        "committed checkpoint (0: never give up).",
+        help="Exit 78 at a start that follows K incarnations in a row that failed (69) on a healthy cluster "
+        "without a new committed checkpoint; preemptions never count (0: never give up).",
     ),
     checkpoint_interval_auto: str = typer.Option(
         None, "--checkpoint-interval-auto", metavar="LOW:HIGH",

@@ -1,8 +1,9 @@
 """`supervise node`: turn SkyPilot's bare restart of `run` into a correct resume.
 
 On every start: validate the trainer args, read the topology from SKYPILOT_*,
-ask the catalog for the newest verified step, consult the restart record (give
-up after K restarts without progress, see budget.py), start torchrun (own
+ask the catalog for the newest verified step, check that a job asking for GPUs
+has CUDA (gpu.py), consult the restart record (give up after K failures
+without progress, see budget.py), start torchrun (own
 session) with the checkpoint flags rewritten and, beside it, TorchTitan's own
 parser on the args; then watch four things until torchrun exits: that parser's
 verdict, preemption notices (signals, file, cloud metadata), the ranks'
@@ -32,7 +33,9 @@ from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
+from supervisor.node.gpu import CudaProbe, driver_version, gpus_requested, unusable
 from supervisor.node.notices import Notice, NoticeWatcher, SaveWait, cloud_urls
+from supervisor.node.prctl import die_with_parent
 from supervisor.node.resume import (
     ResumePlan,
     checkpoint_url,
@@ -356,8 +359,11 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     # torchrun imports torch (seconds) while the catalog decides; it waits for its
     # command on stdin (supervisor.node.prestarted). `supervise` started it first thing.
     early = take_prestarted()
+    probe = CudaProbe(die_with_parent) if gpus_requested(os.environ) else None  # torch's answer, while the catalog decides
     try:
         plan = make_plan(opts, trainer_args)
+        if probe is not None:
+            _require_cuda(probe, gpus_requested(os.environ))
         topo = plan.topology
         incarnation = _incarnation(opts)
         record = _Record(plan.catalog, trainer_args, plan.resume.step, incarnation, writer=topo.node_rank == 0)
@@ -523,6 +529,14 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
         shutil.rmtree(run_dir, ignore_errors=True)
     return int(code)
+
+
+def _require_cuda(probe: CudaProbe, wanted: int) -> None:
+    """GPU or nothing (supervisor.node.gpu): 78 before torchrun when torch cannot use CUDA."""
+    found = probe.result()
+    line = unusable(wanted, found, None if found.get("available") else driver_version())
+    if line:
+        raise SuperviseError(line, ExitCode.USER_ERROR)
 
 
 def _give_up_if_recorded(record: _Record, step: int | None, incarnation: str, limit: int) -> None:

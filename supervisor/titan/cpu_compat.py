@@ -3,12 +3,15 @@
 TorchTitan assumes an accelerator. Tests, the demo and drills run on CPU, so
 this module applies a few runtime monkeypatches, each with the reason next to
 it. Nothing in TorchTitan's files is changed. `apply()` does nothing when an
-accelerator is present, and must run before `torchtitan.trainer` is imported
-(several TorchTitan modules copy `device_type` at import time).
+accelerator is present or the job asks for GPUs (a GPU job without CUDA must
+fail, not train on the CPU: supervisor.node.gpu), and must run before
+`torchtitan.trainer` is imported (several TorchTitan modules copy
+`device_type` at import time).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -16,10 +19,12 @@ _applied = False
 
 
 def needed() -> bool:
-    """True when there is no CUDA device, i.e. the CPU patches are needed."""
+    """True for a CPU job (no GPUs asked for) without a CUDA device."""
     import torch
 
-    return not torch.cuda.is_available()
+    from supervisor.node.gpu import gpus_requested
+
+    return not gpus_requested(os.environ) and not torch.cuda.is_available()
 
 
 def apply() -> bool:

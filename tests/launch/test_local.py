@@ -149,3 +149,20 @@ def test_stall_stops_a_worker_and_teardown_still_kills_it(launcher, tmp_path):
     fired = read_state("stall")["chaos_fired"]
     assert [(c["kind"], c["detail"]) for c in fired] == [("stall", "SIGSTOPped rank 1")]
     assert not tagged("stall/"), "a SIGSTOPped worker is still killed at teardown"
+
+
+def test_gpus_per_node_is_what_skypilot_sets(tmp_path):
+    """SKYPILOT_NUM_GPUS_PER_NODE: the accelerator count, 0 for a CPU task (sky/backends/
+    task_codegen.py, RayCodeGen._add_ray_task); a CPU job's ranks go as --nproc-per-node."""
+    from supervisor.launch import dryrun
+    from supervisor.launch.local import node_env
+    from supervisor.recipes import build_spec
+
+    def env(*sets):
+        _, j = dryrun(build_spec("llama3_debug", sets=["checkpoint.bucket=s3://bucket/r", *sets]), backend="local")
+        return j, node_env(j, rank=0, incarnation=0, run_dir=tmp_path, task_id="t")["SKYPILOT_NUM_GPUS_PER_NODE"]
+
+    cpu, gpus = env("resources.procs_per_node=2")
+    assert gpus == "0" and cpu.node_argv[cpu.node_argv.index("--nproc-per-node") + 1] == "2"
+    gpu, gpus = env("resources.accelerators=H100:8")
+    assert gpus == "8" and "--nproc-per-node" not in gpu.node_argv
