@@ -166,3 +166,17 @@ def test_gpus_per_node_is_what_skypilot_sets(tmp_path):
     assert gpus == "0" and cpu.node_argv[cpu.node_argv.index("--nproc-per-node") + 1] == "2"
     gpu, gpus = env("resources.accelerators=H100:8")
     assert gpus == "8" and "--nproc-per-node" not in gpu.node_argv
+
+
+def test_status_shows_the_restart_streak_from_the_record(tmp_path):
+    from supervisor.launch.cli import _bucket_view, _streak
+    from supervisor.node import budget
+    from supervisor.store.fs import Store
+
+    record = budget.for_config(None, "c")
+    for i, notice in enumerate(["sigterm", None, None]):
+        budget.end(budget.begin(record, f"i{i}", None), f"i{i}", 69, f"crash {i}", None, notice)
+    budget.RestartRecord(Store(str(tmp_path))).save(record)
+    view = _bucket_view(str(tmp_path))["restarts"]
+    assert view == {"streak": 2, "last_error": "crash 2", "preemptions": 1, "gave_up": None}
+    assert _streak(view) == "2 (1 preempted)" and _streak(None) == "-"
