@@ -11,13 +11,15 @@ finds K consecutive incarnations that failed (69) on a healthy cluster without
 a new committed step exits 78. A preemption never counts, whatever its exit
 code: an incarnation that got a notice (SIGTERM, a notice file, cloud
 metadata; also the survivor of a partial preemption, whose SIGTERM comes at
-its peers' loss or at OS shutdown), that a peer node's notice ended, or whose
-node vanished, is recorded `preempted` with its `cause`. A recorded 78 for the
-same config short-circuits the next start.
+its peers' loss or at OS shutdown), whose node vanished, or in which a peer
+node got a notice before anything failed, is recorded `preempted` with its
+`cause`; the first trouble anywhere in the cluster decides (`first_cause`).
+A recorded 78 for the same config short-circuits the next start.
 
 The rules are plain functions of the record (a dict); `RestartRecord` is the
 I/O at the edge, through the catalog's store and its retry policy. Only node
-rank 0 writes; every node reads the same record and reaches the same verdict.
+rank 0 writes it (nodes > 0 write their own `PeerMarks`); every node reads the
+same record and marks and reaches the same verdict.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 
 RECORD_DIR = "_supervise"
 RECORD_NAME = "restarts.json"
-MARKS_DIR = "notices"  # under RECORD_DIR: node-R.json, the newest notice of node R > 0
+MARKS_DIR = "nodes"  # under RECORD_DIR: node-R.json, the newest trouble of node R > 0 (PeerMarks)
+NOTICE, FAILURE = "notice", "failure"  # kinds of trouble
 DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS = 3
 CLOCK_SKEW_S = 5.0  # nodes' clocks (NTP) agree better than this
 KEEP = 50  # newest incarnations kept in the record; the ledger keeps the full history
@@ -127,19 +130,27 @@ def streak_view(record: dict | None, current_step: int | None) -> dict | None:
     }
 
 
-def peer_preempted(record: dict, marks: list[dict]) -> dict:
-    """The newest incarnation, if it failed (69) on what looked like a healthy
-    cluster, was the survivor of a partial preemption when a peer node got a
-    notice during it (its collectives then fail): a preemption too. `marks`: the
-    peers' notices (`{"node", "source", "at"}`, newest per node, see NoticeMarks)."""
+def first_cause(record: dict, marks: list[dict]) -> dict:
+    """Amend the newest incarnation, a 69, with what its peers saw: the first trouble
+    anywhere in the cluster decides. A peer's notice before this node's failure:
+    the survivor of a partial preemption (its collectives failed), not counted. A
+    peer's failure before this node's notice: a crash, whose survivors SkyPilot
+    then stops with SIGTERM (sky/skylet/subprocess_daemon.py), counted.
+    `marks`: each peer's newest trouble (`{"node", "kind", "what", "at"}`, PeerMarks)."""
     incs = record["incarnations"]
     inc = incs[-1] if incs else None
-    if inc is None or not counts(inc) or inc.get("started_at") is None:
+    if inc is None or inc.get("code") != ExitCode.RETRYABLE or None in (inc.get("started_at"), inc.get("trouble_at")):
         return record
-    during = sorted((m for m in marks if m.get("at", 0) >= inc["started_at"] - CLOCK_SKEW_S), key=lambda m: m["at"])
-    if during:
-        first = during[0]
-        inc.update(preempted=True, cause=f"peer node {first.get('node')} got a preemption notice ({first.get('source')})")
+    own_preempted, own_cause = cause_of(inc["code"], inc.get("notice"))
+    own = {"kind": NOTICE if own_preempted else FAILURE, "at": inc["trouble_at"]}
+    during = [m for m in marks if isinstance(m.get("at"), (int, float)) and m["at"] >= inc["started_at"] - CLOCK_SKEW_S]
+    first = min([own, *during], key=lambda m: m["at"])  # ties: this node's own view
+    if first is own:
+        inc.update(preempted=own_preempted, cause=own_cause)
+    elif first.get("kind") == NOTICE:
+        inc.update(preempted=True, cause=f"peer node {first.get('node')} got a preemption notice ({first.get('what')})")
+    else:
+        inc.update(preempted=False, cause=f"peer node {first.get('node')} failed first: {first.get('what')}")
     return record
 
 
@@ -169,13 +180,16 @@ def begin(record: dict, incarnation: str, step: int | None, started_at: float | 
     return record
 
 
-def end(record: dict, incarnation: str, code: int, reason: str, step: int | None, notice: str | None = None) -> dict:
+def end(record: dict, incarnation: str, code: int, reason: str, step: int | None, notice: str | None = None,
+        trouble_at: float | None = None) -> dict:
     """Close this incarnation, saying whether a preemption ended it (`notice`: the
-    source of the notice this node got); a 78 becomes the record's verdict for this config."""
+    source of the notice this node got; `trouble_at`: when it got it, or saw the
+    failure); a 78 becomes the record's verdict for this config."""
     preempted, cause = cause_of(int(code), notice)
     for inc in record["incarnations"]:
         if inc.get("id") == incarnation:
-            inc.update(code=int(code), reason=reason, end_step=step, ended=_now(), preempted=preempted, cause=cause)
+            inc.update(code=int(code), reason=reason, end_step=step, ended=_now(), preempted=preempted, cause=cause,
+                       notice=notice, trouble_at=trouble_at)
     if code == ExitCode.USER_ERROR:
         record["fatal"] = {"reason": reason, "time": _now()}
     return record
@@ -206,19 +220,20 @@ class RestartRecord:
         self.store.put(data, RECORD_DIR, RECORD_NAME)
 
 
-class NoticeMarks:
-    """`<checkpoints>/_supervise/notices/node-R.json`: the newest preemption notice
-    of each node R > 0 (node 0's are in the record), one object per node so
-    writers never contend; node 0's next start reads them (`peer_preempted`)."""
+class PeerMarks:
+    """`<checkpoints>/_supervise/nodes/node-R.json`: how node R > 0's newest
+    incarnation went wrong first (a notice, or a failure without one) and when;
+    node 0's are in the record. One object per node, so writers never contend;
+    node 0's next start reads them (`first_cause`)."""
 
     def __init__(self, store: Store):
         self.store = store
 
-    def write(self, node: int, source: str, at: float) -> None:
-        name = f"node-{node}.json"
+    def write(self, node: int, kind: str, what: str, at: float) -> None:
         if not self.store.remote:
             os.makedirs(self.store.path(RECORD_DIR, MARKS_DIR), exist_ok=True)
-        self.store.put(json.dumps({"node": node, "source": source, "at": at}).encode(), RECORD_DIR, MARKS_DIR, name)
+        mark = {"node": node, "kind": kind, "what": what, "at": at}
+        self.store.put(json.dumps(mark).encode(), RECORD_DIR, MARKS_DIR, f"node-{node}.json")
 
     def read(self) -> list[dict]:
         """Every node's newest mark; unreadable ones are skipped."""
@@ -228,6 +243,6 @@ class NoticeMarks:
                 mark = json.loads(self.store.cat(RECORD_DIR, MARKS_DIR, name))
             except (FileNotFoundError, ValueError):
                 continue
-            if isinstance(mark, dict) and isinstance(mark.get("at"), (int, float)):
+            if isinstance(mark, dict):
                 marks.append(mark)
         return marks

@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 ARGS_VERDICT_WAIT_S = 300.0  # after torchrun exited non-zero: how long to wait for TorchTitan's parser
-MARK_WAIT_S = 10.0  # at exit: how long a node > 0 waits for its notice mark to be written
+MARK_WAIT_S = 10.0  # at exit: how long a node > 0 waits for its mark (budget.PeerMarks) to be written
 LEDGER_POLL_S = 2.0  # while a save without deadline is awaited: how often the run ledger is re-read
 
 
@@ -299,8 +299,8 @@ class _Record:
         self.data = budget.close_open(budget.for_config(stored, budget.config_hash(trainer_args)), step)
         self.incarnation, self.step, self.writer = incarnation, step, writer
         incs = self.data["incarnations"]
-        if incs and budget.counts(incs[-1]):  # a survivor of a partial preemption? (node count may change)
-            budget.peer_preempted(self.data, _peer_marks(catalog))
+        if incs and incs[-1].get("code") == ExitCode.RETRYABLE:  # what did the peers see first?
+            budget.first_cause(self.data, _peer_marks(catalog))
 
     def save(self) -> None:
         if not self.writer:
@@ -312,25 +312,26 @@ class _Record:
 
 
 def _peer_marks(catalog: Catalog) -> list[dict]:
-    """The peers' notices (budget.NoticeMarks); none when they cannot be read."""
+    """What the peers saw first (budget.PeerMarks); nothing when it cannot be read."""
     try:
-        return budget.NoticeMarks(catalog.store).read()
+        return budget.PeerMarks(catalog.store).read()
     except (SuperviseError, OSError) as err:
-        log.warning("peer notices unknown: %s", err)
+        log.warning("peer marks unknown: %s", err)
         return []
 
 
-def _mark_notice(catalog: Catalog, node_rank: int, notice: Notice) -> threading.Thread:
-    """A node > 0 tells node 0's next start that a preemption ended this incarnation:
-    in a thread, so that a slow store never delays the save the notice asks for."""
+def _mark(catalog: Catalog, node_rank: int, kind: str, what: str, at: float) -> threading.Thread:
+    """A node > 0 tells node 0's next start what went wrong here first and when
+    (budget.first_cause): in a thread, so that a slow store never delays the save
+    a notice asks for."""
 
     def write() -> None:
         try:
-            budget.NoticeMarks(catalog.store).write(node_rank, notice.source, notice.received_at)
+            budget.PeerMarks(catalog.store).write(node_rank, kind, what, at)
         except (SuperviseError, OSError) as err:
-            log.warning("notice mark not written: %s", err)
+            log.warning("peer mark not written: %s", err)
 
-    thread = threading.Thread(target=write, name="supervise-notice-mark", daemon=True)
+    thread = threading.Thread(target=write, name="supervise-peer-mark", daemon=True)
     thread.start()
     return thread
 
@@ -408,7 +409,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     hang: str | None = None
     gave_up: str | None = None  # why the wrapper stopped waiting for a save it asked for
     ledger_watch: _LedgerWatch | None = None
-    marking: threading.Thread | None = None  # this node's notice, on its way to node 0's next start
+    marking: threading.Thread | None = None  # this node's trouble, on its way to node 0's next start
     stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
     try:
         if checker is not None:
@@ -474,7 +475,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                          f"measured saves need)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
                 if topo.node_rank > 0 and n.source != budget.STOP:
-                    marking = _mark_notice(plan.catalog, topo.node_rank, n)
+                    marking = _mark(plan.catalog, topo.node_rank, budget.NOTICE, n.source, n.received_at)
             if ledger_watch is not None and save_wait is not None and (events := ledger_watch.take()) is not None:
                 first = save_wait.measured_s is None
                 if save_wait.observe(events, now):
@@ -496,6 +497,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                 _say(f"{gave_up}; killing the workers")
                 break
     finally:
+        trouble_at = time.time()  # the loop ended: torchrun exited, a hang, a stop (a notice's own time wins)
         if checker is not None:
             checker.close()
         if ledger_watch is not None:
@@ -516,14 +518,19 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
     journal.emit("exit", code=int(code), reason=reason, notice=notice.source if notice else None,
                  saved_step=saved_step(outcome) if notice else None)
+    source = notice.source if notice else None
+    preempted, cause = budget.cause_of(int(code), source)
+    if notice is not None:
+        trouble_at = notice.received_at
+    if topo.node_rank > 0 and code == ExitCode.RETRYABLE and not preempted:
+        marking = _mark(plan.catalog, topo.node_rank, budget.FAILURE, reason, trouble_at)
     if marking is not None:
         marking.join(MARK_WAIT_S)
     if record.writer:
         end_step = plan.resume.step if stop else _newest_step(plan.catalog)
-        budget.end(record.data, incarnation, code, reason, end_step, notice.source if notice else None)
+        budget.end(record.data, incarnation, code, reason, end_step, source, trouble_at)
         record.save()
     _say(f"exit {int(code)}: {reason}")
-    preempted, cause = budget.cause_of(int(code), notice.source if notice else None)
     if preempted and code == ExitCode.RETRYABLE:
         _say(f"not counted as a restart without progress: {cause}")
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):

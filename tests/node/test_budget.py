@@ -102,15 +102,38 @@ def test_each_incarnation_says_whether_a_preemption_ended_it():
     ]  # fmt: skip
 
 
-def test_a_peer_notice_during_the_incarnation_makes_the_survivor_preempted():
-    """Node 1 got the notice; node 0 saw only its collectives fail (69, no notice)."""
-    record = _run(_fresh(), (None, 69, None), (None, 69, None))  # the newest started at 100.0
-    stale, during = {"node": 2, "source": "aws", "at": 50.0}, {"node": 1, "source": "sigterm", "at": 130.0}
-    assert budget.peer_preempted(record, [stale])["incarnations"][-1]["preempted"] is False
-    budget.peer_preempted(record, [stale, during])
-    assert [(i["preempted"], i["cause"]) for i in record["incarnations"]] == [
-        (False, "failure on a healthy cluster"), (True, "peer node 1 got a preemption notice (sigterm)")]
-    assert len(budget.no_progress_streak(record["incarnations"], None)) == 1
+def _ended_69(notice=None, trouble_at=130.0):
+    """A record whose newest incarnation started at 100.0 and ended 69 on this node (node 0)."""
+    record = _run(_fresh(), (None, 69, None))
+    budget.begin(record, "i1", None, started_at=100.0)
+    return budget.end(record, "i1", 69, CRASH, None, notice, trouble_at)
+
+
+def _first(record):
+    inc = record["incarnations"][-1]
+    return inc["preempted"], inc["cause"]
+
+
+def test_the_first_trouble_in_the_cluster_decides():
+    """Node 0's own view, amended at its next start with each peer's first trouble (PeerMarks)."""
+    stale = {"node": 2, "kind": "notice", "what": "aws", "at": 50.0}  # an older incarnation's
+    peer_notice = {"node": 1, "kind": "notice", "what": "sigterm", "at": 120.0}
+    peer_crash = {"node": 1, "kind": "failure", "what": "torchrun failed (exit 1)", "at": 120.0}
+    late_notice = {"node": 1, "kind": "notice", "what": "gcp", "at": 140.0}
+    # survivor of a partial preemption: node 1 got the notice, then node 0's collectives failed
+    assert _first(budget.first_cause(_ended_69(), [stale, peer_notice])) == (
+        True, "peer node 1 got a preemption notice (sigterm)")
+    # a crash on node 1, then SkyPilot stops the survivor with SIGTERM: counted
+    assert _first(budget.first_cause(_ended_69("sigterm"), [peer_crash])) == (
+        False, "peer node 1 failed first: torchrun failed (exit 1)")
+    # this node's own trouble came first: its own view stands
+    assert _first(budget.first_cause(_ended_69(), [stale, late_notice])) == (False, "failure on a healthy cluster")
+    assert _first(budget.first_cause(_ended_69("sigterm"), [late_notice])) == (True, "preemption notice (sigterm)")
+    # idempotent (a start that died before its own record may amend the same incarnation again)
+    twice = budget.first_cause(budget.first_cause(_ended_69(), [peer_crash]), [peer_crash])
+    assert _first(twice) == (False, "peer node 1 failed first: torchrun failed (exit 1)")
+    assert _first(budget.first_cause(_ended_69(), [])) == (False, "failure on a healthy cluster")
+    assert len(budget.no_progress_streak(budget.first_cause(_ended_69(), [peer_notice])["incarnations"], None)) == 1
 
 
 def test_status_view_of_the_record():

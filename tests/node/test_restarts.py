@@ -134,7 +134,9 @@ def _preempted_start(tmp_path, url, nodes: int = 1, *, how: str = "sigterm", ext
     by a preemption. `how`: "sigterm", node 0 gets SIGTERM (a spot VM reclaimed);
     "survivor", the other nodes vanish, then node 0 gets SIGTERM (at OS shutdown);
     "peer", node 1 gets the notice and ends, then node 0's rank dies as its
-    collectives would fail (69 with no notice of its own). Returns node 0's (exit code, log)."""
+    collectives would fail (69 with no notice of its own); "crash", node 1's rank
+    crashes, then node 0 gets SIGTERM (SkyPilot stopping the survivor of a failed
+    node). Returns node 0's (exit code, log)."""
     port, procs, logs = _port(), [], []
     for rank in range(nodes):
         run_dir = tmp_path / f"run-{time.monotonic_ns()}-{rank}"
@@ -156,6 +158,10 @@ def _preempted_start(tmp_path, url, nodes: int = 1, *, how: str = "sigterm", ext
             procs[1].send_signal(signal.SIGTERM)
             procs[1].wait(120)
             os.kill(int((procs[0].run_dir / "pid-0").read_text()), signal.SIGKILL)
+        elif how == "crash":
+            os.kill(int((procs[1].run_dir / "pid-1").read_text()), signal.SIGKILL)
+            procs[1].wait(120)
+            procs[0].send_signal(signal.SIGTERM)
         else:
             procs[0].send_signal(signal.SIGTERM)
         code = procs[0].wait(300)
@@ -194,3 +200,15 @@ def test_the_survivor_of_a_partial_preemption_does_not_count(tmp_path, s3_url):
         (69, True, "peer node 1 got a preemption notice (sigterm)"),
         (0, False, "finished"),
     ]  # fmt: skip
+
+
+def test_a_crash_whose_survivor_gets_sigterm_still_counts(tmp_path, s3_url):
+    """Node 1's rank crashes; then node 0 gets SIGTERM (as SkyPilot stops the rest of a
+    failed job): node 0 alone would call it a preemption, but the first trouble in the
+    cluster was a failure (node 1's mark), so with K=1 the next start gives up."""
+    k = ["--max-restarts-without-progress", "1"]
+    code, log = _preempted_start(tmp_path, s3_url, nodes=2, how="crash", extra=k)
+    assert code == ExitCode.RETRYABLE and "not counted" in log, log  # its own view, amended at the next start
+    code, log, _ = _start(tmp_path, s3_url, extra=k)
+    assert code == ExitCode.USER_ERROR and "gave up: 1 restarts without a new checkpoint" in log, log
+    assert _record(s3_url)["incarnations"][0]["cause"].startswith("peer node 1 failed first: torchrun failed")
