@@ -136,14 +136,16 @@ def first_cause(record: dict, marks: list[dict]) -> dict:
     the survivor of a partial preemption (its collectives failed), not counted. A
     peer's failure before this node's notice: a crash, whose survivors SkyPilot
     then stops with SIGTERM (sky/skylet/subprocess_daemon.py), counted.
-    `marks`: each peer's newest trouble (`{"node", "kind", "what", "at"}`, PeerMarks)."""
+    `marks`: each peer's newest trouble (`{"node", "kind", "what", "at", "since"}`,
+    PeerMarks); one whose start (`since`) precedes this incarnation's is an older one's."""
     incs = record["incarnations"]
     inc = incs[-1] if incs else None
     if inc is None or inc.get("code") != ExitCode.RETRYABLE or None in (inc.get("started_at"), inc.get("trouble_at")):
         return record
     own_preempted, own_cause = cause_of(inc["code"], inc.get("notice"))
     own = {"kind": NOTICE if own_preempted else FAILURE, "at": inc["trouble_at"]}
-    during = [m for m in marks if isinstance(m.get("at"), (int, float)) and m["at"] >= inc["started_at"] - CLOCK_SKEW_S]
+    during = [m for m in marks if isinstance(m.get("at"), (int, float)) and isinstance(m.get("since"), (int, float))
+              and m["since"] >= inc["started_at"] - CLOCK_SKEW_S]  # fmt: skip
     first = min([own, *during], key=lambda m: m["at"])  # ties: this node's own view
     if first is own:
         inc.update(preempted=own_preempted, cause=own_cause)
@@ -229,10 +231,11 @@ class PeerMarks:
     def __init__(self, store: Store):
         self.store = store
 
-    def write(self, node: int, kind: str, what: str, at: float) -> None:
+    def write(self, node: int, kind: str, what: str, at: float, since: float) -> None:
+        """`at`: when it went wrong; `since`: when this node's incarnation started."""
         if not self.store.remote:
             os.makedirs(self.store.path(RECORD_DIR, MARKS_DIR), exist_ok=True)
-        mark = {"node": node, "kind": kind, "what": what, "at": at}
+        mark = {"node": node, "kind": kind, "what": what, "at": at, "since": since}
         self.store.put(json.dumps(mark).encode(), RECORD_DIR, MARKS_DIR, f"node-{node}.json")
 
     def read(self) -> list[dict]:

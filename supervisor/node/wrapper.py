@@ -320,14 +320,14 @@ def _peer_marks(catalog: Catalog) -> list[dict]:
         return []
 
 
-def _mark(catalog: Catalog, node_rank: int, kind: str, what: str, at: float) -> threading.Thread:
+def _mark(catalog: Catalog, node_rank: int, kind: str, what: str, at: float, since: float) -> threading.Thread:
     """A node > 0 tells node 0's next start what went wrong here first and when
     (budget.first_cause): in a thread, so that a slow store never delays the save
     a notice asks for."""
 
     def write() -> None:
         try:
-            budget.PeerMarks(catalog.store).write(node_rank, kind, what, at)
+            budget.PeerMarks(catalog.store).write(node_rank, kind, what, at, since)
         except (SuperviseError, OSError) as err:
             log.warning("peer mark not written: %s", err)
 
@@ -475,7 +475,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                          f"measured saves need)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
                 if topo.node_rank > 0 and n.source != budget.STOP:
-                    marking = _mark(plan.catalog, topo.node_rank, budget.NOTICE, n.source, n.received_at)
+                    marking = _mark(plan.catalog, topo.node_rank, budget.NOTICE, n.source, n.received_at, started_at)
             if ledger_watch is not None and save_wait is not None and (events := ledger_watch.take()) is not None:
                 first = save_wait.measured_s is None
                 if save_wait.observe(events, now):
@@ -523,7 +523,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     if notice is not None:
         trouble_at = notice.received_at
     if topo.node_rank > 0 and code == ExitCode.RETRYABLE and not preempted:
-        marking = _mark(plan.catalog, topo.node_rank, budget.FAILURE, reason, trouble_at)
+        marking = _mark(plan.catalog, topo.node_rank, budget.FAILURE, reason, trouble_at, started_at)
     if marking is not None:
         marking.join(MARK_WAIT_S)
     if record.writer:

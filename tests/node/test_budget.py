@@ -116,15 +116,16 @@ def _first(record):
 
 def test_the_first_trouble_in_the_cluster_decides():
     """Node 0's own view, amended at its next start with each peer's first trouble (PeerMarks)."""
-    stale = {"node": 2, "kind": "notice", "what": "aws", "at": 50.0}  # an older incarnation's
-    peer_notice = {"node": 1, "kind": "notice", "what": "sigterm", "at": 120.0}
-    peer_crash = {"node": 1, "kind": "failure", "what": "torchrun failed (exit 1)", "at": 120.0}
-    late_notice = {"node": 1, "kind": "notice", "what": "gcp", "at": 140.0}
+    stale = {"node": 2, "kind": "failure", "what": "old", "at": 99.0, "since": 60.0}  # an older incarnation's
+    peer_notice = {"node": 1, "kind": "notice", "what": "sigterm", "at": 120.0, "since": 99.0}
+    peer_crash = {"node": 1, "kind": "failure", "what": "torchrun failed (exit 1)", "at": 120.0, "since": 101.0}
+    late_notice = {"node": 1, "kind": "notice", "what": "gcp", "at": 140.0, "since": 100.0}
     # survivor of a partial preemption: node 1 got the notice, then node 0's collectives failed
     assert _first(budget.first_cause(_ended_69(), [stale, peer_notice])) == (
         True, "peer node 1 got a preemption notice (sigterm)")
     # a crash on node 1, then SkyPilot stops the survivor with SIGTERM: counted
-    assert _first(budget.first_cause(_ended_69("sigterm"), [peer_crash])) == (
+    assert _first(budget.first_cause(_ended_69("sigterm"), [stale])) == (True, "preemption notice (sigterm)")
+    assert _first(budget.first_cause(_ended_69("sigterm"), [stale, peer_crash])) == (
         False, "peer node 1 failed first: torchrun failed (exit 1)")
     # this node's own trouble came first: its own view stands
     assert _first(budget.first_cause(_ended_69(), [stale, late_notice])) == (False, "failure on a healthy cluster")
