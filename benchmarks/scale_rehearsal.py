@@ -1,6 +1,6 @@
 """Scale rehearsal (issue 23): a model state of at least 4 GiB through the real
 node wrapper, 2 CPU ranks, on the embedded S3 store (SeaweedFS on loopback),
-every figure next to the best raw transfer of the same bytes, all in one run.
+every figure next to the best raw transfer of files of the same sizes, all in one run.
 
 Runs, in order, each a `supervise node --nproc-per-node 2` on its own prefix,
 checkpoints written straight to `s3://` (DIRECT: DCP through s3fs):
@@ -15,16 +15,18 @@ checkpoints written straight to `s3://` (DIRECT: DCP through s3fs):
             commit's window (ledger time stamps, proxy counter sampled every 5 ms),
             next to everything the store sent the node while it saved and committed.
             A separate run because the proxy slows uploads (Python, 2 cores).
-4. notice   SIGTERM to the node's process group (what SkyPilot and Kubernetes
-            send) after step 1; the trainer saves at the next step boundary,
+4. notice   SIGTERM to the node's process group (as SkyPilot's graceful cancel
+            sends it) after step 1; the trainer saves at the next step boundary,
             commits, exits 75: notice -> committed from the ledger. Then the node
             starts again and resumes (load time: TorchTitan's own log line), trains
             to the last step; its final checkpoint (model and optimizer tensors) and
             losses are compared bit for bit with run 1's.
-5. raw      the same shard files, as plain objects, through one warm s3fs client:
-            put concurrently (one stream per file like DCP's one writer thread per
-            rank, and 8 parts in flight per file), get concurrently (whole objects,
-            and 16 MiB ranged GETs as the product's reader issues); the best of each.
+5. raw      shard files of the same sizes (the sync run's step 2), as plain objects,
+            through one warm s3fs client: put concurrently (one stream per file,
+            like DCP's one writer thread per rank, and 8 parts in flight per file),
+            get concurrently (whole objects, and 16 MiB ranged GETs as the
+            product's reader issues them); two rounds, after run 1 and at the end
+            (other work may share the machine), the best of each kind.
 
 The model is TorchTitan's llama3 debug model made wider and deeper
 (benchmarks/scale_configs.py): 4.11 GiB of fp32 parameters and AdamW moments by
@@ -68,7 +70,7 @@ from tests.store.tcp_proxy import FaultProxy  # noqa: E402
 cpu_compat.apply()  # the configs below import TorchTitan's model code, which imports triton on a CPU machine
 from benchmarks.scale_configs import checkpoint_bytes  # noqa: E402
 
-STEPS = 3  # sync reference and notice run: the notice lands after step 1, the resume trains step 3
+STEPS = 3  # sync reference and notice run: SIGTERM after step 1, saved at step 2, the resume trains step 3
 GIB = 2**30
 SHAPES = {"quick": (1024, 2), "4g": (2048, 7)}  # benchmarks/scale_configs.py's named configs
 
