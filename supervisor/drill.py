@@ -204,8 +204,11 @@ class Drill:
 
     def _outage(self, url: str, index: int, ev: ChaosEvent, done: threading.Event, fired: list) -> None:
         """Freeze the store once step `ev.at_step`'s save is landing in it."""
+        from supervisor.store.fs import Store
+
+        store = Store(url)
         while not done.wait(0.2):
-            if save_in_progress(url, ev.at_step):
+            if save_in_progress(store, ev.at_step):
                 t = time.time()
                 detail = freeze_store(self.store.pid, ev.duration_s or STORE_OUTAGE_S, until=done)
                 fired.append({"index": index, "kind": ev.kind, "node": None, "observed_step": ev.at_step,

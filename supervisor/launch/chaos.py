@@ -125,15 +125,16 @@ def watched_saves(plan: list[ChaosEvent], fired: set[int], step: int | None) -> 
                    if i not in fired and ev.during_save and ev.kind not in STORE_KINDS and step >= ev.at_step - 1})
 
 
-def save_in_progress(checkpoints_url: str, step: int) -> bool:
+def save_in_progress(store, step: int) -> bool:
     """Step `step`'s save has put objects in the bucket and its commit marker is not
-    there yet: read through the store API (a listing of one folder)."""
+    there yet: read through the store API (a listing of one folder). `store`: one
+    `supervisor.store.fs.Store` kept by the poller (a new S3 client per poll costs
+    more than the window it looks for)."""
     from supervisor.errors import SuperviseError
-    from supervisor.store.fs import Store
     from supervisor.store.manifest import COMMIT
 
     try:
-        names = Store(checkpoints_url).listdir(f"step-{step}")
+        names = store.listdir(f"step-{step}")
     except SuperviseError:  # a drill's trigger must not take the job down; try again next poll
         return False
     return bool(names) and COMMIT not in names

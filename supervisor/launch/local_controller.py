@@ -28,6 +28,9 @@ from supervisor.node.prctl import become_subreaper
 from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
 
 POLL_S = 0.2
+# while a save-triggered chaos event waits: a save's objects are in the bucket
+# without their commit marker for well under a second at debug size
+SAVE_WATCH_POLL_S = 0.02
 HEARTBEAT_EVERY_S = 0.5
 FAILURE_GRACE_S = 3.0  # after a node fails, time for its peers' own exits to be seen
 SETUP_DONE = ".supervise-setup-done"  # in a node directory once its setup succeeded
@@ -74,6 +77,7 @@ class Controller:
         self.fired: set[int] = set()
         self.stop_requested: dict | None = None
         self.journal = None
+        self._store = None  # the checkpoints' store, for save-triggered chaos (one client for every poll)
         self.log_file = open(folder / "job.log", "a", buffering=1)
 
     # ---- bookkeeping ----
@@ -173,8 +177,11 @@ class Controller:
         """Steps a during-save chaos event waits for whose save is in flight now."""
         if not self.job.checkpoints_url:
             return set()
-        return {s for s in chaos.watched_saves(self.plan, self.fired, step)
-                if chaos.save_in_progress(self.job.checkpoints_url, s)}
+        if self._store is None:
+            from supervisor.store.fs import Store
+
+            self._store = Store(self.job.checkpoints_url)
+        return {s for s in chaos.watched_saves(self.plan, self.fired, step) if chaos.save_in_progress(self._store, s)}
 
     def fire(self, i: int, inc: int, nodes: list[Node], step: int | None) -> None:
         ev = self.plan[i]
@@ -247,13 +254,14 @@ class Controller:
                     self.save(step=step, state=RUNNING)
             # Step-triggered chaos on each heartbeat read, save-triggered chaos on every poll;
             # none once a node is leaving (let the incarnation end as it is).
-            if first_exit is None and not killed and (fresh or chaos.watched_saves(self.plan, self.fired, step)):
+            watching = first_exit is None and not killed and chaos.watched_saves(self.plan, self.fired, step)
+            if first_exit is None and not killed and (fresh or watching):
                 for i in chaos.due(self.plan, self.fired, step, live=True, saving=self.saving(step)):
                     self.fire(i, inc, nodes, step)
                     if self.plan[i].kind == "kill":
                         killed = True
                         break
-            time.sleep(POLL_S)
+            time.sleep(SAVE_WATCH_POLL_S if watching else POLL_S)
 
     def stop(self, nodes: list[Node], *, graceful: bool) -> None:
         """SIGTERM the wrappers (they save and commit), wait, then kill whatever is left.
