@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from supervisor.exitcodes import ExitCode
+from supervisor.node.notices import STOP
 from supervisor.titan_config import strip_node_owned
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS = 3
 CLOCK_SKEW_S = 5.0  # nodes' clocks (NTP) agree better than this
 KEEP = 50  # newest incarnations kept in the record; the ledger keeps the full history
 LOST = "no exit recorded (node lost or killed)"
-STOP = "stop"  # the notice source of `supervise stop`: a request, not a preemption
 
 
 def config_hash(trainer_args: list[str]) -> str:

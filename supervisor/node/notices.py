@@ -45,6 +45,9 @@ URL_ENV = {
 CLOUDS = ("aws", "gcp", "azure")
 
 
+STOP = "stop"  # the notice source of `supervise stop`: a request, not a preemption
+
+
 @dataclass(frozen=True)
 class Notice:
     source: str  # "sigterm", "sigint", "file", "stop" (`supervise stop`), "aws", "gcp", "azure"
@@ -331,7 +334,7 @@ class NoticeWatcher:
             return None
         # No deadline, whatever the request says (an older `supervise stop` wrote a fixed
         # 900 s budget): nothing reclaims the machine, so the trainer always saves.
-        return Notice("stop", time.time(), None)
+        return Notice(STOP, time.time(), None)
 
     def _run(self) -> None:
         if self.cloud == "auto":

@@ -34,7 +34,7 @@ from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
 from supervisor.node.gpu import CudaProbe, driver_version, gpus_requested, unusable
-from supervisor.node.notices import Notice, NoticeWatcher, SaveWait, cloud_urls
+from supervisor.node.notices import STOP, Notice, NoticeWatcher, SaveWait, cloud_urls
 from supervisor.node.prctl import die_with_parent
 from supervisor.node.resume import (
     ResumePlan,
@@ -175,7 +175,7 @@ def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, h
     step = (outcome or {}).get("step")
     if kind == "finished":
         return ExitCode.FINISHED, f"training finished at step {step}"
-    if notice is not None and notice.source == "stop":  # `supervise stop`: done, not a preemption to recover
+    if notice is not None and notice.source == STOP:  # `supervise stop`: done, not a preemption to recover
         if kind == "preempted_saved":
             return ExitCode.FINISHED, f"stopped on request; state saved and committed at step {step}"
         why = (outcome or {}).get("reason") if kind in ("preempted_unsaved", "commit_failed") else hang
@@ -462,7 +462,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
             if notices and not reported:
                 reported = True
                 n = notices[0]
-                what = "stop request (`supervise stop`)" if n.source == "stop" else f"preemption notice from {n.source}"
+                what = "stop request (`supervise stop`)" if n.source == STOP else f"preemption notice from {n.source}"
                 if n.deadline:
                     budget_s = n.deadline - time.time()
                     give_up_at = now + max(budget_s, 0.0)
@@ -474,7 +474,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                     _say(f"{what}, no deadline; asking the trainer to save (waiting as long as this run's "
                          f"measured saves need)")
                 journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
-                if topo.node_rank > 0 and n.source != budget.STOP:
+                if topo.node_rank > 0 and n.source != STOP:
                     marking = _mark(plan.catalog, topo.node_rank, budget.NOTICE, n.source, n.received_at, started_at)
             if ledger_watch is not None and save_wait is not None and (events := ledger_watch.take()) is not None:
                 first = save_wait.measured_s is None
@@ -513,7 +513,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         code, reason = stop
     else:
         code, reason = exit_decision(outcome, rc, notice, hang or gave_up)
-    if outcome and outcome.get("outcome", "").startswith("preempted") and (notice is None or notice.source != "stop"):
+    if outcome and outcome.get("outcome", "").startswith("preempted") and (notice is None or notice.source != STOP):
         saved = outcome.get("outcome") == "preempted_saved"
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
     journal.emit("exit", code=int(code), reason=reason, notice=notice.source if notice else None,

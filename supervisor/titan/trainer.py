@@ -419,10 +419,11 @@ class SuperviseTrainer(Trainer):
         # Sync DCP save returns on every rank only after the coordinator wrote
         # .metadata; an async one's future on rank 0 completes only then too.
         # Either way rank 0 knows that every rank's shard is written.
-        if self._kind_of_save(step).startswith("async"):  # what a stop must wait for (notices.SaveWait)
+        kind = self._kind_of_save(step)
+        if kind.startswith("async"):  # what a stop must wait for (notices.SaveWait)
             self._emit("checkpoint_uploaded", step=step, duration_s=round(seconds, 3))
         if self.committer is None:
-            self.save_timer.add(seconds, self._kind_of_save(step))
+            self.save_timer.add(seconds, kind)
             return
         self._save_seconds[step] = seconds
         self.committer.submit(step)  # returns at once; the result arrives at a later boundary
@@ -564,7 +565,7 @@ class SuperviseTrainer(Trainer):
             return True, "step already saved"
         if self.step == 0:
             return False, "no training step completed yet"
-        kind = save_kind(ckpt.async_mode == AsyncMode.DISABLED, self.mounted)
+        kind = self._kind_of_save(self.step)
         predicted = self.save_timer.expected(kind)
         plan = notice_plan(time.time(), deadline, predicted)
         self._emit("notice_plan", step=self.step, save_kind=kind, save=plan.save, reason=plan.reason,
