@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from supervisor.launch.local_controller import free_port  # noqa: E402
 from supervisor.ledger.journal import read_events  # noqa: E402
 from supervisor.store.catalog import Catalog  # noqa: E402
 from supervisor.titan.tinydata import build_assets, debug_model_args  # noqa: E402
 
 MODELS = {"debug": ("llama3", "llama3_debugmodel"), "x4": ("benchmarks.titan_configs", "llama3_debugmodel_x4")}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(root: Path, assets, model: str, mode: str, steps: int, interval: int) -> dict:
@@ -53,7 +47,7 @@ def run(root: Path, assets, model: str, mode: str, steps: int, interval: int) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPERVISE_CHECKPOINTS": str(ckpt), "SUPERVISE_LEDGER": str(ledger),
            "SUPERVISE_RUN_DIR": str(root / mode / "run"), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_port()), "-m", "supervisor.titan.train", *args]
+           "--master-port", str(free_port()), "-m", "supervisor.titan.train", *args]
     subprocess.run(cmd, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
     events, _ = read_events(str(ledger))
     blocked = {e.fields["step"]: e.fields["duration_s"] for e in events if e.kind == "checkpoint_saved"}

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from supervisor.exitcodes import ExitCode  # noqa: E402
+from supervisor.launch.local_controller import free_port  # noqa: E402
 from supervisor.runtime import heartbeat_steps, ledger_url  # noqa: E402
 from supervisor.store.local_server import LocalObjectStore  # noqa: E402
 from supervisor.titan import cpu_compat  # noqa: E402
@@ -50,12 +50,6 @@ from supervisor.titan.tinydata import build_assets, debug_model_args  # noqa: E4
 SUPERVISE = str(Path(sys.executable).parent / "supervise")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 STEP_RE = re.compile(r"step:\s+(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout=300.0, interval=0.05):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.launch.local_controller import free_port
 from supervisor.titan.tinydata import TinyAssets, build_assets, debug_model_args
 
 STEPS, INTERVAL = 10, 4  # small enough for CI, enough to kill between commits
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checkpoint_args(folder: str | Path, load_step: int | None = None) -> list[str]:

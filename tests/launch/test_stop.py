@@ -17,7 +17,6 @@ throttled by a loopback proxy (tests/store/tcp_proxy.py) in front of SeaweedFS.
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -25,6 +24,7 @@ from typer.testing import CliRunner
 
 from supervisor import registry
 from supervisor.launch import skypilot
+from supervisor.launch.local_controller import free_port
 from supervisor.ledger.events import Event
 from supervisor.ledger.journal import read_events
 from supervisor.node.notices import NoticeWatcher
@@ -136,11 +136,8 @@ def test_stop_result_is_the_step_the_nodes_committed_checked_against_the_catalog
 
 
 def _node_args(s3_url, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return ["--checkpoints", s3_url, "--trainer-module", "tests.node.standin_trainer", "--nproc-per-node", "1",
-            "--cloud", "none", "--notice-poll", "0.5", "--grace", str(GRACE_S), "--master-port", str(port),
+            "--cloud", "none", "--notice-poll", "0.5", "--grace", str(GRACE_S), "--master-port", str(free_port()),
             "--run-dir", str(tmp_path / "run")]
 
 

@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
 TAG = "SUPERVISE_TEST_NODE_TAG"
 
 
+def run_node(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`supervise node ARGS` to completion (dry runs, argument errors), without the SkyPilot
+    variables of this shell unless `env` sets them."""
+    full = {**os.environ, **(env or {})}
+    for k in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SUPERVISE_CHECKPOINTS"):
+        if k not in (env or {}):
+            full.pop(k, None)
+    return subprocess.run([str(Path(sys.executable).parent / "supervise"), "node", *args],
+                          capture_output=True, text=True, env=full, timeout=120)
+
+
 def start_node(args: list[str], trainer_args: list[str], *, env: dict | None = None, log: Path | None = None):
     """`supervise node ARGS -- TRAINER_ARGS` in its own process group (like SkyPilot's run)."""
     tag = uuid.uuid4().hex

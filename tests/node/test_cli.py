@@ -3,32 +3,16 @@ cannot be reached -> one line + exit 69; --dry-run --json with a real catalog (a
 DCP save, committed, then corrupted)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 from supervisor.exitcodes import ExitCode
+from supervisor.launch.local_controller import free_port
+from tests.node.nodeproc import run_node
 
-SUPERVISE = str(Path(sys.executable).parent / "supervise")
 TT = ["--module", "llama3", "--config", "llama3_debugmodel"]
-
-
-def node(*args, env=None):
-    full = {**os.environ, **(env or {})}
-    for k in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SUPERVISE_CHECKPOINTS"):
-        full.pop(k, None) if k not in (env or {}) else None
-    return subprocess.run([SUPERVISE, "node", *args], capture_output=True, text=True, env=full, timeout=120)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -43,21 +27,21 @@ def _closed_port() -> int:
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_78(args, env, words):
-    _one_error_line(node(*args, env=env), ExitCode.USER_ERROR, words)
+    _one_error_line(run_node(*args, env=env), ExitCode.USER_ERROR, words)
 
 
 def test_unreachable_store_is_retryable_69():
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "x",
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y", "SUPERVISE_STORE_RETRY_S": "1"}  # fmt: skip
-    _one_error_line(node("--dry-run", "--checkpoints", "s3://bucket/run", "--", *TT, env=env), ExitCode.RETRYABLE,
+    _one_error_line(run_node("--dry-run", "--checkpoints", "s3://bucket/run", "--", *TT, env=env), ExitCode.RETRYABLE,
                     "unreachable")  # fmt: skip
 
 
 def test_store_that_refuses_is_78(s3_store, s3_env):
     """A real store that answers "no such bucket" / "access denied": no retry can fix that."""
-    res = node("--dry-run", "--checkpoints", "s3://no-such-bucket/run", "--", *TT, env=s3_env)
+    res = run_node("--dry-run", "--checkpoints", "s3://no-such-bucket/run", "--", *TT, env=s3_env)
     _one_error_line(res, ExitCode.USER_ERROR, "does not exist")
-    res = node("--dry-run", "--checkpoints", s3_store.url("run"), "--", *TT, env={**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    res = run_node("--dry-run", "--checkpoints", s3_store.url("run"), "--", *TT, env={**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"})
     _one_error_line(res, ExitCode.USER_ERROR, "refused")
 
 
@@ -88,7 +72,7 @@ def test_dry_run_json_resumes_from_newest_verified_step(tmp_path):
         Catalog(str(ck)).commit(step, world_size=1, writer="test")
     env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.1.0.1\n10.1.0.2",
            "SKYPILOT_NUM_GPUS_PER_NODE": "2"}  # fmt: skip
-    res = node("--dry-run", "--json", "--", *TT, "--dump_folder", str(tmp_path), "--checkpoint.folder", "ck", env=env)
+    res = run_node("--dry-run", "--json", "--", *TT, "--dump_folder", str(tmp_path), "--checkpoint.folder", "ck", env=env)
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert plan["resume_step"] == 4
@@ -99,7 +83,7 @@ def test_dry_run_json_resumes_from_newest_verified_step(tmp_path):
 
     shard = next((ck / "step-4").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # newest checkpoint truncated
-    res = node("--dry-run", "--", *TT, "--dump_folder", str(tmp_path), "--checkpoint.folder", "ck")
+    res = run_node("--dry-run", "--", *TT, "--dump_folder", str(tmp_path), "--checkpoint.folder", "ck")
     assert res.returncode == 0, res.stderr
     first = res.stdout.splitlines()[0]
     assert first.startswith("resuming from step 2") and "step 4" in first, first

@@ -8,17 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 
 from supervisor.exitcodes import ExitCode
+from supervisor.launch.local_controller import free_port
 from supervisor.runtime import heartbeat_steps
 from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
 from tests.node.fake_metadata import FakeMetadata, urls_for
-from tests.node.nodeproc import cleanup, start_node, survivors, vanish, wait_for
-from tests.node.test_cli import node as node_cli
+from tests.node.nodeproc import cleanup, run_node, start_node, survivors, vanish, wait_for
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -27,12 +26,6 @@ STEPS = 12
 # training ends, however busy the machine is.
 STEPS_NOTICES = 24
 INTERVAL = 4
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(run_dir: Path) -> int:
@@ -51,7 +44,7 @@ class Run:
 
     def start(self, extra: dict[int, list[str]] | None = None, env: dict | None = None) -> list[Path]:
         self.incarnation += 1
-        port = _port()
+        port = free_port()
         run_dirs = []
         self.procs = []
         for rank in range(self.nodes):
@@ -76,7 +69,7 @@ class Run:
             cleanup(p)
 
     def resume_step(self) -> int | None:
-        res = node_cli("--dry-run", "--json", "--checkpoints", self.url, "--", *self.args)
+        res = run_node("--dry-run", "--json", "--checkpoints", self.url, "--", *self.args)
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)["resume_step"]
 

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from supervisor.exitcodes import ExitCode
+from supervisor.launch.local_controller import free_port
 from tests.node.nodeproc import cleanup, start_node, survivors, wait_for
 
 pytestmark = pytest.mark.slow
@@ -21,18 +22,10 @@ def _node(tmp_path, *extra, nproc=2, steps=1000, env=None):
     args = [
         "--checkpoints", str(tmp_path / "ck"), "--trainer-module", "tests.node.standin_trainer",
         "--nproc-per-node", str(nproc), "--run-dir", str(run_dir), "--cloud", "none",
-        "--master-port", str(_free_port()), *extra,
+        "--master-port", str(free_port()), *extra,
     ]  # fmt: skip
     proc = start_node(args, [*TRAINER, "--training.steps", str(steps)], env=env, log=tmp_path / "node.log")
     return proc, run_dir
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids(run_dir, n):

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import warnings
 
 import pytest
 
 from supervisor.exitcodes import ExitCode
+from supervisor.launch.local_controller import free_port
 from supervisor.store.local_server import LocalObjectStore
 from tests.node.nodeproc import cleanup, start_node, vanish, wait_for
 
@@ -23,17 +23,11 @@ TT = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps",
 CRASH = {"STANDIN_EXIT": "1"}  # every rank exits 1 after its steps: torchrun fails, the wrapper says 69
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(tmp_path, url, trainer_args=TT, env=None, extra=()):
     """One incarnation; returns (exit code, log text, seconds)."""
     log = tmp_path / f"node-{time.monotonic_ns()}.log"
     args = ["--checkpoints", url, "--trainer-module", "tests.node.standin_trainer", "--nproc-per-node", "1",
-            "--cloud", "none", "--master-port", str(_port()), *extra]  # fmt: skip
+            "--cloud", "none", "--master-port", str(free_port()), *extra]  # fmt: skip
     t0 = time.monotonic()
     proc = start_node(args, trainer_args, env=env, log=log)
     try:
@@ -137,7 +131,7 @@ def _preempted_start(tmp_path, url, nodes: int = 1, *, how: str = "sigterm", ext
     collectives would fail (69 with no notice of its own); "crash", node 1's rank
     crashes, then node 0 gets SIGTERM (SkyPilot stopping the survivor of a failed
     node). Returns node 0's (exit code, log)."""
-    port, procs, logs = _port(), [], []
+    port, procs, logs = free_port(), [], []
     for rank in range(nodes):
         run_dir = tmp_path / f"run-{time.monotonic_ns()}-{rank}"
         logs.append(tmp_path / f"node{rank}-{time.monotonic_ns()}.log")

@@ -9,6 +9,7 @@ import fsspec
 import pytest
 
 from supervisor.store.catalog import AlreadyCommitted, Catalog, IncompleteCheckpoint
+from tests.store.commit_race import RACE
 from tests.store.dcp_helpers import save, save_ranks
 
 pytestmark = pytest.mark.slow
@@ -114,28 +115,13 @@ def test_second_conditional_create_loses_and_keeps_the_first(s3_url):
     assert store.cat("k", "_COMMIT.json") == b"first"
 
 
-_RACE = """
-import sys, time
-from supervisor.store.catalog import Catalog, AlreadyCommitted
-url, step, go = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-cat = Catalog(url)
-cat.steps()  # warm up the client so both race on the commit itself
-time.sleep(max(0.0, go - time.time()))
-try:
-    cat.commit(step, writer=sys.argv[4])
-    print("WON")
-except AlreadyCommitted as err:
-    print("LOST", err)
-"""
-
-
 def test_two_processes_commit_the_same_step_exactly_one_wins(s3_url):
     import time
 
     save(s3_url, 5)
     go = time.time() + 4.0
     procs = [
-        subprocess.Popen([sys.executable, "-c", _RACE, s3_url, "5", str(go), f"w{i}"], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", RACE, s3_url, "5", str(go), f"w{i}"], stdout=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     outs = [p.communicate(timeout=60)[0] for p in procs]

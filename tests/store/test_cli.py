@@ -1,8 +1,6 @@
 """`supervise checkpoints ...` as a user runs it: exit codes, --json shapes, one-line errors."""
 
 import json
-import sys
-from types import SimpleNamespace
 
 import fsspec
 import pytest
@@ -10,25 +8,6 @@ import pytest
 from tests.store.dcp_helpers import save
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def supervise(capsys, monkeypatch):
-    """Run `supervise ARGS...` in-process through the real entry point (main: one-line errors, exit codes)."""
-    from supervisor.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["supervise", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-    return run
 
 
 def test_list_latest_verify_commit_prune(s3_url, supervise):

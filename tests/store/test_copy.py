@@ -7,7 +7,6 @@ import pytest
 
 from supervisor.store.catalog import Catalog
 from tests.store.dcp_helpers import save
-from tests.store.test_cli import supervise  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 PART = 5 * 2**20  # S3's smallest part

@@ -11,7 +11,7 @@ import pytest
 
 from supervisor.store.catalog import Catalog
 from tests.store.dcp_helpers import save
-from tests.store.test_catalog import _RACE
+from tests.store.commit_race import RACE
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_second_create_loses_and_two_committers_race_one_wins(gcs_url):
 
     save(gcs_url, 5)
     go = time.time() + 4.0
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, gcs_url, "5", str(go), f"w{i}"],
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, gcs_url, "5", str(go), f"w{i}"],
                               stdout=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert sorted(o.split()[0] for o in outs) == ["LOST", "WON"], outs

@@ -25,7 +25,6 @@ from supervisor.store.catalog import Catalog
 from tests.fixtures_titan import checkpoint_args, start_trainer
 from tests.store.dcp_helpers import save
 from tests.store.tcp_proxy import FaultProxy
-from tests.store.test_cli import supervise  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 MULTIPART = 256 * 2**20  # above every uploader's part size (s3fs 50 MiB, rclone 200 MiB cutoff)
