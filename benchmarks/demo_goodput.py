@@ -110,7 +110,7 @@ def main() -> int:
 
     from supervisor.demo import Demo, DemoConfig
     from supervisor.launch.local import job_dir, read_state
-    from supervisor.ledger.cli import build_report
+    from supervisor.ledger.report import build_report
     from supervisor.ledger.journal import read_events
     from supervisor.runtime import ledger_url
 

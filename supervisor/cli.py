@@ -44,7 +44,7 @@ def _register() -> None:
     from supervisor.demo import demo_command
     from supervisor.drill import drill_command
     from supervisor.launch.cli import register as register_launch
-    from supervisor.ledger.cli import report_command
+    from supervisor.ledger.report import report_command
     from supervisor.node.cli import node
     from supervisor.store.cli import app as checkpoints_app
 

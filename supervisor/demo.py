@@ -136,7 +136,7 @@ class Demo:
 
         from supervisor import registry
         from supervisor.drill import plan as drill_plan
-        from supervisor.ledger.cli import build_report, render
+        from supervisor.ledger.report import build_report, render
 
         cfg, session = self.cfg, self.session
         plan = drill_plan("demo", steps=cfg.steps, interval=cfg.interval, num_nodes=cfg.nodes,

@@ -217,7 +217,7 @@ class Drill:
 
     def judge(self, attempt: Attempt, ref_url: str) -> Row:
         """The row of an ended attempt against the reference run's checkpoints."""
-        from supervisor.ledger.cli import build_report
+        from supervisor.ledger.report import build_report
         from supervisor.ledger.journal import read_events
 
         st, fired, url = attempt.status, attempt.fired, attempt.spec.checkpoints_url

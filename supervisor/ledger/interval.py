@@ -38,7 +38,7 @@ class IntervalChoice:
 def choose(save_cost_s: float | None, mtbf_s: float | None, step_s: float | None, low: int, high: int,
            *, interruptions: int = 0) -> IntervalChoice:
     """The clamped Young/Daly interval in steps for the measured numbers."""
-    from supervisor.ledger.report import young_daly
+    from supervisor.ledger.timeline import young_daly
 
     if low < 1 or high < low:
         raise ValueError(f"interval range [{low}, {high}] must satisfy 1 <= low <= high")
@@ -55,7 +55,7 @@ def choose(save_cost_s: float | None, mtbf_s: float | None, step_s: float | None
 
 def from_ledger(events: list[Event], low: int, high: int) -> IntervalChoice:
     """The interval for the next incarnation of the run whose ledger holds `events`."""
-    from supervisor.ledger.report import summarize, work_losing
+    from supervisor.ledger.timeline import summarize, work_losing
 
     if not events:
         return choose(None, None, None, low, high)

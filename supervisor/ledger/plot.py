@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.ledger.events import Event
-from supervisor.ledger.report import Timeline, build_timeline
+from supervisor.ledger.timeline import Timeline, build_timeline
 
 COLOURS = {  # phase: (colour, legend label)
     "training": ("#cfe8cf", "training (productive)"),

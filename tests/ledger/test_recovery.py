@@ -7,7 +7,7 @@ import math
 import pytest
 
 from supervisor.ledger import interval
-from supervisor.ledger.report import summarize
+from supervisor.ledger.timeline import summarize
 from tests.ledger.runs import chaos_run, ev, steps
 
 

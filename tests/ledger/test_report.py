@@ -8,7 +8,7 @@ import random
 import pytest
 
 from supervisor.ledger.prices import Price
-from supervisor.ledger.report import KEYS, build_timeline, summarize, young_daly
+from supervisor.ledger.timeline import KEYS, build_timeline, summarize, young_daly
 from tests.ledger.runs import T0, chaos_run, ev, steps
 
 PARTS = [f"{k}_s" for k in KEYS]

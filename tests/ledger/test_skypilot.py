@@ -23,7 +23,7 @@ from sky.server.requests.serializers import decoders, encoders, return_value_ser
 from supervisor.ledger import skypilot
 from supervisor.ledger.events import Event, launch_fields
 from supervisor.ledger.prices import Price
-from supervisor.ledger.report import summarize
+from supervisor.ledger.timeline import summarize
 
 T0 = 1_780_000_000.0
 CONTROLLER_TZ = ZoneInfo("America/Los_Angeles")  # the controller's clock is not UTC
@@ -152,7 +152,7 @@ def test_truncated_rows_fall_back_to_record_times():
 
 
 def test_no_launch_event_means_cost_unknown(tmp_path):
-    from supervisor.ledger.cli import build_report
+    from supervisor.ledger.report import build_report
     from supervisor.ledger.journal import Journal
 
     j = Journal(str(tmp_path / "_ledger"), writer="node0", incarnation="i1")
@@ -165,7 +165,7 @@ def test_no_launch_event_means_cost_unknown(tmp_path):
 
 def test_report_target_chooses_the_backend_record(tmp_path, monkeypatch):
     from supervisor import registry
-    from supervisor.ledger.cli import backend_events_of
+    from supervisor.ledger.report import backend_events_of
 
     monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path))
     registry.record("local-run", backend="local", checkpoints_url=str(tmp_path / "ck"), job_id="local-1")
