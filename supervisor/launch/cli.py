@@ -94,7 +94,7 @@ def _goodput(url: str) -> float | None:
 
     try:
         from supervisor.ledger.journal import read_events
-        from supervisor.ledger.report import summarize
+        from supervisor.ledger.timeline import summarize
     except ImportError:
         return None
     try:
