@@ -29,6 +29,19 @@ class JobStatus:
     job_id: str | None = None
     reason: str | None = None  # why it failed or was cancelled
     checkpoints_url: str | None = None
+    details: str | None = None  # SkyPilot's `details`: why a job waits (STARTING without quota...), recovers or failed
+
+
+def shown_reason(reason: str | None, details: str | None, restarts: dict | None) -> str:
+    """`status`'s REASON: the backend's reason, else its details (why a job is not
+    running), then what the nodes recorded in the bucket (budget.streak_view): their
+    verdict (78) or the streak's last error, which names the trainer's own error line,
+    unless the backend's text already carries it (the local backend quotes the node)."""
+    own = reason or details or ""
+    node = (restarts or {}).get("gave_up") or (restarts or {}).get("last_error")
+    if node and node not in own:
+        return f"{own}; node: {node}" if own else node
+    return own
 
 
 class Request(Protocol):

@@ -364,6 +364,7 @@ class SkyPilotBackend:
                 job_id=str(rec.get("job_id")),
                 reason=rec.get("failure_reason"),
                 checkpoints_url=known.get("checkpoints_url"),
+                details=rec.get("details"),
             ))
         return out
 
@@ -587,9 +588,14 @@ def wait_for_stop(name: str, ledger: str, done: Callable[[list], bool], *, cap_s
         time.sleep(poll_s)
 
 
-# What status/stop/logs read from the queue; queue_v2's default fields drop failure_reason.
+# What status/stop/logs read from the queue; queue_v2's default fields
+# (sky/jobs/constants.py, DEFAULT_MANAGED_JOB_FIELDS) drop failure_reason and details.
+# `details` is computed, not stored: sky/jobs/utils.py, _update_fields adds what it
+# needs (schedule_state, priority, ...) and _format_job_details fills it: "In backoff,
+# waiting for resources", a PENDING/STARTING job's launch progress, "Recovering: ...",
+# "Failure: ..." -- why a job is not running.
 QUEUE_FIELDS = ["job_id", "task_id", "job_name", "task_name", "status", "recovery_count", "failure_reason",
-                "submitted_at", "end_at"]
+                "details", "submitted_at", "end_at"]
 
 
 def _queue() -> list[dict[str, Any]]:

@@ -321,3 +321,55 @@ def test_status_asks_for_the_reason_and_restarts_a_stopped_controller(monkeypatc
     assert st.reason == "setup failed: pip exited 1" and st.state == "FAILED_SETUP"
     assert [c["refresh"] for c in calls] == [False, True]
     assert all("failure_reason" in c["fields"] for c in calls)  # queue_v2's default fields drop it
+
+
+def test_queue_fields_are_ones_skypilots_jobs_queue_serves():
+    """Checked against the installed SkyPilot: every field we ask queue_v2 for is a
+    ManagedJobRecord field, and the jobs server maps each to a database column or
+    computes it (`details`: sky/jobs/utils.py, _update_fields then _format_job_details)."""
+    from sky.jobs import state, utils
+    from sky.schemas.api.responses import ManagedJobRecord
+
+    assert set(skypilot.QUEUE_FIELDS) <= set(ManagedJobRecord.model_fields)
+    db_fields, _handle = utils._update_fields(list(skypilot.QUEUE_FIELDS))
+    assert "details" not in db_fields and "schedule_state" in db_fields  # computed from these
+    for name in db_fields:
+        state._map_response_field_to_db_column(name)  # raises ValueError for an unknown field
+
+
+def test_status_shows_skypilots_details_of_a_job_that_is_not_running(monkeypatch, capsys):
+    """A job stuck in STARTING without spot quota: SkyPilot has no failure_reason, only
+    `details`. The SDK boundary is replaced (no API server runs here)."""
+    import sky
+
+    waiting = "In backoff, waiting for resources - Failed to acquire resources in all zones in us-east-1 for {8x H100 spot}"
+    seen = []
+
+    def queue_v2(**kw):
+        seen.append(kw["fields"])
+        return ([{"job_id": 4, "job_name": "run-q", "status": "STARTING", "recovery_count": 0,
+                  "failure_reason": None, "details": waiting}], 1, {}, 1)
+
+    monkeypatch.setattr(sky.jobs, "queue_v2", queue_v2)
+    monkeypatch.setattr(sky, "stream_and_get", lambda request: request)
+    registry.record("run-q", backend="skypilot", checkpoints_url=None, job_id="4")
+    assert _cli(monkeypatch, "status", "run-q", "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["details"] == waiting and row["state"] == "STARTING" and row["reason"] is None
+    assert "details" in seen[0]
+    monkeypatch.setenv("COLUMNS", "400")
+    assert _cli(monkeypatch, "status", "run-q") == 0
+    assert "In backoff, waiting for resources" in capsys.readouterr().out
+
+
+def test_reason_column_adds_what_the_nodes_recorded():
+    from supervisor.launch.base import shown_reason
+
+    gave_up = "gave up: 3 restarts without a new checkpoint; last error: torchrun failed (exit 1): FileNotFoundError: x"
+    sky_reason = "Job failed with exit code 78 (user program failure)."
+    assert shown_reason(sky_reason, "Failure: ...", {"gave_up": gave_up}) == f"{sky_reason}; node: {gave_up}"
+    assert shown_reason(None, "In backoff, waiting for resources", None) == "In backoff, waiting for resources"
+    assert shown_reason(None, None, {"gave_up": None, "last_error": "torchrun failed"}) == "torchrun failed"
+    local = f"gave up; exit 78: {gave_up}"  # the local backend quotes the node's last line already
+    assert shown_reason(local, None, {"gave_up": gave_up}) == local
+    assert shown_reason(None, None, None) == ""
