@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
 import typer
 
 from supervisor.node.budget import DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS
+from supervisor.node.notices import CLOUDS, url_env
 from supervisor.node.torchrun import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
 from supervisor.runtime import ENV_CHECKPOINTS
 
 
+def _url_param(cloud: str) -> str:
+    return f"{cloud}_metadata_url"
+
+
+def _metadata_url_options(command):
+    """One `--<cloud>-metadata-url` option (and SUPERVISE_<CLOUD>_METADATA_URL) per
+    cloud of notices.SOURCES, added to the command's signature, which typer reads:
+    a new cloud needs no edit here."""
+    sig = inspect.signature(command)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    urls = [inspect.Parameter(_url_param(c), inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                              default=typer.Option(None, f"--{c}-metadata-url", envvar=url_env(c),
+                                                   help=f"Base URL of {c}'s metadata service (tests: a loopback fake)."))
+            for c in CLOUDS]  # fmt: skip
+    command.__signature__ = sig.replace(parameters=[*fixed, *urls])
+    return command
+
+
+@_metadata_url_options
 def node(
     ctx: typer.Context,
     checkpoints: str = typer.Option(
@@ -39,10 +60,7 @@ def node(
     notice_file: str = typer.Option(
         None, "--notice-file", envvar="SUPERVISE_NOTICE_FILE", help="A file whose appearance is a preemption notice."
     ),
-    cloud: str = typer.Option("auto", "--cloud", help="Metadata service to poll for notices: auto, aws, gcp, azure, none."),
-    aws_metadata_url: str = typer.Option(None, "--aws-metadata-url", envvar="SUPERVISE_AWS_METADATA_URL"),
-    gcp_metadata_url: str = typer.Option(None, "--gcp-metadata-url", envvar="SUPERVISE_GCP_METADATA_URL"),
-    azure_metadata_url: str = typer.Option(None, "--azure-metadata-url", envvar="SUPERVISE_AZURE_METADATA_URL"),
+    cloud: str = typer.Option("auto", "--cloud", help=f"Metadata service to poll for notices: auto, {', '.join(CLOUDS)}, none."),
     notice_poll: float = typer.Option(5.0, "--notice-poll", help="Seconds between metadata polls."),
     grace: float = typer.Option(
         300.0, "--grace",
@@ -64,6 +82,7 @@ def node(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resume decision and the torchrun command; start nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: one JSON object (command, resume_step, ...)."),
+    **metadata_urls: str | None,  # --<cloud>-metadata-url, one per notices.SOURCES (_metadata_url_options)
 ) -> None:
     """Resume from the newest verified checkpoint, run torchrun, save on preemption notices.
 
@@ -72,16 +91,15 @@ def node(
     """
     from supervisor.errors import SuperviseError
     from supervisor.exitcodes import ExitCode
-    from supervisor.node.notices import CLOUDS
     from supervisor.node.wrapper import NodeOptions, make_plan, run
 
     if cloud not in (*CLOUDS, "auto", "none"):
-        raise SuperviseError(f"--cloud {cloud!r}: use auto, aws, gcp, azure or none", ExitCode.USER_ERROR)
+        raise SuperviseError(f"--cloud {cloud!r}: use auto, {', '.join(CLOUDS)} or none", ExitCode.USER_ERROR)
     opts = NodeOptions(
         checkpoints=checkpoints, checkpoint_mount=checkpoint_mount, commit_wait_s=commit_wait, keep=keep,
         nproc_per_node=nproc_per_node, master_port=master_port, trainer_module=trainer_module, run_dir=run_dir,
         notice_file=notice_file, cloud=cloud,
-        metadata_urls={"aws": aws_metadata_url, "gcp": gcp_metadata_url, "azure": azure_metadata_url},
+        metadata_urls={c: metadata_urls.get(_url_param(c)) for c in CLOUDS},
         notice_poll_s=notice_poll, grace_s=grace, hang_timeout_s=hang_timeout, startup_timeout_s=startup_timeout,
         max_restarts_without_progress=max_restarts_without_progress,
         interval_auto=_interval_range(checkpoint_interval_auto),

@@ -1,16 +1,28 @@
-"""Preemption notices: a notice file and the three clouds' metadata services.
+"""Preemption notices: a notice file, `supervise stop`'s request, and the clouds'
+metadata services.
 
-(SIGTERM/SIGINT are the fourth source; the wrapper's main thread owns signal
-handlers.) Each cloud has a configurable base URL so tests serve fake notices
-from loopback; the cloud is auto-detected in the background and the watcher
-stays quiet where no metadata server answers.
+(SIGTERM/SIGINT are one more source; the wrapper's main thread owns signal
+handlers. On Kubernetes the kubelet's SIGTERM never reaches the wrapper: a
+preStop hook writes the notice file instead, see supervisor.launch.kubernetes.)
+Each cloud is one `MetadataSource` class in `SOURCES`, with a configurable
+base URL so tests serve fake notices from loopback. Every source is probed in
+its own background thread (Azure's first call may take two minutes), so
+nothing waits for a probe: the file and the stop request are watched from the
+first moment, and a cloud is polled once its probe answered.
 
 - AWS IMDSv2: PUT /latest/api/token, then GET /latest/meta-data/spot/instance-action
-  (404 until a notice; then {"action", "time"}: about 2 minutes ahead).
+  (404 until a notice; then {"action", "time"}: about 2 minutes ahead), and
+  GET /latest/meta-data/events/recommendations/rebalance (404 until EC2 sends a
+  rebalance recommendation, then {"noticeTime"}): an *early* notice, which often
+  comes before the interruption notice (AWS EC2 User Guide, "EC2 instance
+  rebalance recommendations" and "Instance metadata categories").
 - GCP: GET /computeMetadata/v1/instance/preempted with `Metadata-Flavor: Google`
   ("TRUE" once preempted; GCP documents 30 s and returns no time).
 - Azure Scheduled Events: GET /metadata/scheduledevents with `Metadata: true`;
-  an event with EventType "Preempt" carries NotBefore (at least 30 s ahead).
+  an event with EventType "Preempt" carries NotBefore (at least 30 s ahead). The
+  first call enables the service for the VM and Azure documents that it can take
+  up to two minutes (Azure docs, "Scheduled Events for Linux VMs": enabling and
+  disabling Scheduled Events): the probe waits that long, in the background.
 """
 
 from __future__ import annotations
@@ -26,31 +38,19 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 log = logging.getLogger(__name__)
 
 GCP_NOTICE_S = 30.0  # GCP's documented preemption notice; its metadata gives no time
 
-DEFAULT_URLS = {
-    "aws": "http://169.254.169.254",
-    "gcp": "http://metadata.google.internal",
-    "azure": "http://169.254.169.254",
-}
-URL_ENV = {
-    "aws": "SUPERVISE_AWS_METADATA_URL",
-    "gcp": "SUPERVISE_GCP_METADATA_URL",
-    "azure": "SUPERVISE_AZURE_METADATA_URL",
-}
-CLOUDS = ("aws", "gcp", "azure")
-
-
 STOP = "stop"  # the notice source of `supervise stop`: a request, not a preemption
+AWS_REBALANCE = "aws-rebalance"  # an early notice: save at the next step boundary, keep training
 
 
 @dataclass(frozen=True)
 class Notice:
-    source: str  # "sigterm", "sigint", "file", "stop" (`supervise stop`), "aws", "gcp", "azure"
+    source: str  # "sigterm", "sigint", "file", "stop" (`supervise stop`), a SOURCES name, "aws-rebalance"
     received_at: float  # UTC epoch seconds
     deadline: float | None  # UTC epoch seconds by which the node goes away, if known
 
@@ -147,6 +147,12 @@ def parse_aws(status: int, body: str, now: float) -> Notice | None:
     return Notice("aws", now, deadline)
 
 
+def parse_aws_rebalance(status: int, body: str, now: float) -> Notice | None:
+    """A rebalance recommendation ({"noticeTime": ...}) is advice, not a deadline:
+    the instance may run on for hours, or the interruption notice may follow."""
+    return Notice(AWS_REBALANCE, now, None) if status == 200 and body.strip() else None
+
+
 def parse_gcp(status: int, body: str, now: float) -> Notice | None:
     if status != 200 or body.strip().upper() != "TRUE":
         return None
@@ -171,7 +177,8 @@ def parse_azure(status: int, body: str, now: float) -> Notice | None:
 
 
 def parse_notice_file(text: str, now: float, source: str = "file") -> Notice:
-    """Any file is a notice; JSON {"deadline": epoch} or {"deadline_s": seconds} adds a deadline."""
+    """Any file is a notice; JSON {"deadline": epoch} or {"deadline_s": seconds} adds a
+    deadline, {"source": name} names who sent it (the Kubernetes preStop hook)."""
     deadline = None
     try:
         data = json.loads(text) if text.strip() else {}
@@ -180,12 +187,14 @@ def parse_notice_file(text: str, now: float, source: str = "file") -> Notice:
                 deadline = float(data["deadline"])
             elif data.get("deadline_s") is not None:
                 deadline = now + float(data["deadline_s"])
+            if isinstance(data.get("source"), str) and data["source"]:
+                source = data["source"]
     except (ValueError, TypeError):
         pass
     return Notice(source, now, deadline)
 
 
-# --- metadata clients ---------------------------------------------------------
+# --- metadata services: one class per cloud, one line in SOURCES ---------------
 
 
 def _http(method: str, url: str, headers: dict, timeout: float) -> tuple[int, str, dict]:
@@ -197,99 +206,199 @@ def _http(method: str, url: str, headers: dict, timeout: float) -> tuple[int, st
         return err.code, "", dict(err.headers or {})
 
 
-class CloudPoller:
-    """One cloud's metadata service: `probe()` says whether it is there, `poll()` asks for a notice."""
+class MetadataSource:
+    """One cloud's metadata service. A cloud says how to tell that its service is
+    there (`_probe`), how to ask for a notice (`_poll`) and, where it has one, for
+    an early notice (`_poll_early`); network trouble is never a notice."""
 
-    def __init__(self, cloud: str, base_url: str, timeout: float = 1.0):
-        self.cloud = cloud
+    name: ClassVar[str]
+    default_url: ClassVar[str]
+    first_call_s: ClassVar[float] = 0.0  # the probe's timeout, where the first call is slow
+
+    def __init__(self, base_url: str, timeout: float = 1.0):
         self.base = base_url.rstrip("/")
         self.timeout = timeout
+
+    @property
+    def cloud(self) -> str:
+        return self.name
+
+    def probe(self) -> bool:
+        """Whether this cloud's service answers here (the first call: maybe slow)."""
+        try:
+            return self._probe(max(self.timeout, self.first_call_s))
+        except (OSError, ValueError):
+            return False
+
+    def poll(self, now: float | None = None) -> Notice | None:
+        """One question for a preemption notice."""
+        return self._ask(self._poll, now)
+
+    def poll_early(self, now: float | None = None) -> Notice | None:
+        """One question for an early notice: save, keep training."""
+        return self._ask(self._poll_early, now)
+
+    def _ask(self, question: Callable[[float], Notice | None], now: float | None) -> Notice | None:
+        try:
+            return question(time.time() if now is None else now)
+        except (OSError, ValueError) as err:
+            log.debug("%s metadata poll failed: %s", self.name, err)
+            return None
+
+    def _get(self, path: str, headers: dict, timeout: float | None = None) -> tuple[int, str, dict]:
+        return _http("GET", f"{self.base}{path}", headers, self.timeout if timeout is None else timeout)
+
+    def _probe(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def _poll(self, now: float) -> Notice | None:
+        raise NotImplementedError
+
+    def _poll_early(self, now: float) -> Notice | None:
+        return None
+
+
+class AwsImds(MetadataSource):
+    name, default_url = "aws", "http://169.254.169.254"
+    ACTION = "/latest/meta-data/spot/instance-action"
+    REBALANCE = "/latest/meta-data/events/recommendations/rebalance"
+
+    def __init__(self, base_url: str, timeout: float = 1.0):
+        super().__init__(base_url, timeout)
         self._token: str | None = None
 
-    def _aws_token(self) -> str:
+    def _fetch_token(self, timeout: float) -> str:
         status, body, _ = _http(
-            "PUT", f"{self.base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, self.timeout
+            "PUT", f"{self.base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout
         )
         if status != 200 or not body:
             raise OSError(f"IMDSv2 token request answered {status}")
         return body
 
-    def probe(self) -> bool:
-        try:
-            if self.cloud == "aws":
-                self._token = self._aws_token()
-                return True
-            if self.cloud == "gcp":
-                status, _, headers = _http(
-                    "GET", f"{self.base}/computeMetadata/v1/", {"Metadata-Flavor": "Google"}, self.timeout
-                )
-                return status == 200 and headers.get("Metadata-Flavor") == "Google"
-            status, body, _ = self._azure()
-            return status == 200 and "Events" in body
-        except (OSError, ValueError):
-            return False
+    def _with_token(self, path: str) -> tuple[int, str]:
+        if self._token is None:
+            self._token = self._fetch_token(self.timeout)
+        status, body, _ = self._get(path, {"X-aws-ec2-metadata-token": self._token})
+        if status == 401:  # expired: a new one next time
+            self._token = None
+        return status, body
 
-    def _azure(self) -> tuple[int, str, dict]:
-        url = f"{self.base}/metadata/scheduledevents?api-version=2020-07-01"
-        return _http("GET", url, {"Metadata": "true"}, self.timeout)
+    def _probe(self, timeout: float) -> bool:
+        self._token = self._fetch_token(timeout)
+        return True
 
-    def poll(self, now: float | None = None) -> Notice | None:
-        """One question to the service; network trouble is no notice (logged at debug)."""
-        now = time.time() if now is None else now
-        try:
-            if self.cloud == "aws":
-                if self._token is None:
-                    self._token = self._aws_token()
-                url = f"{self.base}/latest/meta-data/spot/instance-action"
-                status, body, _ = _http("GET", url, {"X-aws-ec2-metadata-token": self._token}, self.timeout)
-                if status == 401:
-                    self._token = None
-                return parse_aws(status, body, now)
-            if self.cloud == "gcp":
-                url = f"{self.base}/computeMetadata/v1/instance/preempted"
-                status, body, _ = _http("GET", url, {"Metadata-Flavor": "Google"}, self.timeout)
-                return parse_gcp(status, body, now)
-            status, body, _ = self._azure()
-            return parse_azure(status, body, now)
-        except (OSError, ValueError) as err:
-            log.debug("%s metadata poll failed: %s", self.cloud, err)
-            return None
+    def _poll(self, now: float) -> Notice | None:
+        return parse_aws(*self._with_token(self.ACTION), now)
+
+    def _poll_early(self, now: float) -> Notice | None:
+        return parse_aws_rebalance(*self._with_token(self.REBALANCE), now)
+
+
+class GcpMetadata(MetadataSource):
+    name, default_url = "gcp", "http://metadata.google.internal"
+    HEADERS = {"Metadata-Flavor": "Google"}
+
+    def _probe(self, timeout: float) -> bool:
+        status, _, headers = self._get("/computeMetadata/v1/", self.HEADERS, timeout)
+        return status == 200 and headers.get("Metadata-Flavor") == "Google"
+
+    def _poll(self, now: float) -> Notice | None:
+        status, body, _ = self._get("/computeMetadata/v1/instance/preempted", self.HEADERS)
+        return parse_gcp(status, body, now)
+
+
+class AzureScheduledEvents(MetadataSource):
+    name, default_url = "azure", "http://169.254.169.254"
+    first_call_s = 150.0  # Azure: the first call enables Scheduled Events, "up to two minutes"
+    PATH = "/metadata/scheduledevents?api-version=2020-07-01"
+    HEADERS = {"Metadata": "true"}
+
+    def _probe(self, timeout: float) -> bool:
+        status, body, _ = self._get(self.PATH, self.HEADERS, timeout)
+        return status == 200 and "Events" in body
+
+    def _poll(self, now: float) -> Notice | None:
+        return parse_azure(*self._get(self.PATH, self.HEADERS)[:2], now)
+
+
+SOURCES: dict[str, type[MetadataSource]] = {s.name: s for s in (AwsImds, GcpMetadata, AzureScheduledEvents)}
+CLOUDS = tuple(SOURCES)
+
+
+def url_env(cloud: str) -> str:
+    """The variable that points a cloud's metadata client elsewhere (tests: a loopback fake)."""
+    return f"SUPERVISE_{cloud.upper()}_METADATA_URL"
 
 
 def cloud_urls(overrides: dict[str, str | None] | None = None) -> dict[str, str]:
     """Base URL per cloud: explicit option, else SUPERVISE_<CLOUD>_METADATA_URL, else the real one."""
     overrides = overrides or {}
-    return {c: overrides.get(c) or os.environ.get(URL_ENV[c]) or DEFAULT_URLS[c] for c in CLOUDS}
+    return {c: overrides.get(c) or os.environ.get(url_env(c)) or s.default_url for c, s in SOURCES.items()}
 
 
-def detect(urls: dict[str, str], timeout: float = 1.0) -> CloudPoller | None:
-    """The first cloud whose metadata service answers (probed in parallel), or None."""
-    pollers = [CloudPoller(c, urls[c], timeout) for c in CLOUDS]
-    results: dict[str, bool] = {}
-    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p.cloud, p.probe()), daemon=True) for p in pollers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout * 3 + 1)
-    return next((p for p in pollers if results.get(p.cloud)), None)
+class Detection:
+    """Each source probed in its own daemon thread; `found()` is the first that answered
+    (on AWS the Azure probe at the same address gets a 404: only one cloud answers).
+    With `retry_s` a probe that fails is tried again (a cloud named by the user)."""
+
+    def __init__(self, sources: list[MetadataSource], retry_s: float | None = None):
+        self._found: list[MetadataSource] = []
+        self._pending = len(sources)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        for s in sources:
+            threading.Thread(target=self._probe, args=(s, retry_s), name=f"notice-probe-{s.name}", daemon=True).start()
+
+    def _probe(self, source: MetadataSource, retry_s: float | None) -> None:
+        ok = source.probe()
+        while not ok and retry_s is not None and not self._stop.wait(retry_s):
+            ok = source.probe()
+        with self._lock:
+            self._pending -= 1
+            if ok:
+                self._found.append(source)
+
+    def found(self) -> MetadataSource | None:
+        with self._lock:
+            return self._found[0] if self._found else None
+
+    def done(self) -> bool:
+        with self._lock:
+            return self._pending == 0 or bool(self._found)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def detect(urls: dict[str, str], timeout: float = 1.0) -> MetadataSource | None:
+    """The first cloud whose metadata service answers within `timeout` x 3 + 1 s, or None."""
+    detection = Detection([s(urls[c], timeout) for c, s in SOURCES.items()])
+    end = time.monotonic() + timeout * 3 + 1
+    while not detection.done() and time.monotonic() < end:
+        time.sleep(0.02)
+    return detection.found()
 
 
 class NoticeWatcher:
-    """Background thread: watches the notice file and (once detected) the cloud;
-    calls `on_notice` once, with the first notice, then stops."""
+    """Background thread: watches the notice file, the stop request and (once its
+    probe answered) the cloud; calls `on_notice` once, with the first notice, then
+    stops. `on_early` gets each cloud's early notice once (AWS's rebalance
+    recommendation); the watch goes on."""
 
     def __init__(
         self,
         on_notice: Callable[[Notice], None],
         *,
         notice_file: Path | None = None,
-        cloud: str = "auto",  # auto | aws | gcp | azure | none
+        cloud: str = "auto",  # auto | none | a SOURCES name
         urls: dict[str, str] | None = None,
         poll_s: float = 5.0,
         file_poll_s: float = 0.25,
         stop_url: str | None = None,  # `supervise stop`'s request in the bucket (source "stop")
+        on_early: Callable[[Notice], None] | None = None,
     ):
         self.on_notice = on_notice
+        self.on_early = on_early
         self.notice_file = notice_file
         self.stop_url = stop_url
         self.cloud = cloud
@@ -298,13 +407,21 @@ class NoticeWatcher:
         self.file_poll_s = min(file_poll_s, poll_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notice-watcher", daemon=True)
-        self.poller: CloudPoller | None = None
+        self._detection: Detection | None = None
+        self._early_seen = False
+        self.poller: MetadataSource | None = None
 
     def start(self) -> None:
+        if self.cloud == "auto":
+            self._detection = Detection([s(self.urls[c]) for c, s in SOURCES.items()])
+        elif self.cloud in SOURCES:  # named: probed until it answers (Azure's first call enables it)
+            self._detection = Detection([SOURCES[self.cloud](self.urls[self.cloud])], retry_s=self.poll_s)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._detection is not None:
+            self._detection.stop()
         self._thread.join(5)
 
     def _check_file(self) -> Notice | None:
@@ -336,21 +453,27 @@ class NoticeWatcher:
         # 900 s budget): nothing reclaims the machine, so the trainer always saves.
         return Notice(STOP, time.time(), None)
 
+    def _check_cloud(self) -> Notice | None:
+        if self.poller is None and self._detection is not None and (found := self._detection.found()):
+            self.poller = found
+            log.info("watching %s metadata for preemption notices", found.name)
+        if self.poller is None:
+            return None
+        notice = self.poller.poll()
+        if notice is None and self.on_early is not None and not self._early_seen:
+            early = self.poller.poll_early()
+            if early is not None:
+                self._early_seen = True
+                self.on_early(early)
+        return notice
+
     def _run(self) -> None:
-        if self.cloud == "auto":
-            self.poller = detect(self.urls)
-            if self.poller:
-                log.info("watching %s metadata for preemption notices", self.poller.cloud)
-        elif self.cloud in CLOUDS:
-            self.poller = CloudPoller(self.cloud, self.urls[self.cloud])
         next_poll = 0.0
         while not self._stop.is_set():
             notice = self._check_file()
             if notice is None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.poll_s
-                notice = self._check_stop()
-                if notice is None and self.poller is not None:
-                    notice = self.poller.poll()
+                notice = self._check_stop() or self._check_cloud()
             if notice is not None:
                 self.on_notice(notice)
                 return

@@ -1,6 +1,9 @@
 """Loopback fakes of the AWS IMDSv2, GCP and Azure metadata services, speaking
 just the requests `supervisor.node.notices` makes (paths and headers as the
-clouds document them). `preempt()` turns the notice on."""
+clouds document them). `preempt()` turns the notice on; `rebalance()` turns on
+AWS's rebalance recommendation (an early notice). `first_call_delay_s` stands in
+for Azure's first Scheduled Events call, which enables the service and may take
+up to two minutes."""
 
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeMetadata:
-    def __init__(self, cloud: str):
+    def __init__(self, cloud: str, first_call_delay_s: float = 0.0):
         self.cloud = cloud
         self.deadline: float | None = None  # set by preempt()
+        self.rebalance_at: float | None = None  # set by rebalance()
+        self.first_call_delay_s = first_call_delay_s
         self.requests: list[tuple[str, str]] = []
         fake = self
 
@@ -41,6 +46,15 @@ class FakeMetadata:
 
             def do_GET(self):
                 fake.requests.append(("GET", self.path))
+                if len(fake.requests) == 1 and fake.first_call_delay_s:
+                    time.sleep(fake.first_call_delay_s)
+                if fake.cloud == "aws" and self.path == "/latest/meta-data/events/recommendations/rebalance":
+                    if self.headers.get("X-aws-ec2-metadata-token") != "tok-123":
+                        return self._send(401)
+                    if fake.rebalance_at is None:
+                        return self._send(404)
+                    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(fake.rebalance_at))
+                    return self._send(200, json.dumps({"noticeTime": when}))
                 if fake.cloud == "aws" and self.path == "/latest/meta-data/spot/instance-action":
                     if self.headers.get("X-aws-ec2-metadata-token") != "tok-123":
                         return self._send(401)
@@ -74,6 +88,9 @@ class FakeMetadata:
 
     def preempt(self, in_s: float = 120.0) -> None:
         self.deadline = time.time() + in_s
+
+    def rebalance(self) -> None:
+        self.rebalance_at = time.time()
 
     def __enter__(self) -> FakeMetadata:
         self._thread.start()

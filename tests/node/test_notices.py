@@ -8,6 +8,7 @@ import pytest
 
 from supervisor.node.notices import NoticeWatcher, detect, parse_aws, parse_azure, parse_gcp, parse_notice_file
 from tests.node.fake_metadata import FakeMetadata, urls_for
+from tests.node.nodeproc import wait_for
 
 
 def test_parsers():
@@ -54,3 +55,46 @@ def test_no_metadata_server_is_quiet_and_the_file_still_works(tmp_path, caplog):
     assert got and got[0].source == "file" and got[0].deadline is not None
     assert not notice_file.exists()  # consumed, so the restart does not stop at once
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+def test_azure_slow_first_call_blocks_nothing_and_its_notice_is_detected(tmp_path):
+    """Azure documents that the first Scheduled Events call (it enables the service)
+    can take up to two minutes: stand-ins whose first answer takes 10 s. One watcher
+    gets the Preempt event all the same; another shows that the notice file is
+    watched while its first call is still under way."""
+    got: list = []
+    from_file: list = []
+    done = threading.Event()
+    notice_file = tmp_path / "preempt"
+    with FakeMetadata("azure", first_call_delay_s=10.0) as fake, \
+            FakeMetadata("azure", first_call_delay_s=10.0) as other:
+        fake.preempt(in_s=60)  # already there when the first call finally answers
+        watcher = NoticeWatcher(lambda n: (got.append(n), done.set()), urls=urls_for(fake), poll_s=0.2)
+        watcher.start()
+        meanwhile = NoticeWatcher(from_file.append, urls=urls_for(other), poll_s=0.2, notice_file=notice_file)
+        meanwhile.start()
+        wait_for(lambda: fake.requests and other.requests, 5)  # both first calls under way
+        notice_file.write_text("{}")
+        wait_for(lambda: from_file, 5)
+        assert from_file[0].source == "file" and meanwhile.poller is None and not got
+        assert done.wait(60)
+        watcher.stop()
+        meanwhile.stop()
+    assert got[0].source == "azure" and abs(got[0].deadline - fake.deadline) < 1.5
+    assert len([r for r in fake.requests if r[1].startswith("/metadata/scheduledevents")]) >= 2  # then polled
+
+
+def test_every_source_gets_its_url_option_and_variable(monkeypatch):
+    """A cloud is one class in notices.SOURCES: its URL variable, default and the
+    node's --<cloud>-metadata-url option follow from that row."""
+    import inspect
+
+    from supervisor.node.cli import node
+    from supervisor.node.notices import SOURCES, cloud_urls, url_env
+
+    options = {p.default.param_decls[0] for p in inspect.signature(node).parameters.values()
+               if p.name.endswith("_metadata_url")}
+    assert options == {f"--{c}-metadata-url" for c in SOURCES}
+    monkeypatch.setenv(url_env("gcp"), "http://127.0.0.1:1")
+    urls = cloud_urls({"aws": "http://127.0.0.1:2"})
+    assert urls == {"aws": "http://127.0.0.1:2", "gcp": "http://127.0.0.1:1", "azure": SOURCES["azure"].default_url}
