@@ -67,11 +67,14 @@ class Demo:
         return run
 
     def watch(self, launcher, name: str, url: str, plan: list, title: str):
-        """Live view: state, step, loss and the newest ledger events, until the job ends."""
+        """Live view: state, step, loss and the newest ledger events, until the job ends.
+        Piped (not a terminal): one line per ledger event and per status change instead."""
         from rich.live import Live
 
         from supervisor.launch.local import read_state
 
+        if not self.console.is_terminal:
+            return self.log(launcher, name, url, title)
         t0 = time.monotonic()
         events: list = []
         last_read = 0.0
@@ -86,6 +89,32 @@ class Demo:
                     return st
                 time.sleep(0.25)
 
+    def log(self, launcher, name: str, url: str, title: str):
+        """The live view for a pipe or a file: nothing is redrawn, each line stands alone."""
+        from supervisor.launch.local import read_state
+
+        t0, seen = time.monotonic(), set()
+        said_status, said_step, said_at = None, None, 0.0
+        while True:
+            st = launcher.status(name)[0]
+            events = self.read_ledger(url)
+            for e in events:
+                key = (e.writer, e.incarnation, e.kind, e.t)
+                if e.kind != "progress" and key not in seen:
+                    seen.add(key)
+                    self.console.print(f"  {e.t - events[0].t:7.1f}  {e.writer}  {e.incarnation}  {e.kind}  "
+                                       f"{_details(e)}", soft_wrap=True, highlight=False, markup=False)
+            step, loss = _step_and_loss(read_state(name) or {}, events)
+            status = (st.state, st.recoveries)
+            if status != said_status or (step != said_step and time.monotonic() - said_at >= 5.0):
+                said_status, said_step, said_at = status, step, time.monotonic()
+                self.console.print(f"{title}: {st.state}, step {step}/{self.cfg.steps}, {loss}, "
+                                   f"recoveries {st.recoveries}, {time.monotonic() - t0:.0f} s",
+                                   soft_wrap=True, highlight=False, markup=False)
+            if is_terminal(st.state):
+                return st
+            time.sleep(1.0)
+
     @staticmethod
     def read_ledger(url: str) -> list:
         from supervisor.ledger.journal import read_events
@@ -99,15 +128,13 @@ class Demo:
         from rich.console import Group
         from rich.table import Table
 
-        progress = [e for e in events if e.kind == "progress"]
-        step = max([state.get("step") or 0] + [e.get("step", 0) for e in progress])
-        loss = progress[-1].get("loss") if progress else None
+        step, loss = _step_and_loss(state, events)
         head = Table.grid(padding=(0, 2))
         head.add_row(
             f"[bold]{title}[/]",
             f"state [bold]{st.state}[/]",
             f"step [bold]{step}[/]/{self.cfg.steps}",
-            f"loss [bold]{loss:.4f}[/]" if isinstance(loss, (int, float)) else "loss -",
+            loss,
             f"recoveries [bold]{st.recoveries}[/]",
             f"{elapsed:5.0f} s",
         )
@@ -122,10 +149,7 @@ class Demo:
             table.add_column(col)
         t0 = events[0].t if events else 0.0
         for e in [e for e in events if e.kind != "progress"][-8:]:
-            details = ", ".join(f"{k}={v}" for k, v in e.fields.items()
-                                if k in ("step", "reason", "with_notice", "saved_step", "code", "duration_s",
-                                         "action", "state", "source", "skipped") and v not in (None, []))
-            table.add_row(f"{e.t - t0:6.1f}", e.writer, e.incarnation, e.kind, details[:90])
+            table.add_row(f"{e.t - t0:6.1f}", e.writer, e.incarnation, e.kind, _details(e)[:90])
         rows.append(table)
         return Group(*rows)
 
@@ -206,6 +230,25 @@ class Demo:
             self.console.print(f"[bold]kept[/] store pid {store.pid} data {session.workdir}")
             self.console.print(f"  inspect: {env} supervise report {self.id}")
             self.console.print(f"  stop the store: kill {store.pid}")
+
+
+def _details(e) -> str:
+    """The fields of a ledger event a person watching the demo reads."""
+    return ", ".join(f"{k}={v}" for k, v in e.fields.items()
+                     if k in ("step", "reason", "with_notice", "saved_step", "code", "duration_s",
+                              "action", "state", "source", "skipped") and v not in (None, []))
+
+
+def _step_and_loss(state: dict, events: list) -> tuple[int, str]:
+    """The step reached, and the newest reported loss with its own step when that is an
+    earlier one (the trainer reports loss every few steps, never a stale value as current)."""
+    progress = [e for e in events if e.kind == "progress" and isinstance(e.get("loss"), (int, float))]
+    step = max([state.get("step") or 0] + [e.get("step", 0) for e in events if e.kind == "progress"])
+    if not progress:
+        return step, "loss -"
+    newest = max(progress, key=lambda e: (e.get("step", 0), e.t))
+    at = "" if newest.get("step") == step else f" (step {newest.get('step')})"
+    return step, f"loss {newest.get('loss'):.4f}{at}"
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
