@@ -36,6 +36,7 @@ ENV_LEDGER = "SUPERVISE_LEDGER"  # ledger URL, when the run keeps a journal
 ENV_INCARNATION = "SUPERVISE_INCARNATION"  # id of this (re)start of the job
 ENV_RESUME_STEP = "SUPERVISE_RESUME_STEP"  # catalog's verified step to load, or "none": start fresh
 ENV_COMMIT_WAIT_S = "SUPERVISE_COMMIT_WAIT_S"  # seconds a commit polls for a mount's upload to land
+DEFAULT_COMMIT_WAIT_S = 600.0  # its default: the longest a commit polls for the upload (it ends when the objects land)
 ENV_CHECKPOINT_KEEP = "SUPERVISE_CHECKPOINT_KEEP"  # committed checkpoints kept during the run; unset/0: all
 ENV_TORCHRUN_TIMES = "SUPERVISE_TORCHRUN_TIMES"  # the prestarted torchrun's start, import, wait (JSON)
 

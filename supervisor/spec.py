@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import RECOVER_ON
+from supervisor.runtime import DEFAULT_COMMIT_WAIT_S
 from supervisor.titan_config import OWNED, PARALLEL_DEGREES, CheckUnavailable, check_args, model_problem, titan_configs
 
 BUCKET_SCHEMES = ("s3", "gs", "r2", "nebius")
@@ -100,7 +101,7 @@ class Checkpoint(_Strict):
     # steps between saves, or "auto": Young/Daly from the ledger at each (re)start (docs/ledger.md)
     interval: int | Literal["auto"] = 500
     interval_range: tuple[int, int] = (50, 5000)  # bounds of `auto`, in steps
-    commit_wait_s: float = Field(600.0, ge=0)  # bounded wait for a cached mount to upload
+    commit_wait_s: float = Field(DEFAULT_COMMIT_WAIT_S, ge=0)  # bounded wait for a cached mount to upload
     keep: int = Field(3, ge=0)  # committed checkpoints kept during the run (pruned after each commit); 0 = all
 
     @field_validator("interval", mode="before")

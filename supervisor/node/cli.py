@@ -45,7 +45,7 @@ def node(
     ),
     commit_wait: float = typer.Option(
         None, "--commit-wait",
-        help="Seconds a commit waits at least for a mount's upload to land (default: the trainer's, 60); it waits "
+        help="Seconds a commit waits at least for a mount's upload to land (default: the recipe's checkpoint.commit_wait_s, 600); it waits "
         "3 x this run's average commit when that is longer, and the wait starts again while objects land.",
     ),
     keep: int = typer.Option(

@@ -88,7 +88,7 @@ LEDGER_POLL_S = 2.0  # while a save without deadline is awaited: how often the r
 class NodeOptions:
     checkpoints: str | None = None  # catalog URL; default from the trainer args
     checkpoint_mount: str | None = None  # where TorchTitan writes, when the bucket is mounted
-    commit_wait_s: float | None = None  # None: the trainer's default (titan.policy.DEFAULT_COMMIT_WAIT_S)
+    commit_wait_s: float | None = None  # None: the default (runtime.DEFAULT_COMMIT_WAIT_S)
     keep: int = 0  # committed checkpoints the trainer keeps during the run (owner: commits); 0: all
     nproc_per_node: int | None = None
     master_port: int = DEFAULT_MASTER_PORT

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from supervisor.runtime import DEFAULT_COMMIT_WAIT_S
+
 # A save on notice must fit before the deadline with room to spare: the
 # estimate is scaled by SAVE_MARGIN and EXIT_SLACK_S is added for the commit
 # marker, TorchTitan's 2 s end-of-training pause and process teardown.
@@ -87,12 +89,9 @@ class Throttle:
         return False
 
 
-DEFAULT_COMMIT_WAIT_S = 60.0  # a bucket mount's upload usually lands well within this
-
-
 def commit_wait_s(env_value: str | None, same_place: bool) -> float:
     """How long a commit polls the store for the step's objects: 0 when TorchTitan
-    writes straight to the catalog URL, else $SUPERVISE_COMMIT_WAIT_S (default 60 s),
+    writes straight to the catalog URL, else $SUPERVISE_COMMIT_WAIT_S (default: the recipe's, 600 s),
     since through a mount the objects reach the store after the save returns."""
     if same_place:
         return 0.0

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from supervisor import spec
 from supervisor.titan.policy import (
     DEFAULT_COMMIT_WAIT_S,
     EXIT_SLACK_S,
@@ -98,7 +99,7 @@ def test_tensor_differences_is_bitwise():
 
 def test_commit_waits_only_through_a_mount_and_for_the_wrappers_time():
     assert commit_wait_s("5", same_place=True) == 0.0
-    assert commit_wait_s(None, same_place=False) == DEFAULT_COMMIT_WAIT_S == 60.0
+    assert commit_wait_s(None, same_place=False) == DEFAULT_COMMIT_WAIT_S == spec.Checkpoint.model_fields["commit_wait_s"].default
     assert commit_wait_s("7.5", same_place=False) == 7.5
 
 
