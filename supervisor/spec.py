@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import RECOVER_ON
@@ -56,6 +56,22 @@ class Resources(_Strict):
     spot: bool = False
     infra: str | None = None  # SkyPilot --infra: aws, gcp, k8s, slurm, aws/us-east-1, ...
     image_id: str | None = None
+    # SkyPilot's tiers, passed through: the OS disk (holds a MOUNT_CACHED cache of a
+    # checkpoint per node; `high`/`ultra` for more than gp3's throughput) and the network
+    # (`best`: EFA / GPUDirect where the instance type has it). Values: SkyPilot's own.
+    disk_tier: str | None = None
+    network_tier: str | None = None
+
+    @field_validator("disk_tier", "network_tier", mode="before")
+    @classmethod
+    def _tier(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        v = str(v).lower()
+        allowed = skypilot_tiers(info.field_name)
+        if allowed is not None and v not in allowed:
+            raise ValueError(f"{v!r} is not a SkyPilot {info.field_name.replace('_', ' ')}; use one of: {', '.join(allowed)}")
+        return v
 
     @field_validator("accelerators", mode="before")
     @classmethod
@@ -81,6 +97,19 @@ class Resources(_Strict):
         if self.accelerators:
             return set(self.accelerators.values())
         return {self.procs_per_node or 1}
+
+
+def skypilot_tiers(field: str) -> list[str] | None:
+    """The values sky.Resources accepts for `disk_tier` / `network_tier`, read from the
+    installed SkyPilot (sky/utils/resources_utils.py, DiskTier and NetworkTier; sky/resources.py,
+    Resources.__init__ checks `tier.value for tier in ...`); None without SkyPilot (it is
+    imported only when a tier is set: `import sky` takes a second)."""
+    try:
+        from sky.utils import resources_utils
+    except ImportError:
+        return None
+    enum = {"disk_tier": resources_utils.DiskTier, "network_tier": resources_utils.NetworkTier}[field]
+    return [tier.value for tier in enum]
 
 
 class Dataset(_Strict):

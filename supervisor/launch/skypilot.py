@@ -173,15 +173,14 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
             "recover_on_exit_codes": task.restart.recover_on_exit_codes,
         },
     }
-    for key in ("infra", "cpus", "memory", "image_id"):
+    for key in ("infra", "cpus", "memory", "image_id", "disk_tier", "network_tier"):
         if getattr(res, key) is not None:
             common[key] = getattr(res, key)
     choices = [{name: n} for name, n in sorted(res.accelerators.items())] if res.accelerators else [None]
     try:
         resources = {sky.Resources(accelerators=acc, **common) for acc in choices}
     except (ValueError, exceptions.InvalidCloudConfigs, exceptions.NotSupportedError) as err:
-        field = "resources.infra" if res.infra and "infra" in str(err).lower() or "cloud" in str(err).lower() else "resources"
-        raise SuperviseError(f"field {field!r}: SkyPilot rejects it: {_first_line(err)}") from None
+        raise SuperviseError(f"field {rejected_field(str(err))!r}: SkyPilot rejects it: {_first_line(err)}") from None
     secrets, missing = task_secrets(task, environ)
     sky_task = sky.Task(
         name=task.name,
@@ -200,6 +199,16 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
                                    mode=sky.data.StorageMode[task.checkpoint.mode])
         sky_task.set_storage_mounts({task.checkpoint.mount_path: storage})
     return sky_task, missing
+
+
+def rejected_field(message: str) -> str:
+    """The recipe field a sky.Resources error is about (sky/resources.py words it
+    "Invalid disk_tier", "Disk tier ... is not supported", "Invalid network tier", infra/cloud...)."""
+    text = message.lower()
+    for key in ("disk_tier", "network_tier"):
+        if key in text or key.replace("_", " ") in text:
+            return f"resources.{key}"
+    return "resources.infra" if "infra" in text or "cloud" in text else "resources"
 
 
 def bucket_root(bucket: str) -> str:

@@ -373,3 +373,39 @@ def test_reason_column_adds_what_the_nodes_recorded():
     local = f"gave up; exit 78: {gave_up}"  # the local backend quotes the node's last line already
     assert shown_reason(local, None, {"gave_up": gave_up}) == local
     assert shown_reason(None, None, None) == ""
+
+
+def test_disk_and_network_tiers_pass_through_from_set_and_recipe(monkeypatch, capsys, tmp_path):
+    import sky
+    from sky.utils.resources_utils import DiskTier, NetworkTier
+
+    text = dry_run(monkeypatch, capsys, "llama3_8b", "--set", "resources.disk_tier=HIGH",
+                   "--set", "resources.network_tier=best")
+    task = sky.Task.from_yaml_config(yaml.safe_load(text))  # SkyPilot's own validation
+    assert {(r.disk_tier, r.network_tier) for r in task.resources} == {(DiskTier.HIGH, NetworkTier.BEST)}
+
+    recipe = yaml.safe_load((RECIPES_DIR / "llama3_8b.yaml").read_text())
+    recipe["resources"].update(disk_tier="ultra", network_tier="standard")
+    path = tmp_path / "tiers.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    config = yaml.safe_load(dry_run(monkeypatch, capsys, str(path)))
+    assert {(r["disk_tier"], r["network_tier"]) for r in config["resources"]["any_of"]} == {("ultra", "standard")}
+
+
+@pytest.mark.parametrize("key,enum", [("disk_tier", "DiskTier"), ("network_tier", "NetworkTier")])
+def test_a_tier_skypilot_does_not_know_is_refused_with_its_values(monkeypatch, capsys, key, enum):
+    from sky.utils import resources_utils
+
+    monkeypatch.setattr(sys, "argv", ["supervise", "start", "llama3_8b", "--set", f"resources.{key}=fastest", "--dry-run"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and f"resources.{key}" in err and "'fastest'" in err
+    assert ", ".join(t.value for t in getattr(resources_utils, enum)) in err  # SkyPilot's values, not a copy
+
+
+def test_rejected_field_names_the_tier_skypilot_complains_about():
+    assert skypilot.rejected_field("Disk tier ultra is not supported for instance type None.") == "resources.disk_tier"
+    assert skypilot.rejected_field("Invalid network_tier 'x'.") == "resources.network_tier"
+    assert skypilot.rejected_field("Invalid infra to parse: foo") == "resources.infra"
+    assert skypilot.rejected_field("Invalid memory 12Q") == "resources"
