@@ -55,28 +55,46 @@ def start(
 
 
 def _backend_of(name: str) -> str:
+    """The backend of a job this machine launched. An unknown name is answered from the
+    registry alone: asking SkyPilot would start its API server and jobs controller."""
     job = registry.lookup(name)
-    return job["backend"] if job else "skypilot"
+    if job is None:
+        raise SuperviseError(f"no job named {name!r}; `supervise status` lists jobs", exit_code=1)
+    return job.get("backend", "skypilot")
 
 
-def _bucket_view(url: str | None) -> dict[str, Any]:
+def _bucket_of(url: str) -> str:
+    return "/".join(url.split("/", 3)[:3])  # scheme://bucket
+
+
+def _bucket_view(url: str | None, unreachable: set[str]) -> dict[str, Any]:
     """Latest committed step and its time (read-only listing), the restart streak
-    (budget.streak_view of the nodes' restart record), and goodput so far."""
+    (budget.streak_view of the nodes' restart record), and goodput so far.
+
+    Read with the store's BRIEF policy: a bucket that cannot be reached costs one
+    warning line and a few seconds, once per bucket (`unreachable`), not a minute per call."""
     view: dict[str, Any] = {"step": None, "checkpoint_time": None, "restarts": None, "goodput": None}
-    if not url:
+    if not url or _bucket_of(url) in unreachable:
         return view
     try:
         from supervisor.node.budget import RestartRecord, streak_view
-        from supervisor.store.catalog import Catalog
+        from supervisor.store import retry
+        from supervisor.store.catalog import Catalog, StoreUnreachable
 
-        catalog = Catalog(url)
+        catalog = Catalog(url, retry.BRIEF)
         committed = [s for s in catalog.list() if s.state == "committed"]
         if committed:
             top = max(committed, key=lambda s: s.step)
             view["step"] = top.step
             view["checkpoint_time"] = (top.manifest or {}).get("created")
         view["restarts"] = streak_view(RestartRecord(catalog.store).load(), view["step"])
-    except (ImportError, SuperviseError, OSError):
+    except ImportError:
+        pass
+    except StoreUnreachable as err:
+        unreachable.add(_bucket_of(url))
+        typer.secho(f"warning: {err}; checkpoint and goodput columns left empty", fg="yellow", err=True)
+        return view
+    except (SuperviseError, OSError):
         pass
     view["goodput"] = _goodput(url)
     return view
@@ -98,22 +116,22 @@ def _goodput(url: str) -> float | None:
     except ImportError:
         return None
     try:
-        events, problems = read_events(ledger_url(url))
+        from supervisor.store import retry
+
+        events, problems = read_events(ledger_url(url), retry.BRIEF)
         value = summarize(events, problems).get("goodput") if events else None
     except Exception:  # a status view must not fail on a partial or missing journal
         return None
     return float(value) if value is not None else None
 
 
-def _row(st: JobStatus) -> dict[str, Any]:
-    return {**asdict(st), **_bucket_view(st.checkpoints_url)}
-
-
 def _collect(name: str | None) -> list[JobStatus]:
     if name is not None:
-        found = get_backend(_backend_of(name)).status(name)
+        backend = _backend_of(name)
+        found = get_backend(backend).status(name)
         if not found:
-            raise SuperviseError(f"no job called {name!r}; `supervise status` lists them", exit_code=1)
+            raise SuperviseError(f"{name!r} was launched here as a {backend} job, but {backend} no longer lists it; "
+                                 "`supervise status` lists jobs", exit_code=1)
         return found
     jobs: list[JobStatus] = []
     backends = {j.get("backend", "skypilot") for j in registry.all_jobs()}
@@ -133,7 +151,8 @@ def status(
 ) -> None:
     """State, recoveries, restart streak (failures without a new checkpoint; preemptions
     never count), latest committed step, last checkpoint time and goodput of jobs."""
-    rows = [_row(st) for st in _collect(name)]
+    unreachable: set[str] = set()
+    rows = [{**asdict(st), **_bucket_view(st.checkpoints_url, unreachable)} for st in _collect(name)]
     if as_json:
         typer.echo(json.dumps(rows, indent=1, default=str))
         return

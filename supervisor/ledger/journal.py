@@ -39,11 +39,12 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KIND = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def _store(url: str):
+def _store(url: str, policy=None):
     """The store's one door to storage (fsspec options, AWS_* env), shared with the catalog."""
+    from supervisor.store import retry
     from supervisor.store.fs import Store
 
-    return Store(url)
+    return Store(url, policy or retry.PATIENT)
 
 
 def _put(store, path: str, data: bytes, budget_s: float) -> None:
@@ -188,18 +189,17 @@ class Journal:
                 return self._stored == len(self._lines)
 
 
-def read_events(ledger_url: str) -> tuple[list[Event], list[str]]:
+def read_events(ledger_url: str, policy=None) -> tuple[list[Event], list[str]]:
     """All events under `ledger_url`, sorted by time, and a list of what could not be read.
 
-    A missing ledger is not an error: it gives ([], ["no journal at ..."]).
+    A missing ledger is not an error: it gives ([], ["no journal at ..."]). `policy`:
+    the store's retry policy (default PATIENT; views at a terminal pass BRIEF).
     """
-    from supervisor.store import retry
-
     problems: list[str] = []
     try:
-        store = _store(ledger_url.rstrip("/"))
+        store = _store(ledger_url.rstrip("/"), policy)
         fs, root = store.fs, store.root
-        paths = sorted(p for p in retry.call(fs.find, root) if p.endswith(".jsonl"))
+        paths = sorted(p for p in store.policy.call(fs.find, root) if p.endswith(".jsonl"))
     except FileNotFoundError:
         paths = []
     except Exception as err:
@@ -210,7 +210,7 @@ def read_events(ledger_url: str) -> tuple[list[Event], list[str]]:
     for path in paths:
         short = path[len(root.rstrip("/")) + 1:] if path.startswith(root) else path
         try:
-            text = retry.call(fs.cat_file, path).decode("utf-8", errors="replace")
+            text = store.policy.call(fs.cat_file, path).decode("utf-8", errors="replace")
         except Exception as err:
             problems.append(f"{short}: unreadable ({err})")
             continue

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from supervisor.store import manifest as mf
+from supervisor.store import retry
 from supervisor.store.errors import (  # re-exported: the catalog's error vocabulary
     AlreadyCommitted,
     CheckpointInvalid,
@@ -129,9 +130,9 @@ def _load_metadata(data: bytes):
 class Catalog:
     """The `step-N` folders under one URL (e.g. `s3://bucket/run1/checkpoint`)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, policy: retry.Policy = retry.PATIENT):
         self.url = str(url).rstrip("/")
-        self.store = Store(self.url)
+        self.store = Store(self.url, policy)
 
     # -- discovery ------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -367,8 +368,10 @@ class Catalog:
             return  # hard links: atomic on every local file system
         name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
         target = self.store.path(mf.CANARY_DIR, name)
+        # A failing first create is the answer: cleaning up after it would only retry
+        # against the same broken store and report the cleanup's error instead.
+        first = self.store.create_exclusive(b"first", mf.CANARY_DIR, name)
         try:
-            first = self.store.create_exclusive(b"first", mf.CANARY_DIR, name)
             second = self.store.create_exclusive(b"second", mf.CANARY_DIR, name)
         finally:
             self.store.rm([target])

@@ -17,10 +17,13 @@ app = typer.Typer(no_args_is_help=True)
 URL = typer.Argument(..., help="Folder that holds the step-N folders, e.g. s3://bucket/run1/checkpoint")
 
 
-def _catalog(url: str):
+def _catalog(url: str, brief: bool = False):
+    """brief: a view at a terminal gives up on an unreachable store in seconds (retry.BRIEF);
+    writes and byte-reading checks keep the patient policy."""
+    from supervisor.store import retry
     from supervisor.store.catalog import Catalog
 
-    return Catalog(url)
+    return Catalog(url, retry.BRIEF if brief else retry.PATIENT)
 
 
 def _print_json(obj) -> None:
@@ -45,7 +48,7 @@ _STYLE = {"committed": "green", "legacy": "cyan", "incomplete": "yellow", "corru
 @app.command("list")
 def list_(url: str = URL, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Every step-N folder with its state (committed, legacy, incomplete, corrupt, quarantined)."""
-    infos = _catalog(url).list()
+    infos = _catalog(url, brief=True).list()
     if as_json:
         _print_json([i.to_json() for i in infos])
         return
@@ -66,7 +69,7 @@ def latest(
     as_json: bool = typer.Option(False, "--json", help='Print {"step": N, "path": ..., "state": ...} or {"step": null}.'),
 ) -> None:
     """The newest checkpoint that verifies (falling back past bad ones, which are quarantined)."""
-    result = _catalog(url).latest(deep=deep)
+    result = _catalog(url, brief=not deep).latest(deep=deep)
     if as_json:
         _print_json(result.to_json())
         if result.skipped:
@@ -86,7 +89,7 @@ def verify(
     deep: bool = typer.Option(False, "--deep", help="Re-read and re-hash every object, not just sizes/ETags."),
 ) -> None:
     """Check one checkpoint against its manifest (or, without one, against `.metadata`)."""
-    catalog = _catalog(url)
+    catalog = _catalog(url, brief=not deep)
     if step is None:
         steps = catalog.steps()
         if not steps:

@@ -52,7 +52,7 @@ def _exists_error(err: BaseException | None) -> bool:
 class Store:
     """A folder in an object store or file system, seen through fsspec."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, policy: retry.Policy = retry.PATIENT):
         import fsspec
 
         url = str(url)
@@ -66,6 +66,7 @@ class Store:
         self.url = url.rstrip("/")
         self.root = root.rstrip("/") or root
         self.remote = protocol not in ("file", "local")
+        self.policy = policy
 
     # -- paths --------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -77,7 +78,7 @@ class Store:
     # -- calls (all retried, all errors translated) -------------------------------
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         try:
-            return retry.call(fn, *args, **kwargs)
+            return self.policy.call(fn, *args, **kwargs)
         except Exception as err:
             raise self._translate(what, err) from err
 
@@ -86,7 +87,7 @@ class Store:
             return err  # callers decide what "missing" / "exists" mean
         if retry.is_transient(err):
             return StoreUnreachable(
-                f"{what} {self.url}: store unreachable after retrying {retry.deadline_s():.0f}s "
+                f"{what} {self.url}: store unreachable after retrying {self.policy.deadline_s():.0f}s "
                 f"({type(err).__name__}: {_one_line(err)}); check AWS_ENDPOINT_URL and the network"
             )
         if isinstance(err, PermissionError):

@@ -1,9 +1,15 @@
 """The one retry policy for every object-store call.
 
 s3fs and botocore each retry on their own; the catalog turns both off (see
-`fs.open_store`) so that this policy is the only one: exponential backoff with
+`fs.Store`) so that this policy is the only one: exponential backoff with
 jitter on throttling, 5xx, timeouts and connection resets, never on auth or
-validation errors, bounded in total time, every attempt logged.
+validation errors, bounded in total time.
+
+How long it persists is the caller's: PATIENT (nodes, writers: a blip must not
+cost a recovery; every attempt logged) or BRIEF (someone at a terminal:
+`status`, `report`, `checkpoints list|latest|verify`, `start`'s preflight: an
+unreachable store is answered in seconds, with one line, attempts logged at
+debug level only).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 import tenacity
 
@@ -29,11 +36,6 @@ _TRANSIENT_ERRNO = {
 }
 _TRANSIENT_WORDS = ("slowdown", "throttl", "reduce your request rate", "requesttimeout", "internalerror",
                     "service unavailable", "serviceunavailable", "bad gateway", "gateway timeout")  # fmt: skip
-
-
-def deadline_s() -> float:
-    """Total time one call may spend retrying (env SUPERVISE_STORE_RETRY_S, default 60)."""
-    return float(os.environ.get("SUPERVISE_STORE_RETRY_S", "60"))
 
 
 def is_transient(err: BaseException) -> bool:
@@ -59,22 +61,45 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
-def _log_attempt(state: tenacity.RetryCallState) -> None:
-    err = state.outcome.exception() if state.outcome else None
-    log.warning(
-        "store call %s failed (attempt %d, %.1fs so far): %s: %s; retrying",
-        getattr(state.fn, "__name__", "?"), state.attempt_number, state.seconds_since_start,
-        type(err).__name__, err,
-    )  # fmt: skip
+def _log_attempt(level: int):
+    def log_attempt(state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        log.log(
+            level, "store call %s failed (attempt %d, %.1fs so far): %s: %s; retrying",
+            getattr(state.fn, "__name__", "?"), state.attempt_number, state.seconds_since_start,
+            type(err).__name__, err,
+        )  # fmt: skip
+
+    return log_attempt
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How long one call may keep retrying (env `env`, else `default_s`) and how loudly."""
+
+    env: str
+    default_s: float
+    quiet: bool = False
+
+    def deadline_s(self) -> float:
+        return float(os.environ.get(self.env, self.default_s))
+
+    def call(self, fn, *args, **kwargs):
+        """Run one store call under the policy; the last error is re-raised as is."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
+            stop=tenacity.stop_after_delay(self.deadline_s()),
+            before_sleep=_log_attempt(logging.DEBUG if self.quiet else logging.WARNING),
+            reraise=True,
+        )
+        return retrying(fn, *args, **kwargs)
+
+
+PATIENT = Policy("SUPERVISE_STORE_RETRY_S", 60.0)
+BRIEF = Policy("SUPERVISE_STORE_READ_RETRY_S", 5.0, quiet=True)
 
 
 def call(fn, *args, **kwargs):
-    """Run one store call under the policy; the last error is re-raised as is."""
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
-        stop=tenacity.stop_after_delay(deadline_s()),
-        before_sleep=_log_attempt,
-        reraise=True,
-    )
-    return retrying(fn, *args, **kwargs)
+    """One store call under the PATIENT policy."""
+    return PATIENT.call(fn, *args, **kwargs)
