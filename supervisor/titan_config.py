@@ -271,16 +271,73 @@ def _parse_in_this_process(args: list[str]) -> str | None:
     return None
 
 
+def _config_imports(args: list[str]) -> list[str]:
+    """Top-level modules (beyond the stdlib) that the source files whose code runs while
+    TorchTitan builds the config of `args` import: the model registry, its converters
+    (TorchTitan 0.3.0's Float8LinearConverter.__init__ in components/quantization/float8.py
+    raises "torchao is not installed"), whatever the config function calls. Files count
+    whether or not their imports succeed here; only files of TorchTitan and of the
+    `--module`'s own package are read (other libraries' optional imports are theirs)."""
+    from torchtitan.config import ConfigManager
+
+    def build() -> None:
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                ConfigManager().parse_args(list(args))
+            except (SystemExit, Exception):  # noqa: BLE001 - a failing build still ran the code it names
+                pass
+
+    build()  # imports the config registry: what merely importing it imports is not the config's doing
+    ran: set[str] = set()
+
+    def note(frame, event, _arg):
+        if event == "call":
+            ran.add(frame.f_code.co_filename)
+
+    sys.setprofile(note)
+    try:
+        build()
+    finally:
+        sys.setprofile(None)
+    module = arg_value(args, "--module") or ""
+    tops = {"torchtitan"} if module in (titan_modules() or ()) else {"torchtitan", module.split(".")[0]}
+    roots = [str(Path(d)) + os.sep for top in tops if (spec := importlib.util.find_spec(top))
+             for d in spec.submodule_search_locations or ()]
+    found = set().union(*(imports_of(Path(f)) for f in ran if f.startswith(tuple(roots))))
+    return sorted(found - tops - set(sys.stdlib_module_names))
+
+
+def imports_of(path: Path) -> set[str]:
+    """Top-level names a source file imports: `import`/`from` statements anywhere in it
+    (inside try/except and functions too) and `find_spec("x")`/`import_module("x")`."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("find_spec", "import_module")):
+            names.add(node.args[0].value.split(".")[0])
+    return names
+
+
 def _serve() -> None:
-    """Child: one JSON list of args per stdin line -> one {"error": ...} per stdout line."""
+    """Child: one JSON request per stdin line -> one JSON answer per stdout line. A list of
+    args -> {"error": verdict}; {"imports": args} -> {"imports": [module, ...]}."""
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever TorchTitan prints must not reach the reply channel
     from supervisor.titan import cpu_compat
 
     cpu_compat.apply()  # as supervisor.titan.train does before TorchTitan is imported
     for line in sys.stdin:
+        request = json.loads(line)
         try:
-            answer = {"error": _parse_in_this_process(json.loads(line))}
+            if isinstance(request, dict):
+                answer = {"imports": _config_imports(request["imports"])}
+            else:
+                answer = {"error": _parse_in_this_process(request)}
         except ImportError as err:
             answer = {"unavailable": f"{type(err).__name__}: {err}"}
         reply.write(json.dumps(answer) + "\n")
@@ -295,18 +352,32 @@ class TitanArgsCheck:
         self._preexec_fn = preexec_fn  # e.g. the node's "die with me" (PR_SET_PDEATHSIG)
 
     def submit(self, args: list[str]) -> None:
+        self._send(list(args))
+
+    def submit_imports(self, args: list[str]) -> None:
+        """Ask which modules the config of `args` imports (answered by `imports`)."""
+        self._send({"imports": list(args)})
+
+    def _send(self, request: list | dict) -> None:
         if self._proc is None:
             env = {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.titan_config"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=self._log, env=env, text=True, start_new_session=True, preexec_fn=self._preexec_fn,
             )  # fmt: skip
-        self._proc.stdin.write(json.dumps(list(args)) + "\n")
+        self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
 
     def result(self, timeout_s: float) -> str | None:
         """The oldest pending verdict: None = accepted, else the reason. Raises
         TimeoutError when none came in time, CheckUnavailable when the child died."""
+        return self._answer(timeout_s)["error"]
+
+    def imports(self, timeout_s: float) -> list[str]:
+        """The oldest pending answer to submit_imports (raises as `result` does)."""
+        return self._answer(timeout_s)["imports"]
+
+    def _answer(self, timeout_s: float) -> dict:
         with selectors.DefaultSelector() as sel:
             sel.register(self._proc.stdout, selectors.EVENT_READ)
             if not sel.select(max(0.0, timeout_s)):
@@ -319,13 +390,7 @@ class TitanArgsCheck:
         answer = json.loads(line)
         if answer.get("unavailable"):
             raise CheckUnavailable(answer["unavailable"])
-        return answer["error"]
-
-        """(done, verdict) without waiting."""
-        try:
-            return True, self.result(0)
-        except TimeoutError:
-            return False, None
+        return answer
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -343,21 +408,33 @@ def check_args(args: list[str], timeout_s: float = 300.0) -> str | None:
     """None when TorchTitan's parser accepts `args`, else one line naming the bad flag.
     One child serves every check of this process; verdicts are remembered. Raises
     CheckUnavailable / TimeoutError when no verdict could be had."""
-    global _shared
     key = tuple(args)
     if key not in _verdicts:
-        if _shared is None:
-            _shared = TitanArgsCheck()
-            atexit.register(_shared.close)
-        _shared.submit(list(args))
-        try:
-            _verdicts[key] = _shared.result(timeout_s)
-        except (TimeoutError, CheckUnavailable) as err:
-            if not str(err).startswith("ImportError"):  # a dead or late child: the next check gets a fresh one
-                _shared.close()
-                _shared = None
-            raise
+        _verdicts[key] = _ask(lambda child: child.submit(list(args)), lambda child: child.result(timeout_s))
     return _verdicts[key]
+
+
+@lru_cache(maxsize=None)
+def config_imports(args: tuple[str, ...], timeout_s: float = 300.0) -> tuple[str, ...]:
+    """Top-level modules beyond the stdlib that the code building the TorchTitan config
+    of `args` imports (see _config_imports), from the child that serves check_args."""
+    return tuple(_ask(lambda child: child.submit_imports(list(args)), lambda child: child.imports(timeout_s)))
+
+
+def _ask(send, receive):
+    """One request to the shared child; a dead or late child is replaced at the next request."""
+    global _shared
+    if _shared is None:
+        _shared = TitanArgsCheck()
+        atexit.register(_shared.close)
+    send(_shared)
+    try:
+        return receive(_shared)
+    except (TimeoutError, CheckUnavailable) as err:
+        if not str(err).startswith("ImportError"):
+            _shared.close()
+            _shared = None
+        raise
 
 
 if __name__ == "__main__":

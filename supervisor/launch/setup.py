@@ -19,10 +19,15 @@ import shlex
 from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
 from supervisor import DIST
+from supervisor.errors import SuperviseError
 from supervisor.launch import wheel
 from supervisor.runtime import ledger_url
-from supervisor.spec import JobSpec
+from supervisor.spec import JobSpec, titan_args
+from supervisor.titan_config import CheckUnavailable, config_imports
 
 VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
 # Where SkyPilot's runtime set-up puts uv on every node (sky/skylet/constants.py, SKY_UV_INSTALL_DIR).
@@ -36,6 +41,10 @@ VENV_CHECK = (f"{VENV}/bin/python -c " + shlex.quote(
 # huggingface_hub 1.x's `hf download`: one value per --include (checked against its CLI in tests).
 HF_HUB = "huggingface_hub>=1.0,<2"
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "original/tokenizer.model")
+# Versions of what a TorchTitan config imports when the launching machine lacks it (else
+# its own version is pinned, as for torch). torchao 0.18.0 loads its kernels with torch
+# >= 2.11 (torchao/__init__.py, min_torch_version), below what TorchTitan 0.3.0 needs.
+KNOWN_GOOD = {"torchao": "0.18.0"}
 
 
 def _pinned(dist: str) -> str:
@@ -74,12 +83,14 @@ def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
         titan = inst.torchtitan or _pinned("torchtitan")
         index = ["--index-url", inst.index_url] if inst.index_url else []
         ours = f'"$HOME/{built.remote_path.removeprefix("~/")}"' if built else shlex.quote(inst.supervise or "")
+        torch_req = f"torch=={torch}" if torch else "torch"
         rest = [f"torchtitan=={titan}" if titan else "torchtitan", *_store_packages(spec), *inst.extra]
         if spec.tokenizer.hf_repo:
             rest.append(HF_HUB)
+        rest += config_packages(spec, [torch_req, *rest, DIST])
         lines += [
             "python -m pip install --upgrade pip",
-            shlex.join(["pip", "install", f"torch=={torch}" if torch else "torch", *index]),
+            shlex.join(["pip", "install", torch_req, *index]),
             f"{shlex.join(['pip', 'install', *rest])} {ours}",
         ]
     else:  # the image provides the packages; a damaged venv must not shadow them
@@ -157,3 +168,52 @@ def _tiny_root(spec: JobSpec) -> str:
 
 def _store_packages(spec: JobSpec) -> list[str]:
     return ["gcsfs"] if spec.checkpoints_url.startswith("gs://") else []
+
+
+def config_packages(spec: JobSpec, installs: list[str]) -> list[str]:
+    """Requirements for the modules the recipe's TorchTitan config imports that neither
+    `installs` (setup's other requirements) nor their requirements provide: e.g. torchao,
+    which TorchTitan 0.3.0 imports only when a config uses its float8/mx converters."""
+    try:
+        wanted = set(config_imports(tuple(titan_args(spec))))
+    except (CheckUnavailable, TimeoutError) as err:
+        raise SuperviseError(f"cannot tell which packages TorchTitan's config {spec.model.config!r} imports: {err}; "
+                             "check that `python -m torchtitan.train` imports here") from None
+    installed = _closure(installs)
+    owners = metadata.packages_distributions()
+    provided = {module for module, dists in owners.items() if {canonicalize_name(d) for d in dists} & installed}
+    out = set()
+    for module in wanted - provided - {name.replace("-", "_") for name in installed}:
+        dist = owners.get(module, [module])[0]
+        version = _pinned(dist) or KNOWN_GOOD.get(canonicalize_name(dist))
+        out.add(f"{dist}=={version}" if version else dist)
+    return sorted(out)
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Canonical names of `requirements` and, for those installed here, what they require
+    (markers as on this machine; extras only where asked for)."""
+    seen: set[str] = set()
+    todo = _applicable(requirements, extras=())
+    while todo:
+        req = todo.pop()
+        if (name := canonicalize_name(req.name)) in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += _applicable(metadata.requires(req.name) or [], extras=req.extras)
+        except metadata.PackageNotFoundError:
+            pass
+    return seen
+
+
+def _applicable(requirements: list[str], extras) -> list[Requirement]:
+    out = []
+    for text in requirements:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:  # a wheel path or URL
+            continue
+        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {"", *extras}):
+            out.append(req)
+    return out
