@@ -7,6 +7,11 @@ socket or shared memory has to survive a crash:
     $SUPERVISE_RUN_DIR/notice.json        written by the wrapper when a preemption notice
                                           arrives: {"source", "received_at", "deadline"}
                                           (deadline: UTC epoch seconds, or null)
+    $SUPERVISE_RUN_DIR/save_now.json      written by the wrapper when an early notice arrives
+                                          (AWS's rebalance recommendation): {"source",
+                                          "received_at", "deadline": null}; the ranks save at
+                                          the next step boundary and train on, once per
+                                          received_at
     $SUPERVISE_RUN_DIR/heartbeat/rank-R.json
                                           rewritten by rank R after every step:
                                           {"rank", "step", "time"}
@@ -41,6 +46,7 @@ ENV_CHECKPOINT_KEEP = "SUPERVISE_CHECKPOINT_KEEP"  # committed checkpoints kept 
 ENV_TORCHRUN_TIMES = "SUPERVISE_TORCHRUN_TIMES"  # the prestarted torchrun's start, import, wait (JSON)
 
 NOTICE_FILE = "notice.json"
+SAVE_NOW_FILE = "save_now.json"
 OUTCOME_FILE = "outcome.json"
 HEARTBEAT_DIR = "heartbeat"
 LEDGER_DIR = "_ledger"  # the run's journal lives beside its step-N folders

@@ -422,7 +422,8 @@ class NoticeWatcher:
         self._stop.set()
         if self._detection is not None:
             self._detection.stop()
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)
 
     def _check_file(self) -> Notice | None:
         if self.notice_file is None or not self.notice_file.exists():

@@ -65,6 +65,7 @@ from supervisor.runtime import (
     HEARTBEAT_DIR,
     NOTICE_FILE,
     OUTCOME_FILE,
+    SAVE_NOW_FILE,
     heartbeat_steps,
     ledger_url,
     read_json,
@@ -248,7 +249,7 @@ def _fresh_run_dir(opts: NodeOptions, incarnation: str, node_rank: int) -> Path:
     if given:
         run_dir = Path(given)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (NOTICE_FILE, OUTCOME_FILE):
+        for stale in (NOTICE_FILE, SAVE_NOW_FILE, OUTCOME_FILE):
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / HEARTBEAT_DIR, ignore_errors=True)
         return run_dir
@@ -377,6 +378,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation}
 
     notices: list[Notice] = []
+    early_notices: list[Notice] = []  # an early notice (AWS rebalance): the trainer saves and trains on
     lock = threading.Lock()
     kill_now = threading.Event()
 
@@ -386,6 +388,10 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
                 return
             notices.append(notice)
         write_json_atomic(run_dir / NOTICE_FILE, notice.as_json())
+
+    def on_early(notice: Notice) -> None:
+        early_notices.append(notice)
+        write_json_atomic(run_dir / SAVE_NOW_FILE, notice.as_json())
 
     def on_signal(signum, _frame) -> None:
         if notices and signum == signal.SIGINT:
@@ -400,6 +406,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         urls=cloud_urls(opts.metadata_urls),
         poll_s=opts.notice_poll_s,
         stop_url=stop_request_url(plan.env[ENV_CHECKPOINTS]),
+        on_early=on_early,
     )
     # TorchTitan's own parser, beside torchrun rather than before it: it costs what
     # the trainer's own start costs (torch + model code), so it must not delay a good start.
@@ -438,6 +445,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         give_up_at: float | None = None
         save_wait: SaveWait | None = None  # a notice without deadline: the wait follows the measured saves
         reported = False
+        early_reported = 0
         while rc is None and stop is None:
             try:
                 rc = proc.wait(TICK_S)
@@ -459,6 +467,11 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
             if rc is not None:
                 break
             now = time.monotonic()
+            if len(early_notices) > early_reported and not notices:
+                e = early_notices[early_reported]
+                early_reported += 1
+                _say(f"early notice from {e.source}; asking the trainer to save at the next step and train on")
+                journal.emit("early_notice", source=e.source, received_at=e.received_at)
             if notices and not reported:
                 reported = True
                 n = notices[0]

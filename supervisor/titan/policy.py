@@ -74,6 +74,17 @@ def notice_plan(now: float, deadline: float | None, expected_save_s: float | Non
     )
 
 
+def early_save_plan(step: int, last_saved_step: int | None, loaded_step: int) -> NoticePlan:
+    """At an early notice (AWS's rebalance recommendation): save this step and train
+    on, unless it is already on storage; the interruption notice that may follow then
+    loses nothing (its step is saved, or it saves a newer one)."""
+    if step == 0:
+        return NoticePlan(False, "no training step completed yet")
+    if last_saved_step == step or step == loaded_step:
+        return NoticePlan(False, f"step {step} already saved")
+    return NoticePlan(True, f"saving step {step} and training on")
+
+
 class Throttle:
     """True at most once per `every_s` seconds or `every_steps` steps."""
 

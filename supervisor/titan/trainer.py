@@ -62,6 +62,7 @@ from supervisor.titan.policy import (
     Throttle,
     commit_budget_s,
     commit_wait_s,
+    early_save_plan,
     notice_plan,
     save_comm_timeout_s,
     save_kind,
@@ -240,14 +241,16 @@ class SuperviseCheckpointManager(CheckpointManager):
             self.background_stager.close()
             self.background_stager = None
 
-    def save_now(self, step: int) -> None:
-        """Save `step` whatever the interval and wait until it is on storage."""
+    def save_now(self, step: int, wait: bool = True) -> None:
+        """Save `step` whatever the interval; with `wait`, until it is on storage
+        (else an async save uploads while training goes on)."""
         self.force_next = True
         try:
             self.save(step)
         finally:
             self.force_next = False
-        self.finish_async()
+        if wait:
+            self.finish_async()
 
     def finish_async(self, block: bool = True) -> None:
         """Complete the async save in flight (wait for it, or only if it is done)."""
@@ -313,6 +316,7 @@ class SuperviseTrainer(Trainer):
         self._stopped: tuple[bool, str] | None = None  # a notice was acted on: (saved, reason)
         self._notice_deadline: float | None = None
         self._notice_save: dict[str, Any] | None = None  # the plan acted on: step, predicted_s, started
+        self._early_acted = float("-inf")  # received_at of the last early notice acted on
         self._commit_stop: str | None = None  # rank 0's reason to end: commits keep failing
         self.committer: Committer | None = None
         self._journal = None
@@ -529,13 +533,15 @@ class SuperviseTrainer(Trainer):
     # -- preemption notice ------------------------------------------------------
 
     def _stop_agreed(self) -> bool:
-        """All ranks agree (one small all_reduce) on a notice, or on rank 0's
-        commits failing; act on it. True: stop."""
+        """All ranks agree (one small all_reduce) on a notice, on rank 0's commits
+        failing, or on an early notice (save, train on); act on it. True: stop."""
         notice = runtime.read_json(self.run_dir / runtime.NOTICE_FILE) if self.run_dir else None
         deadline = notice.get("deadline") if notice else None
         failing = self.committer.should_stop() if self.committer is not None else None
+        early = runtime.read_json(self.run_dir / runtime.SAVE_NOW_FILE) if self.run_dir else None
+        early_at = float(early.get("received_at") or 0.0) if early else float("-inf")
         flags = torch.tensor([1.0 if notice else 0.0, -float(deadline) if deadline else float("-inf"),
-                              1.0 if failing else 0.0], dtype=torch.float64, device=self.device)  # fmt: skip
+                              1.0 if failing else 0.0, early_at], dtype=torch.float64, device=self.device)  # fmt: skip
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[2].item() > 0:
@@ -543,6 +549,9 @@ class SuperviseTrainer(Trainer):
             log.error("supervise: %s; ending this incarnation (retryable)", self._commit_stop)
             return True
         if flags[0].item() == 0.0:
+            if flags[3].item() > self._early_acted:  # a new early notice on some node
+                self._early_acted = flags[3].item()
+                self._save_early()
             return False
         earliest = -flags[1].item() if flags[1].item() != float("-inf") else None
         source = (notice or {}).get("source", "another node")
@@ -582,6 +591,20 @@ class SuperviseTrainer(Trainer):
         self._notice_save = {"step": self.step, "predicted_s": predicted, "started": time.monotonic()}
         ckpt.save_now(self.step)  # rank 0 hands it to the committer
         return True, plan.reason
+
+    def _save_early(self) -> None:
+        """An early notice (AWS's rebalance recommendation): every rank saves this
+        step (policy.early_save_plan) and training goes on; an async save uploads
+        meanwhile, and rank 0 commits it as any other."""
+        if not self.supervised_checkpoints:
+            plan_save, reason = False, "checkpointing is off (--checkpoint.enable)"
+        else:
+            plan = early_save_plan(self.step, self._last_saved_step, self._loaded_step)
+            plan_save, reason = plan.save, plan.reason
+        log.warning("supervise: early notice at step %d: %s", self.step, reason)
+        if plan_save:
+            self.checkpointer.save_now(self.step, wait=False)
+        self._emit("early_save", step=self.step, save=plan_save, reason=reason)
 
     def _decide_outcome(self) -> dict[str, Any]:
         """Rank 0's outcome (the one broadcast): 75 promises a commit that verified."""

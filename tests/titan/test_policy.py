@@ -112,3 +112,12 @@ def test_resume_step_from_the_wrapper_overrides_torchtitans_guess():
     for bad in ("-1", "latest"):
         with pytest.raises(ValueError):
             resume_load_step(bad, -1)
+
+
+def test_early_notice_saves_a_step_not_on_storage_yet():
+    from supervisor.titan.policy import early_save_plan
+
+    assert early_save_plan(7, 4, 0).save
+    assert not early_save_plan(8, 8, 0).save  # the periodic save of this step
+    assert not early_save_plan(4, None, 4).save  # the step just loaded
+    assert not early_save_plan(0, None, 0).save  # nothing trained yet
