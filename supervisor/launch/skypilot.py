@@ -45,7 +45,9 @@ from typing import Any, Callable, Mapping
 
 from supervisor import registry
 from supervisor.errors import SuperviseError
+from supervisor.launch import placement
 from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
+from supervisor.launch.placement import Placement
 from supervisor.launch.setup import VENV
 from supervisor.launch.task import NodeTask
 from supervisor.runtime import ledger_url, stop_request_url
@@ -157,23 +159,43 @@ def check_store(task: NodeTask, environ: Mapping[str, str]) -> None:
         )
 
 
+def near_bucket(task: NodeTask, environ: Mapping[str, str]) -> Placement:
+    """FAILOVER and the bucket's region unless the recipe chose otherwise (launch.placement)."""
+    from sky.utils.infra_utils import InfraInfo
+
+    chosen = task.resources.infra
+    try:  # SkyPilot's own parser: `k8s/<context>` and wildcards included (sky/utils/infra_utils.py)
+        parsed = InfraInfo.from_str(chosen) if chosen else InfraInfo(None, None, None)
+    except ValueError as err:
+        raise SuperviseError(f"field 'resources.infra': SkyPilot rejects it: {_first_line(err)}") from None
+    strategy = task.restart.strategy
+    location = None
+    if placement.needs_location(strategy, parsed.region):
+        location = placement.read_location(task.checkpoint.bucket, store_endpoint(environ))
+    return placement.place(task.checkpoint.bucket, strategy, chosen, parsed.cloud, parsed.region, location)
+
+
 def build_task(task: NodeTask, environ: Mapping[str, str]):
-    """The sky.Task for `task`, and the secret names the launching shell lacks."""
+    """The sky.Task for `task`, the secret names the launching shell lacks, and where it runs (Placement)."""
     sky = _sky()
     from sky import exceptions
 
     check_store(task, environ)
     res = task.resources
+    where = near_bucket(task, environ)
     common: dict[str, Any] = {
         "use_spot": res.spot,
         "disk_size": res.disk_size,
         "job_recovery": {
-            "strategy": task.restart.strategy,
+            # FAILOVER or the recipe's: the names of sky/jobs/recovery_strategy.py's registry
+            "strategy": where.strategy,
             "max_restarts_on_errors": task.restart.max_restarts_on_errors,
             "recover_on_exit_codes": task.restart.recover_on_exit_codes,
         },
     }
-    for key in ("infra", "cpus", "memory", "image_id", "disk_tier", "network_tier"):
+    if where.infra is not None:
+        common["infra"] = where.infra  # sky.Resources(infra="aws/us-east-1"): cloud/region[/zone]
+    for key in ("cpus", "memory", "image_id", "disk_tier", "network_tier"):
         if getattr(res, key) is not None:
             common[key] = getattr(res, key)
     choices = [{name: n} for name, n in sorted(res.accelerators.items())] if res.accelerators else [None]
@@ -198,7 +220,7 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
         storage = sky.data.Storage(source=bucket_root(task.checkpoint.bucket),
                                    mode=sky.data.StorageMode[task.checkpoint.mode])
         sky_task.set_storage_mounts({task.checkpoint.mount_path: storage})
-    return sky_task, missing
+    return sky_task, missing, where
 
 
 def rejected_field(message: str) -> str:
@@ -253,6 +275,7 @@ class SkyPilotRequest:
     task: Any  # sky.Task
     checkpoints_url: str
     missing_secrets: list[str] = field(default_factory=list)
+    placement: Placement | None = None  # job_recovery strategy and infra as rendered, and why
 
     def render(self) -> str:
         return render_yaml(self.task)
@@ -302,9 +325,11 @@ def _call(fn, *args, **kwargs):
         raise explain_sky_error(err) from err
 
 
-def summary(spec: JobSpec) -> list[tuple[str, str]]:
-    """What `start` shows before launching."""
+def summary(spec: JobSpec, where: Placement | None = None) -> list[tuple[str, str]]:
+    """What `start` shows before launching (`where`: the request's placement, as rendered)."""
     res, ck, rec = spec.resources, spec.checkpoint, spec.recovery
+    infra = where.infra if where else res.infra
+    strategy = where.strategy if where else rec.strategy
     accel = " or ".join(f"{k}:{v}" for k, v in sorted(res.accelerators.items())) if res.accelerators else "CPU"
     rows = [
         ("job", spec.name),
@@ -312,26 +337,27 @@ def summary(spec: JobSpec) -> list[tuple[str, str]]:
         ("nodes", str(res.num_nodes)),
         ("accelerators", f"{accel} per node"),
         ("capacity", "spot" if res.spot else "on-demand"),
-        ("infra", res.infra or "any enabled (SkyPilot chooses)"),
+        ("infra", infra or "any enabled (SkyPilot chooses)"),
         ("checkpoints", f"{spec.checkpoints_url} ({ck.mode}, every "
                         + ("{} steps)".format(ck.interval) if ck.interval != "auto" else
                            "N steps: interval auto, Young/Daly in {}..{} at each start)".format(*ck.interval_range))),
-        ("recovery", f"{rec.strategy or 'SkyPilot default'}; restart on exit codes {rec.recover_on_exit_codes}, "
+        ("recovery", f"{strategy or 'SkyPilot default'}; restart on exit codes {rec.recover_on_exit_codes}, "
                      f"other codes never (gives up after {rec.max_restarts_without_progress} restarts "
                      f"without a new checkpoint)"),
     ]
-    price, source = estimate_hourly(spec)
+    price, source = estimate_hourly(spec, infra)
     rows.append(("estimated cost", f"${price:.2f}/h ({source})"))
     return rows
 
 
-def estimate_hourly(spec: JobSpec) -> tuple[float, str]:
+def estimate_hourly(spec: JobSpec, infra: str | None = None) -> tuple[float, str]:
     """$/h for the whole job and where the price came from: the ledger's one price reader
     (a cached SkyPilot catalog, else the built-in table; never a download)."""
     from supervisor.ledger.prices import price_for
 
     res = spec.resources
-    price = price_for(res.accelerators, cloud=res.infra.split("/")[0] if res.infra else None, prefer_spot=res.spot)
+    infra = infra or res.infra
+    price = price_for(res.accelerators, cloud=infra.split("/")[0] if infra else None, prefer_spot=res.spot)
     return (price.spot if res.spot else price.on_demand) * res.num_nodes, price.source
 
 
@@ -344,8 +370,10 @@ class SkyPilotBackend:
         return spec  # SkyPilot provides everything a JobSpec can ask for
 
     def dryrun(self, task: NodeTask, *, environ: Mapping[str, str] | None = None) -> SkyPilotRequest:
-        sky_task, missing = build_task(task, os.environ if environ is None else environ)
-        return SkyPilotRequest(task.name, sky_task, task.checkpoints_url, missing)
+        sky_task, missing, where = build_task(task, os.environ if environ is None else environ)
+        for line in where.lines:  # stderr: `start --dry-run` prints the YAML alone on stdout
+            _say(line)
+        return SkyPilotRequest(task.name, sky_task, task.checkpoints_url, missing, where)
 
     def schedule(self, request: SkyPilotRequest) -> str:
         sky = _sky()

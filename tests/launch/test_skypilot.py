@@ -30,8 +30,13 @@ SECRET = "hf_sentinel_do_not_print_0123456789"
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
-    for key in skypilot.LAUNCH_ENV:
+    for key in (*skypilot.LAUNCH_ENV, "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
+    # No AWS credentials anywhere (files, IMDS): the bucket's location cannot be read, the
+    # same on every machine, so the rendered task is FAILOVER without a pinned region.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("SUPERVISE_BUCKET", "s3://my-ckpts/supervise")
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
@@ -81,7 +86,11 @@ def test_dry_run_matches_golden_and_round_trips(monkeypatch, capsys, recipe):
         assert rec["recover_on_exit_codes"] == [ExitCode.PREEMPTED_SAVED, ExitCode.RETRYABLE]
         assert ExitCode.USER_ERROR not in rec["recover_on_exit_codes"]
         assert rec["max_restarts_on_errors"] == 0  # 78 never retried: SkyPilot's only "no retry" is a zero budget
-        assert rec.get("strategy") is None  # SkyPilot's default unless the recipe says otherwise
+        # FAILOVER unless the recipe says otherwise: a recovery relaunches in place first
+        # (sky/jobs/recovery_strategy.py, FailoverStrategyExecutor.recover); no region pinned
+        # here, the bucket's location cannot be read without credentials
+        assert rec["strategy"] == "FAILOVER"
+        assert r.region is None
         assert r.disk_size == spec.resources.disk_size
 
     mount = task.storage_mounts["/checkpoints"]
@@ -409,3 +418,152 @@ def test_rejected_field_names_the_tier_skypilot_complains_about():
     assert skypilot.rejected_field("Invalid network_tier 'x'.") == "resources.network_tier"
     assert skypilot.rejected_field("Invalid infra to parse: foo") == "resources.infra"
     assert skypilot.rejected_field("Invalid memory 12Q") == "resources"
+
+
+# ---- near the bucket (launch.placement) ------------------------------------------------
+
+EU = "eu-central-1"
+_LOCATION_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<LocationConstraint xmlns="http://s3.amazonaws.com/doc/'
+                 b'2006-03-01/">' + EU.encode() + b'</LocationConstraint>')
+LOCATION_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(_LOCATION_XML), _LOCATION_XML))
+
+
+@pytest.fixture
+def aws_bucket_in_eu(s3_store, s3_env, monkeypatch):
+    """Stands in for an AWS S3 bucket in eu-central-1, which this machine cannot reach:
+    SeaweedFS serves the bucket, but answers every GetBucketLocation with an empty
+    LocationConstraint (us-east-1), whatever the bucket was created with (tried with
+    CreateBucketConfiguration eu-west-1). So a loopback proxy in front of it answers
+    only `GET /<bucket>?location` as AWS does for a bucket in eu-central-1 and forwards
+    everything else; and the proxy's loopback host counts as an AWS S3 host (AWS's are
+    *.amazonaws.com), which is the one thing set in our code."""
+    from supervisor.launch import placement
+    from tests.store.tcp_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_store.ports["s3"])
+    proxy.answer(rb"^GET /[^/?]+\?location[ &]", LOCATION_ANSWER)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("SUPERVISE_BUCKET", s3_store.url("runs"))
+    monkeypatch.setattr(placement, "AWS_S3_HOST_SUFFIXES", (*placement.AWS_S3_HOST_SUFFIXES, "127.0.0.1"))
+    yield proxy
+    proxy.close()
+
+
+def _dry_run_both(monkeypatch, capsys, *args) -> tuple[dict, str]:
+    monkeypatch.setattr(sys, "argv", ["supervise", "start", *args, "--dry-run"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    out = capsys.readouterr()
+    assert (exc.value.code or 0) == 0, out.err
+    return yaml.safe_load(out.out), out.err
+
+
+def _placed(config: dict) -> set[tuple]:
+    import sky
+
+    task = sky.Task.from_yaml_config(copy.deepcopy(config))  # SkyPilot's own validation
+    return {(str(r.cloud).lower() if r.cloud else None, r.region, r.job_recovery["strategy"]) for r in task.resources}
+
+
+def test_failover_pinned_to_the_buckets_region(monkeypatch, capsys, aws_bucket_in_eu):
+    config, err = _dry_run_both(monkeypatch, capsys, "--spot", "llama3_8b", "--set", "checkpoint.mode=DIRECT")
+    assert _placed(config) == {("aws", EU, "FAILOVER")}
+    assert {r["infra"] for r in config["resources"]["any_of"]} == {f"aws/{EU}"}  # SkyPilot's `infra: aws/<region>`
+    assert any(line.startswith("GET /supervise?location") for line in aws_bucket_in_eu.seen)
+    (line,) = [ln for ln in err.splitlines() if "pinned" in ln]
+    assert f"aws/{EU}" in line and "s3://supervise/runs" in line
+    rows = dict(skypilot.summary(build_spec("llama3_8b"), launch.dryrun(build_spec("llama3_8b", sets=[
+        "checkpoint.mode=DIRECT"]), backend="skypilot")[1].placement))
+    assert rows["infra"] == f"aws/{EU}" and rows["recovery"].startswith("FAILOVER")
+
+    config, err = _dry_run_both(monkeypatch, capsys, "--spot", "llama3_8b", "--set", "checkpoint.mode=DIRECT",
+                                "--infra", "aws")  # the cloud alone: the bucket's region is added
+    assert _placed(config) == {("aws", EU, "FAILOVER")}
+
+
+@pytest.mark.parametrize("how", [["--infra", "aws/us-west-2"], ["--set", "resources.infra=aws/us-west-2"]])
+def test_an_explicit_other_region_is_kept_with_one_warning(monkeypatch, capsys, aws_bucket_in_eu, how):
+    config, err = _dry_run_both(monkeypatch, capsys, "llama3_8b", "--set", "checkpoint.mode=DIRECT", *how)
+    assert _placed(config) == {("aws", "us-west-2", "FAILOVER")}
+    (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert "aws/us-west-2" in warning and f"aws/{EU}" in warning and f"--infra aws/{EU}" in warning
+
+
+def test_a_chosen_strategy_or_the_buckets_own_region_is_left_alone(monkeypatch, capsys, aws_bucket_in_eu):
+    config, err = _dry_run_both(monkeypatch, capsys, "llama3_8b", "--set", "checkpoint.mode=DIRECT",
+                                "--set", "recovery.strategy=EAGER_NEXT_REGION")
+    assert _placed(config) == {(None, None, "EAGER_NEXT_REGION")}
+    assert "recovery.strategy EAGER_NEXT_REGION is set" in err and "warning" not in err
+    assert not any("?location" in line for line in aws_bucket_in_eu.seen)  # not even asked
+
+    config, err = _dry_run_both(monkeypatch, capsys, "llama3_8b", "--set", "checkpoint.mode=DIRECT",
+                                "--infra", f"aws/{EU}")
+    assert _placed(config) == {("aws", EU, "FAILOVER")} and "warning" not in err
+
+
+def test_no_pinning_when_the_location_cannot_be_read(monkeypatch, capsys):
+    """Without credentials (the autouse fixture's environment): FAILOVER, no region, one line why."""
+    config, err = _dry_run_both(monkeypatch, capsys, "llama3_8b")
+    assert _placed(config) == {(None, None, "FAILOVER")}
+    assert [ln for ln in err.splitlines() if "not pinned" in ln] == [
+        "note: not pinned to the bucket's region: its location could not be read "
+        "(NoCredentialsError: Unable to locate credentials)"]
+
+
+def test_no_pinning_for_a_store_that_is_no_aws_s3(monkeypatch, capsys, s3_store, s3_env):
+    """SeaweedFS at its loopback endpoint: no AWS region, whatever its GetBucketLocation says."""
+    monkeypatch.setenv("SUPERVISE_BUCKET", s3_store.url("runs"))
+    config, err = _dry_run_both(monkeypatch, capsys, "llama3_8b", "--set", "checkpoint.mode=DIRECT")
+    assert _placed(config) == {(None, None, "FAILOVER")}
+    assert "an S3-compatible store at 127.0.0.1, in no AWS region" in err
+
+
+def test_a_gcs_bucket_pins_its_region(gcs_url, monkeypatch):
+    """fake-gcs-server stands in for GCS: its buckets are `locationType: region`,
+    `location: US-CENTRAL1` (it ignores a location asked for at creation)."""
+    from supervisor.launch import placement
+
+    assert placement.read_location(gcs_url, None) == placement.BucketLocation("gcp", "us-central1")
+
+
+def test_placement_rules():
+    from supervisor.launch.placement import BucketLocation, place
+
+    eu = BucketLocation("aws", EU)
+    b = "s3://b/runs"
+    assert place(b, None, None, None, None, eu).infra == f"aws/{EU}"
+    assert place(b, None, "aws", "aws", None, eu).infra == f"aws/{EU}"
+    kept = place(b, None, "k8s/ctx", "kubernetes", "ctx", eu)  # a context is no region of the bucket's cloud
+    assert (kept.infra, kept.strategy, kept.lines) == ("k8s/ctx", "FAILOVER", [])
+    assert place(b, None, "slurm", "slurm", None, eu).infra == "slurm"
+    assert place(b, None, "*/us-west-2", None, "us-west-2", eu).lines[0].startswith("warning:")
+    assert place(b, "FAILOVER", None, None, None, None).infra is None
+    gone = place(b, None, None, None, None, BucketLocation(why="no credentials"))
+    assert (gone.infra, gone.strategy, gone.lines) == (None, "FAILOVER", ["note: not pinned to the bucket's region: no credentials"])
+
+
+def test_location_answers_as_aws_words_them():
+    from supervisor.launch.placement import gcs_region, is_aws_endpoint, s3_region
+
+    assert [s3_region(c) for c in (None, "", "EU", "ap-south-1")] == ["us-east-1", "us-east-1", "eu-west-1", "ap-south-1"]
+    assert gcs_region({"location": "EUROPE-WEST4", "locationType": "region"}) == "europe-west4"
+    assert gcs_region({"location": "US", "locationType": "multi-region"}) is None
+    assert is_aws_endpoint(None) and is_aws_endpoint("https://s3.eu-central-1.amazonaws.com")
+    assert not is_aws_endpoint("https://acct.r2.cloudflarestorage.com")
+
+
+def test_recovery_strategy_names_are_skypilots():
+    """The strategies a recipe may name and the one rendered are those SkyPilot registers
+    (sky/jobs/recovery_strategy.py: FAILOVER, EAGER_NEXT_REGION), read from the installed source."""
+    import typing
+
+    from sky.jobs import recovery_strategy  # noqa: F401 - registers the strategies
+    from sky.utils import registry as sky_registry
+
+    from supervisor.launch.placement import NEAR_BUCKET_STRATEGY
+    from supervisor.spec import Recovery
+
+    known = {name.upper() for name in sky_registry.JOBS_RECOVERY_STRATEGY_REGISTRY}
+    ours = set(typing.get_args(typing.get_args(Recovery.model_fields["strategy"].annotation)[0]))
+    assert ours | {NEAR_BUCKET_STRATEGY} <= known

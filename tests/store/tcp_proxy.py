@@ -8,9 +8,12 @@ before forwarding every chunk. `requests` counts HTTP requests sent upstream
 `seen` keeps them ("GET /bucket/key?query"); `to_client_bytes` counts every
 byte sent server->client (what clients received).
 
-Two rewrites stand in for stores this machine does not have: `deny(regex)`
+Rewrites stand in for stores this machine does not have: `deny(regex)`
 answers matching requests (e.g. PUTs of `_COMMIT.json`) with `403 AccessDenied`
 without forwarding them, like a bucket policy that forbids those keys;
+`answer(regex, response)` answers matching requests with a canned response
+(e.g. AWS's GetBucketLocation of a bucket in eu-central-1, which SeaweedFS
+always answers with an empty LocationConstraint);
 `ignore_preconditions` turns the server's `412 Precondition Failed` into `200 OK`,
 like an S3-compatible store that ignores `If-None-Match`.
 """
@@ -51,6 +54,7 @@ class FaultProxy:
         self.denied = 0
         self.ignore_preconditions = False
         self._deny: re.Pattern | None = None
+        self._answers: list[tuple[re.Pattern, bytes]] = []
         self.connections = 0
         self._faults: deque[str] = deque()
         self._lock = threading.Lock()
@@ -68,6 +72,11 @@ class FaultProxy:
     def deny(self, request_regex: bytes | None) -> None:
         """403 for requests whose request line matches (None: stop denying)."""
         self._deny = re.compile(request_regex) if request_regex else None
+
+    def answer(self, request_regex: bytes, response: bytes) -> None:
+        """Answer requests whose request line matches with `response` (a whole HTTP
+        response that closes the connection), without forwarding them."""
+        self._answers.append((re.compile(request_regex), response))
 
     def close(self) -> None:
         self._closed = True
@@ -129,6 +138,10 @@ class FaultProxy:
                     with self._lock:
                         self.requests += len(lines)
                         self.seen += lines
+                    canned = next((r for pattern, r in self._answers if pattern.search(data)), None)
+                    if canned is not None:
+                        src.sendall(canned)
+                        break
                 elif self.ignore_preconditions and data.startswith(b"HTTP/1.1 412 "):
                     dst.sendall(_OK)  # the error and its body dropped; the connection closed
                     with self._lock:
