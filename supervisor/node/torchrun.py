@@ -8,11 +8,23 @@ TorchTitan example (examples/training/torchtitan/torchtitan.yaml) builds it:
 Pure functions of the environment, so they are tested without processes.
 
 The torchrun the wrapper starts before its command is known: supervisor.node.prestarted.
+
+What a rank died of: torchrun gives every worker an error file
+(TORCHELASTIC_ERROR_FILE = `<log dir>/<run id>_<random>/attempt_<n>/<local rank>/error.json`:
+torch/distributed/elastic/multiprocessing/api.py, DefaultLogsSpecs.reify), and
+TorchTitan's `Trainer.__init__` and `Trainer.train` are decorated with torch's
+`@record` (torchtitan/trainer.py), which writes `{"message": {"message":
+"<Type>: <text>", "extraInfo": {"py_callstack", "timestamp"}}}` there
+(ErrorHandler.record_exception). The wrapper points torchrun's log dir into its
+run dir with PET_LOG_DIR (torchrun reads `--log-dir` from it: torch/distributed/run.py,
+`action=env`; redirects and tee stay off, so the console is unchanged) and
+`trainer_error` reads the first failure back, as torchrun picks its root cause.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -24,6 +36,8 @@ from supervisor.exitcodes import ExitCode
 
 DEFAULT_MASTER_PORT = 8008  # the port SkyPilot's TorchTitan example uses
 DEFAULT_TRAINER_MODULE = "supervisor.titan.train"
+LOG_DIR_ENV = "PET_LOG_DIR"  # torchrun's --log-dir, read from the environment
+ERROR_LINE_CHARS = 400  # an exit reason is one line: a status column, a ledger field
 
 
 @dataclass(frozen=True)
@@ -129,3 +143,38 @@ def torchrun_argv(
         "-m", module,
         *trainer_args,
     ]  # fmt: skip
+
+
+def trainer_error(log_dir: str | Path, since: float = 0.0) -> str | None:
+    """The first rank failure recorded under torchrun's `log_dir` at or after `since`
+    (epoch seconds), as "local rank R: <Type>: <first line>"; None if none was recorded."""
+    found = []
+    for path in glob.glob(str(Path(log_dir) / "*" / "attempt_*" / "*" / "error.json")):
+        try:
+            if Path(path).stat().st_mtime < since:
+                continue
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        message, stamp = _error_message(data)
+        if message:
+            found.append((stamp, Path(path).parent.name, message))
+    if not found:
+        return None
+    _stamp, rank, message = min(found)
+    return f"local rank {rank}: {message}"
+
+
+def _error_message(data: object) -> tuple[str | None, int]:
+    """(first line of the recorded exception, its timestamp) from one error file."""
+    outer = data.get("message") if isinstance(data, dict) else None
+    inner = outer.get("message") if isinstance(outer, dict) else outer
+    if not isinstance(inner, str) or not inner.strip():
+        return None, 0
+    extra = outer.get("extraInfo", {}) if isinstance(outer, dict) else {}
+    try:
+        stamp = int(extra.get("timestamp", 0))
+    except (TypeError, ValueError):
+        stamp = 0
+    line = next(ln.strip() for ln in inner.splitlines() if ln.strip())
+    return line[:ERROR_LINE_CHARS], stamp
