@@ -7,7 +7,14 @@ It serves one model repo from a local folder, with the calls `hf download REPO
 (`/api/models/{repo}/revision/{rev}`: sha and file list), the file tree
 (`/api/models/{repo}/tree/{rev}`, which newer 1.x releases list instead) and
 each file (`/{repo}/resolve/{rev}/{file}`, HEAD and GET, with the ETag, commit
-and size headers `hf_hub_download` reads). Every request is logged in `requests`.
+and size headers `hf_hub_download` reads), and `HfApi.auth_check`'s
+`/api/models/{repo}/auth-check`. Every request is logged in `requests`.
+
+`access`: None serves a public repo; a set of tokens makes it gated as the Hub
+does (huggingface_hub's hf_raise_for_status reads X-Error-Code GatedRepo): no
+token -> 401, a token without access -> 403; a token in the set reads it.
+`failures`: HTTP statuses answered, one each, to the next requests before the hub
+serves normally again ([503, 503]: a hub in trouble twice).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from urllib.parse import unquote, urlsplit
 
 
 class FakeHub:
-    def __init__(self, repo_id: str, folder: Path, host: str = "127.0.0.1"):
-        self.repo_id, self.folder = repo_id, Path(folder)
+    def __init__(self, repo_id: str, folder: Path, host: str = "127.0.0.1", access: set[str] | None = None):
+        self.repo_id, self.folder, self.access = repo_id, Path(folder), access
         self.files = {p.relative_to(self.folder).as_posix(): p for p in sorted(self.folder.rglob("*")) if p.is_file()}
         self.sha = hashlib.sha1(b"".join(p.read_bytes() for p in self.files.values())).hexdigest()
         self.requests: list[tuple[str, str]] = []
+        self.failures: list[int] = []  # statuses served, one each, to the next requests (e.g. [503, 503])
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,10 +49,22 @@ class FakeHub:
             def _serve(self, body: bool) -> None:
                 path = unquote(urlsplit(self.path).path)
                 hub.requests.append((self.command, path))
+                if hub.failures:  # a hub in trouble (5xx) answers these first
+                    self._reply(hub.failures.pop(0), b'{"error": "stand-in hub trouble"}', {}, body)
+                    return
                 info = f"/api/models/{hub.repo_id}/revision/"
                 tree = f"/api/models/{hub.repo_id}/tree/"
                 resolve = f"/{hub.repo_id}/resolve/"
-                if path.startswith(tree):
+                if path.endswith("/auth-check") and path != f"/api/models/{hub.repo_id}/auth-check":
+                    self._reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, body)
+                elif (denied := self._denied()) is not None:
+                    self._reply(denied, b'{"error": "gated"}', {
+                        "X-Error-Code": "GatedRepo",
+                        "X-Error-Message": f"Access to model {hub.repo_id} is restricted. You must have access to it "
+                                           "and be authenticated to access it. Please log in."}, body)
+                elif path == f"/api/models/{hub.repo_id}/auth-check":
+                    self._reply(200, b"{}", {"Content-Type": "application/json"}, body)
+                elif path.startswith(tree):
                     data = json.dumps([{"type": "file", "path": name, "size": p.stat().st_size,
                                         "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
                                        for name, p in hub.files.items()]).encode()
@@ -60,6 +80,13 @@ class FakeHub:
                                             "Content-Type": "application/octet-stream"}, body)
                 else:
                     self._reply(404, b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"}, body)
+
+            def _denied(self) -> int | None:
+                if hub.access is None:
+                    return None
+                auth = self.headers.get("Authorization", "")
+                token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+                return None if token in hub.access else 401 if token is None else 403
 
             def _reply(self, code: int, data: bytes, headers: dict[str, str], body: bool) -> None:
                 self.send_response(code)

@@ -34,13 +34,17 @@ def start(
 ) -> None:
     """Validate RECIPE and launch it: a SkyPilot managed job, or a local one (--backend local)."""
     from supervisor import launch
+    from supervisor.launch import preflight
     from supervisor.recipes import build_spec
 
     spec = build_spec(recipe, sets=sets, name=name, infra=infra, num_nodes=num_nodes, spot=spot or None)
+    preflight.check_scheme(spec.checkpoints_url)  # this machine reads the bucket: the launch event, status
     impl, request = launch.dryrun(spec, backend=backend)  # every check that needs no cloud, before asking anything
     if dry_run:
         typer.echo(request.render(), nl=False)
         return
+    for line in preflight.run(spec):  # the bucket and the Hub, before anything is provisioned
+        typer.echo(f"{'preflight':>15}: {line}")
     if backend == "skypilot":
         from supervisor.launch.skypilot import summary
 

@@ -182,13 +182,14 @@ class Store:
                 raise StoreInputError(f"{self.url} is a file, not a folder of step-N checkpoints")
             return
         bucket = self.root.split("/", 1)[0]
+        missing = f"bucket {bucket!r} does not exist ({self.url}); create it or name an existing one"
         try:
             self._call("open", self.fs.ls, bucket)
         except FileNotFoundError as err:
-            raise StoreInputError(f"bucket {bucket!r} does not exist ({self.url})") from err
+            raise StoreInputError(missing) from err
         except StoreInputError as err:
             if "NoSuchBucket" in str(err) or "does not exist" in str(err):
-                raise StoreInputError(f"bucket {bucket!r} does not exist ({self.url})") from err
+                raise StoreInputError(missing) from err
             raise
 
     def abort_stale_uploads(self, older_than_s: float, dry_run: bool = True) -> list[str]:
