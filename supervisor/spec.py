@@ -61,6 +61,10 @@ class Resources(_Strict):
     # (`best`: EFA / GPUDirect where the instance type has it). Values: SkyPilot's own.
     disk_tier: str | None = None
     network_tier: str | None = None
+    # Kubernetes: the pod's terminationGracePeriodSeconds, the time a preemption leaves for
+    # the save (supervisor.launch.kubernetes); at most 600 s, cluster-autoscaler's default
+    # cap (SkyPilot caps its own preemption hooks there: sky/clouds/kubernetes.py).
+    termination_grace_s: int = Field(300, ge=30, le=600)
 
     @field_validator("disk_tier", "network_tier", mode="before")
     @classmethod

@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 from supervisor import registry
 from supervisor.errors import SuperviseError
-from supervisor.launch import placement
+from supervisor.launch import kubernetes, placement
 from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
 from supervisor.launch.placement import Placement
 from supervisor.launch.setup import VENV
@@ -192,6 +192,8 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
             "max_restarts_on_errors": task.restart.max_restarts_on_errors,
             "recover_on_exit_codes": task.restart.recover_on_exit_codes,
         },
+        # the task's `config:` (Task.from_yaml_config passes it on the same way)
+        "_cluster_config_overrides": kubernetes.config_overrides(res.termination_grace_s),
     }
     if where.infra is not None:
         common["infra"] = where.infra  # sky.Resources(infra="aws/us-east-1"): cloud/region[/zone]
@@ -209,7 +211,7 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
         setup=task.setup,
         run=run_script(task),
         num_nodes=task.num_nodes,
-        envs=task_envs(task, environ),
+        envs={**task_envs(task, environ), **kubernetes.NODE_ENVS},
         secrets=secrets,
     )
     sky_task.set_resources(resources)

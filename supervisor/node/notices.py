@@ -37,7 +37,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, ClassVar
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,12 @@ def parse_notice_file(text: str, now: float, source: str = "file") -> Notice:
     except (ValueError, TypeError):
         pass
     return Notice(source, now, deadline)
+
+
+def done_marker(notice_file: PurePath) -> PurePath:
+    """Where the wrapper says it exited, beside its notice file: the Kubernetes
+    preStop hook (supervisor.launch.kubernetes) waits for it before the pod goes."""
+    return notice_file.with_name(notice_file.name + ".done")
 
 
 # --- metadata services: one class per cloud, one line in SOURCES ---------------
