@@ -18,7 +18,7 @@ import typer
 from supervisor import registry
 from supervisor.errors import SuperviseError
 from supervisor.launch import get_backend
-from supervisor.launch.base import AlreadyFinished, JobStatus
+from supervisor.launch.base import AlreadyFinished, JobStatus, shown_reason
 
 
 def start(
@@ -48,7 +48,7 @@ def start(
     if backend == "skypilot":
         from supervisor.launch.skypilot import summary
 
-        for key, value in summary(spec):
+        for key, value in summary(spec, request.placement):
             typer.echo(f"{key:>15}: {value}")
         if not yes and not typer.confirm("Launch this managed job?", default=True):
             raise typer.Exit(1)
@@ -168,7 +168,7 @@ def status(
         goodput = f"{r['goodput']:.1%}" if r["goodput"] is not None else "-"
         table.add_row(r["name"], r["backend"], r["state"], str(r["recoveries"]), _streak(r["restarts"]),
                       "-" if r["step"] is None else str(r["step"]), r["checkpoint_time"] or "-",
-                      goodput, r["reason"] or "")
+                      goodput, shown_reason(r["reason"], r["details"], r["restarts"]))
     Console().print(table)
 
 
