@@ -34,7 +34,7 @@ from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
 from supervisor.node.gpu import CudaProbe, driver_version, gpus_requested, unusable
-from supervisor.node.notices import STOP, Notice, NoticeWatcher, SaveWait, cloud_urls, done_marker
+from supervisor.node.notices import STOP, Notice, NoticeWatcher, SaveWait, cloud_urls
 from supervisor.node.prctl import die_with_parent
 from supervisor.node.resume import (
     ResumePlan,
@@ -47,7 +47,9 @@ from supervisor.node.resume import (
 from supervisor.node.torchrun import (
     DEFAULT_MASTER_PORT,
     DEFAULT_TRAINER_MODULE,
+    LOG_DIR_ENV,
     Topology,
+    trainer_error,
     topology_from_env,
     torchrun_argv,
     torchrun_executable,
@@ -165,8 +167,10 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env, interval=choice, catalog=catalog)
 
 
-def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, hang: str | None) -> tuple[int, str]:
-    """(exit code, reason) from what the trainer said and how torchrun ended.
+def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, hang: str | None,
+                  error: str | None = None) -> tuple[int, str]:
+    """(exit code, reason) from what the trainer said and how torchrun ended;
+    `error`: the first rank's own error line (torchrun.trainer_error), named when torchrun failed.
 
     A notice the trainer could not save for exits RETRYABLE, not PREEMPTED_SAVED:
     75 promises a committed checkpoint at the notice; both codes make the managed
@@ -196,6 +200,8 @@ def exit_decision(outcome: dict | None, rc: int | None, notice: Notice | None, h
         return ExitCode.FINISHED, "torchrun exited 0"
     if rc is None:
         return ExitCode.RETRYABLE, "torchrun was killed by the wrapper"
+    if error:
+        return ExitCode.RETRYABLE, f"torchrun failed (exit {rc}): {error}"
     return ExitCode.RETRYABLE, f"torchrun failed (exit {rc}): worker crash, NCCL/gloo or store error"
 
 
@@ -375,7 +381,8 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         raise
     _say(plan.describe())
     run_dir = _fresh_run_dir(opts, incarnation, topo.node_rank)
-    env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation}
+    logs = os.environ.get(LOG_DIR_ENV) or str(run_dir / "torchrun")  # where the ranks' error files go
+    env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation, LOG_DIR_ENV: logs}
 
     notices: list[Notice] = []
     early_notices: list[Notice] = []  # an early notice (AWS rebalance): the trainer saves and trains on
@@ -525,7 +532,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     if stop:
         code, reason = stop
     else:
-        code, reason = exit_decision(outcome, rc, notice, hang or gave_up)
+        code, reason = exit_decision(outcome, rc, notice, hang or gave_up, trainer_error(logs, started_at))
     if outcome and outcome.get("outcome", "").startswith("preempted") and (notice is None or notice.source != STOP):
         saved = outcome.get("outcome") == "preempted_saved"
         journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
@@ -548,11 +555,6 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         _say(f"not counted as a restart without progress: {cause}")
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
         shutil.rmtree(run_dir, ignore_errors=True)
-    if opts.notice_file and Path(opts.notice_file).parent.is_dir():  # a preStop hook may be waiting for this
-        try:
-            write_json_atomic(done_marker(Path(opts.notice_file)), {"code": int(code), "reason": reason})
-        except OSError as err:
-            log.warning("exit not marked beside the notice file: %s", err)
     return int(code)
 
 
