@@ -45,6 +45,51 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "original/tokenizer.
 # its own version is pinned, as for torch). torchao 0.18.0 loads its kernels with torch
 # >= 2.11 (torchao/__init__.py, min_torch_version), below what TorchTitan 0.3.0 needs.
 KNOWN_GOOD = {"torchao": "0.18.0"}
+# Errors that another try cannot fix, as the tools print them: pip (resolvelib factory's
+# DistributionNotFound; download.py's "HTTP error %s while getting"; install.py's OSError,
+# e.g. a wheel path the file mount did not deliver), uv (uv-python's NoDownloadFound; no
+# interpreter when downloads are off), `hf` (huggingface_hub/cli/_errors.py: gated,
+# not found, revision, file, not logged in; other HfHubHTTPErrors as httpx words them).
+PERMANENT = "|".join([
+    "No matching distribution found", "HTTP error 40[134] while getting", r"due to an OSError: \[Errno 2\]",
+    "No download found for request", "No interpreter found for Python",
+    r"Error: Access denied\.", r"not found\. If the (repo|bucket) is private", "Revision not found in",
+    "File not found in", r"Not logged in\.", "Client error '40[134] ",
+])
+# supervise_retry STEP CMD...: every network step of setup (uv's Python, pip, `hf download`)
+# runs through it. A failure is tried again, 5 tries in all, 10/20/40/80 s apart plus up to
+# as much jitter (every node of a cluster hits the index at once), each retry named in the
+# log with the step's last error line; a PERMANENT error fails at once with one line. pip says "No matching distribution"
+# also when an index page could not be fetched (a 5xx after its own retries, a refused
+# connection); only its --log (PIP_LOG) names the page ("Could not fetch URL ...: <why> -
+# skipping", pip/_internal/index/collector.py), so a page lost to anything but a 4xx retries.
+RETRY_FUNCTION = r"""supervise_retry() {
+  local step=$1 try=1 rc wait=${SUPERVISE_SETUP_RETRY_S:-10} err piplog last lost
+  shift
+  err=$(mktemp) piplog=$(mktemp)
+  while true; do
+    : >"$piplog"
+    PIP_LOG=$piplog "$@" 2>"$err" && rc=0 || rc=$?
+    cat "$err" >&2
+    [ "$rc" = 0 ] && break
+    last=$( (grep -i 'error' "$err" || grep -v '^[[:space:]]*$' "$err" || true) | tail -n 1)
+    lost=$(grep 'Could not fetch URL' "$piplog" | grep -vE ' 4[0-9][0-9] Client Error' || true)
+    if [ -z "$lost" ] && grep -qE "$SUPERVISE_PERMANENT" "$err"; then
+      echo "supervise setup: error: $step failed (not retried): $(grep -m1 -E "$SUPERVISE_PERMANENT" "$err")" >&2
+      break
+    fi
+    if [ "$try" -ge 5 ]; then
+      echo "supervise setup: error: $step failed $try times, the last after: $last" >&2
+      break
+    fi
+    try=$((try + 1))
+    echo "supervise setup: retry $try/5 of $step after: $last" >&2
+    sleep $((wait + RANDOM % (wait + 1)))
+    wait=$((wait * 2))
+  done
+  rm -f "$err" "$piplog"
+  return "$rc"
+}"""
 
 
 def _pinned(dist: str) -> str:
@@ -76,7 +121,8 @@ def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
     """Install pinned torch/TorchTitan/supervise (`built`: the shipped wheel, from
     shipped_wheel) into a venv and fetch the tokenizer."""
     inst = spec.install
-    lines = ["set -euo pipefail", "SUPERVISE_SETUP_T0=$(date +%s.%N)"]
+    lines = ["set -euo pipefail", "SUPERVISE_SETUP_T0=$(date +%s.%N)",
+             f"SUPERVISE_PERMANENT={shlex.quote(PERMANENT)}", RETRY_FUNCTION]
     if inst.pip:
         lines += _venv_lines(inst.python)
         torch = inst.torch or _pinned("torch")
@@ -89,9 +135,9 @@ def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
             rest.append(HF_HUB)
         rest += config_packages(spec, [torch_req, *rest, DIST])
         lines += [
-            "python -m pip install --upgrade pip",
-            shlex.join(["pip", "install", torch_req, *index]),
-            f"{shlex.join(['pip', 'install', *rest])} {ours}",
+            "supervise_retry 'pip install pip' python -m pip install --upgrade pip",
+            shlex.join(["supervise_retry", "pip install torch", "pip", "install", torch_req, *index]),
+            f"{shlex.join(['supervise_retry', 'pip install torchtitan', 'pip', 'install', *rest])} {ours}",
         ]
     else:  # the image provides the packages; a damaged venv must not shadow them
         lines += [
@@ -110,7 +156,8 @@ def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
             _tiny_root(spec)]))
     elif tok.hf_repo:
         include = [arg for pattern in TOKENIZER_FILES for arg in ("--include", pattern)]
-        lines.append(shlex.join(["hf", "download", tok.hf_repo, "--local-dir", tok.path, *include]))
+        lines.append(shlex.join(["supervise_retry", "hf download", "hf", "download", tok.hf_repo,
+                                 "--local-dir", tok.path, *include]))
     # The run's ledger gets setup's time (never fails setup; the report's setup phase).
     lines += [
         shlex.join(["python", "-m", "supervisor.ledger.mark", "setup", "--started-at"])
@@ -130,7 +177,7 @@ def _venv_lines(python: str) -> list[str]:
         f"  rm -rf {VENV}",
         f'  uv="{SKY_UV}"; [ -x "$uv" ] || uv="$(command -v uv || true)"',
         '  if [ -n "$uv" ]; then',
-        f'    "$uv" venv --seed --python {shlex.quote(python)} {VENV}',
+        f'    supervise_retry "uv venv (Python {python})" "$uv" venv --seed --python {shlex.quote(python)} {VENV}',
         f"  elif python3 -c 'import sys; sys.exit(sys.version_info[:2] < {need})'; then",
         f"    python3 -m venv {VENV}",
         "  else",

@@ -17,12 +17,17 @@ Stand-ins (each records its argv to $HOME/calls.jsonl):
 - The venv's `bin/hf` stands in for the Hugging Face Hub CLI (no network): it
   parses its argv with the installed huggingface_hub CLI's own parser, then
   "downloads" what that CLI would select from a stand-in repo listing, using
-  huggingface_hub's own pattern filter.
+  huggingface_hub's own pattern filter. With HF_ENDPOINT set it runs the real
+  `hf` of this machine instead, against tests/fakehub.py (the hub stands in).
+- The uv stand-in fails its first $UV_STANDIN_FAILURES calls as uv does when
+  the Python download fails (python-build-standalone's host answering 503).
+- tests/fakeindex.py stands in for PyPI for the real pip (retry tests).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import re
 import stat
@@ -48,6 +53,11 @@ with open(home / "calls.jsonl", "a") as f:
     f.write(json.dumps({"exe": "uv", "argv": sys.argv[1:]}) + "\\n")
 args = sys.argv[1:]
 assert args[0] == "venv", args
+failed = home / "uv-failures"
+if len(failed.read_text() if failed.exists() else "") < int(os.environ.get("UV_STANDIN_FAILURES", "0")):
+    failed.write_text(failed.read_text() + "x" if failed.exists() else "x")
+    sys.exit("error: Failed to download https://github.com/astral-sh/python-build-standalone/releases/download/"
+             "cpython-3.11-linux.tar.gz: HTTP status server error (503 Service Unavailable)")
 version = args[args.index("--python") + 1]
 if version not in os.environ.get("UV_STANDIN_PYTHONS", "").split():
     sys.exit(f"error: No interpreter found for Python {version} in managed installations or search path")
@@ -104,6 +114,15 @@ STANDINS = textwrap.dedent(f'''\
 
     def hf(venv, argv):
         import click, typer
+        if os.environ.get("HF_ENDPOINT"):  # the real hf CLI against tests/fakehub.py
+            from huggingface_hub.cli.hf import main
+            record("hf", argv)
+            sys.argv = ["hf", *argv]
+            try:
+                main()
+            except click.exceptions.Exit as done:  # this venv's typer 0.29 + click 8.1 let a clean exit escape
+                sys.exit(done.exit_code)
+            return
         from huggingface_hub.cli.hf import app
         from huggingface_hub.utils import filter_repo_objects
         record("hf", argv)
@@ -122,16 +141,18 @@ STANDINS = textwrap.dedent(f'''\
 ''')
 
 
-def run_setup(tmp_path: Path, spec, *, pythons: str = "3.11", venv: str | None = None,
-              ship: bool = True) -> tuple[subprocess.CompletedProcess, list[dict], Path, wheel.Wheel | None]:
-    """Run the setup of `spec` in a scratch HOME; returns the process, the calls, the node dir, the wheel."""
+def run_setup(tmp_path: Path, spec, *, pythons: str = "3.11", venv: str | None = None, ship: bool = True,
+              env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[dict], Path, wheel.Wheel | None]:
+    """Run the setup of `spec` in a scratch HOME; returns the process, the calls, the node dir, the wheel.
+    Retries wait 0 s here (SUPERVISE_SETUP_RETRY_S) unless `env` says otherwise."""
     home = tmp_path / "home"
     standin_dir = tmp_path / "standins"
     standin_dir.mkdir(parents=True)
     (standin_dir / "standins.py").write_text(STANDINS)
     _write_exe(home / ".local" / "bin" / "uv", UV)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "STANDIN_DIR": str(standin_dir),
-           "UV_STANDIN_PYTHONS": pythons, "SUPERVISE_HOME": os.environ["SUPERVISE_HOME"]}
+           "UV_STANDIN_PYTHONS": pythons, "SUPERVISE_HOME": os.environ["SUPERVISE_HOME"],
+           "SUPERVISE_SETUP_RETRY_S": "0", **(env or {})}
     built = setup.shipped_wheel(spec)
     script = setup.setup_script(spec, built)
     for remote, local in (setup.shipped_files(built) if ship else {}).items():  # what the file_mounts entry delivers
@@ -278,3 +299,130 @@ def test_the_wheel_is_reproducible_and_changes_with_the_code(tmp_path):
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in files)
     one = wheel.build(tmp_path)
     assert wheel.build(tmp_path) == one and [p.name for p in one.directory.iterdir()] == [one.filename]
+
+
+# -- transient failures: retried, each retry named; permanent ones: one line, at once ---------------
+
+
+def _retries(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("supervise setup: retry ")]
+
+
+def _errors(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("supervise setup: error")]
+
+
+def _hub_env(hub, tmp_path) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+
+
+def _hub_folder(tmp_path) -> Path:
+    folder = tmp_path / "hub-repo"
+    for name in REPO_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(f"hub {name}")
+    return folder
+
+
+def test_a_hub_that_fails_twice_is_retried_and_setup_succeeds(tmp_path):
+    """The real `hf download` against a stand-in hub whose first two answers are 503
+    (huggingface_hub 1.x's repo-info call does not retry a 5xx itself)."""
+    from tests.fakehub import FakeHub
+
+    spec = build_spec("llama3_8b", spot=True)
+    with FakeHub(spec.tokenizer.hf_repo, _hub_folder(tmp_path)) as hub:
+        hub.failures = [503, 503]
+        proc, calls, work, _ = run_setup(tmp_path, spec, env=_hub_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    retries = _retries(proc)
+    assert [r.split(" after: ")[0] for r in retries] == ["supervise setup: retry 2/5 of hf download",
+                                                         "supervise setup: retry 3/5 of hf download"]
+    assert "503 Service Unavailable" in retries[0]  # the step's last line says why
+    assert len(_argvs(calls, "hf")) == 3
+    assert (work / spec.tokenizer.path / "tokenizer.json").read_text() == "hub tokenizer.json"
+
+
+def test_a_token_without_access_fails_at_once_with_one_line(tmp_path):
+    """A gated repo and no token: the hub's 401 ends setup at once, one error line, one try."""
+    from tests.fakehub import FakeHub
+
+    spec = build_spec("llama3_8b", spot=True)
+    with FakeHub(spec.tokenizer.hf_repo, _hub_folder(tmp_path), access={"hf_granted"}) as hub:
+        proc, calls, _, _ = run_setup(tmp_path, spec, env=_hub_env(hub, tmp_path))
+        served = list(hub.requests)
+    assert proc.returncode != 0
+    assert not _retries(proc) and len(_argvs(calls, "hf")) == 1 and len(served) == 1
+    (error,) = _errors(proc)
+    assert error.startswith("supervise setup: error: hf download failed (not retried): ")
+    assert "Access denied" in error and "requires approval" in error
+    assert proc.stderr.strip().splitlines()[-1] == error
+
+
+def test_uv_s_python_download_is_retried(tmp_path):
+    proc, calls, _, _ = run_setup(tmp_path, build_spec("llama3_debug"), env={"UV_STANDIN_FAILURES": "2"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [r.split(" after: ")[0] for r in _retries(proc)] == [
+        "supervise setup: retry 2/5 of uv venv (Python 3.11)", "supervise setup: retry 3/5 of uv venv (Python 3.11)"]
+    assert len(_argvs(calls, "uv")) == 3
+
+
+def _retry_pip(tmp_path, index, requirement: str, pip_retries: str = "0") -> subprocess.CompletedProcess:
+    """setup's retry function around the real pip, against the stand-in index."""
+    script = "\n".join([
+        "set -euo pipefail", f"SUPERVISE_PERMANENT={shlex.quote(setup.PERMANENT)}", setup.RETRY_FUNCTION,
+        shlex.join(["supervise_retry", "pip install probe", sys.executable, "-m", "pip", "install", "--no-cache-dir",
+                    "--disable-pip-version-check", "--index-url", index.url, "--target", str(tmp_path / "site"),
+                    requirement])])
+    env = {**os.environ, "SUPERVISE_SETUP_RETRY_S": "0", "PIP_RETRIES": pip_retries,
+           "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": "", "PIP_CONFIG_FILE": os.devnull}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_an_index_that_fails_twice_is_retried_and_a_missing_package_is_not(tmp_path):
+    """The real pip against a stand-in index. PIP_RETRIES=0 turns pip's own per-request
+    retries off, so each 503 fails a pip run; pip then says "No matching distribution",
+    as for a package that does not exist, and only its log tells the two apart."""
+    from tests.fakeindex import FakeIndex, tiny_wheel
+
+    (tmp_path / "wheels").mkdir()
+    with FakeIndex(tmp_path / "index", [tiny_wheel(tmp_path / "wheels", "setup_probe", "1.0")]) as index:
+        index.failures = [503, 503]
+        proc = _retry_pip(tmp_path, index, "setup-probe==1.0")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert [r.split(" after: ")[0] for r in _retries(proc)] == [
+            "supervise setup: retry 2/5 of pip install probe", "supervise setup: retry 3/5 of pip install probe"]
+        assert (tmp_path / "site" / "setup_probe.py").exists()
+
+        index.requests.clear()
+        proc = _retry_pip(tmp_path, index, "setup-probe==2.0")
+        assert proc.returncode != 0 and not _retries(proc)
+        assert _errors(proc) == ["supervise setup: error: pip install probe failed (not retried): "
+                                 "ERROR: No matching distribution found for setup-probe==2.0"]
+        assert index.requests == ["/simple/setup-probe/"]
+
+
+def test_every_network_step_goes_through_the_retry_function():
+    script = setup.setup_script(build_spec("llama3_8b", spot=True), None)
+    assert script.count("supervise_retry() {") == 1
+    bare = [line for line in script.splitlines()
+            if line.strip().startswith(("pip ", "python -m pip", "hf ", '"$uv" venv'))]
+    assert not bare, f"network steps without retries: {bare}"
+    assert sum(line.strip().startswith("supervise_retry ") for line in script.splitlines()) == 5
+
+
+def test_the_permanent_patterns_are_the_tools_own_words():
+    """Each hub message setup treats as permanent is one huggingface_hub's CLI prints
+    (huggingface_hub/cli/_errors.py), and pip's as pip words them."""
+    import huggingface_hub.cli._errors as hf_errors
+    import pip._internal.commands.install as pip_install
+    import pip._internal.network.download as pip_download
+    import pip._internal.resolution.resolvelib.factory as pip_factory
+    import inspect
+
+    hf_source = inspect.getsource(hf_errors)
+    for words in ("Access denied.", "not found.\" If the repo is private", "Revision not found in", "File not found in",
+                  "Not logged in."):
+        assert words.replace('"', "").split(" If")[0] in hf_source, words
+    assert "No matching distribution found" in inspect.getsource(pip_factory)
+    assert "HTTP error %s while getting" in inspect.getsource(pip_download)
+    assert "due to an OSError" in inspect.getsource(pip_install)
