@@ -48,6 +48,9 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "checkpoint_committed": {"step": (int,), "duration_s": _NUM},  # verified + _COMMIT.json written
     "checkpoint_quarantined": {"step": (int,), "reason": (str,)},
     "notice": {"source": (str,), "deadline": _NUM},  # preemption notice received (deadline: epoch or null)
+    # an early notice (AWS rebalance recommendation): the trainer saves at the next step and trains on
+    "early_notice": {"source": (str,), "received_at": _NUM},
+    "early_save": {"step": (int,), "save": (bool,), "reason": (str,)},  # the trainer's answer (save: False = had one)
     "preempted": {"with_notice": (bool,), "saved_step": (int,)},  # the node went away (after saving, if noticed)
     "exit": {"code": (int,), "reason": (str,), "step": (int,)},  # a node wrapper / trainer exited (step: last one done)
     "recovery_started": {"reason": (str,), "code": (str,)},  # the backend noticed the loss, brings the job back
