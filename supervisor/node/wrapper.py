@@ -34,7 +34,7 @@ from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
 from supervisor.node.gpu import CudaProbe, driver_version, gpus_requested, unusable
-from supervisor.node.notices import STOP, Notice, NoticeWatcher, SaveWait, cloud_urls
+from supervisor.node.notices import STOP, Notice, NoticeWatcher, SaveWait, cloud_urls, done_marker
 from supervisor.node.prctl import die_with_parent
 from supervisor.node.resume import (
     ResumePlan,
@@ -555,6 +555,11 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         _say(f"not counted as a restart without progress: {cause}")
     if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
         shutil.rmtree(run_dir, ignore_errors=True)
+    if opts.notice_file and Path(opts.notice_file).parent.is_dir():  # a preStop hook may be waiting for this
+        try:
+            write_json_atomic(done_marker(Path(opts.notice_file)), {"code": int(code), "reason": reason})
+        except OSError as err:
+            log.warning("exit not marked beside the notice file: %s", err)
     return int(code)
 
 
