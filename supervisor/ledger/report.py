@@ -32,7 +32,7 @@ def ledger_url_of(target: str) -> str:
 
 def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file: str | Path | None = None,
                  spot_price: float | None = None, on_demand_price: float | None = None,
-                 backend_events: tuple[list, list[str]] | None = None) -> dict[str, Any]:
+                 backend_events: tuple[list, list[str]] | None = None, policy=None) -> dict[str, Any]:
     """Read the journal and compute the report object (plus the PNG when `plot` is given).
 
     `backend_events`: (events, problems) from the backend's own record of the job
@@ -44,7 +44,7 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
     from supervisor.ledger.prices import price_for
     from supervisor.ledger.timeline import build_timeline, summarize, used
 
-    events, problems = read_events(ledger_url)
+    events, problems = read_events(ledger_url, policy)  # policy: the store's retry policy (default PATIENT)
     if backend_events is not None and events:
         events = sorted(events + list(backend_events[0]), key=lambda e: (e.t, e.writer, e.seq))
         problems = problems + list(backend_events[1])
@@ -166,9 +166,11 @@ def report_command(
 
     if prices is not None and not prices.is_file():
         raise SuperviseError(f"price file {prices} does not exist")
+    from supervisor.store import retry
+
     url = ledger_url_of(target)
-    report = build_report(url, plot=plot, price_file=prices, spot_price=spot_price,
-                          on_demand_price=on_demand_price, backend_events=backend_events_of(target))
+    report = build_report(url, plot=plot, price_file=prices, spot_price=spot_price, on_demand_price=on_demand_price,
+                          backend_events=backend_events_of(target), policy=retry.BRIEF)  # a view: gives up in seconds
     err = Console(stderr=True)
     if as_json:
         typer.echo(json.dumps(report, default=str))

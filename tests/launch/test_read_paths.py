@@ -105,6 +105,16 @@ def test_checkpoints_list_of_an_unreachable_store_fails_in_seconds_with_one_line
     assert took < 60, took
 
 
+def test_report_of_an_unreachable_store_ends_in_seconds(dead_store_env):
+    _finished_local_job("far", "s3://ckpts/runs/far")
+    done, took = _run(dead_store_env, "report", "far")
+    assert done.returncode == 1, done
+    text = "".join(line for line in done.stderr.splitlines() if not line.startswith("sky imported"))  # rich wraps
+    assert text.startswith("warning: cannot list the journal") and dead_store_env["AWS_ENDPOINT_URL"] in text
+    assert text.count("warning:") == 1 and "retrying" not in text and "nothing to report" in text, done.stderr
+    assert took < 60, took
+
+
 def test_policies_differ_only_in_patience_and_voice(monkeypatch):
     monkeypatch.delenv("SUPERVISE_STORE_READ_RETRY_S", raising=False)
     monkeypatch.delenv("SUPERVISE_STORE_RETRY_S", raising=False)
