@@ -27,12 +27,12 @@ def _env(monkeypatch, tmp_path):
 
 
 def _pip_requirements(script: str) -> list[str]:
-    """The requirements of every `pip install` line of a rendered setup."""
+    """The requirements of every `pip install` line of a rendered setup (run through supervise_retry)."""
     reqs = []
     for line in script.splitlines():
         argv = shlex.split(line)
-        if argv[:2] == ["pip", "install"]:
-            reqs += [a for a in argv[2:] if not a.startswith("-")]
+        if argv[:1] == ["supervise_retry"] and argv[2:4] == ["pip", "install"]:
+            reqs += [a for a in argv[4:] if not a.startswith("-")]
     return reqs
 
 
