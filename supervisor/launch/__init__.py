@@ -43,14 +43,17 @@ def submit(spec, *, backend: str, **options: Any) -> str:
     return schedule(impl, request, spec)
 
 
-def schedule(impl, request, spec) -> str:
-    """Submit a request from `dryrun`, then record the launch in the run's ledger.
-
-    A dry run may lack secret values (it prints placeholders); a launch may not."""
+def require_secrets(request) -> None:
+    """A dry run may lack secret values (it prints placeholders); a launch may not."""
     if request.missing_secrets:
         key = request.missing_secrets[0]
         raise SuperviseError(f"field 'secrets': {key} is not set in this shell; export {key}=... "
                              f"(or drop it with --set secrets=[...])")
+
+
+def schedule(impl, request, spec) -> str:
+    """Submit a request from `dryrun`, then record the launch in the run's ledger."""
+    require_secrets(request)
     job_id = impl.schedule(request)
     record_launch(spec, backend=impl.name, job_id=job_id)
     return job_id

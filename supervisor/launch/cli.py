@@ -43,6 +43,7 @@ def start(
     if dry_run:
         typer.echo(request.render(), nl=False)
         return
+    launch.require_secrets(request)  # input this shell lacks is named before any remote check
     for line in preflight.run(spec):  # the bucket and the Hub, before anything is provisioned
         typer.echo(f"{'preflight':>15}: {line}")
     if backend == "skypilot":
