@@ -10,6 +10,10 @@ SUPERVISE_SLURM_SKY_HOME="${SUPERVISE_SLURM_SKY_HOME:-$SUPERVISE_SLURM_DIR/home}
 # The Host alias in ~/.slurm/config: SkyPilot's name for the cluster (--infra slurm/<alias>).
 SUPERVISE_SLURM_CLUSTER="${SUPERVISE_SLURM_CLUSTER:-localslurm}"
 SLURM_CONF="$SUPERVISE_SLURM_DIR/slurm/slurm.conf"
+# Slurm nodes on this one machine (each its own slurmd, node i on 127.0.0.i).
+SUPERVISE_SLURM_NODES="${SUPERVISE_SLURM_NODES:-2}"
+# Marks the /etc/hosts lines up.sh adds for nodes 2.. (down.sh removes them).
+HOSTS_MARKER="# supervise-slurm-node"
 
 # Kill processes by the pid in a pidfile, wait until gone (SIGKILL after 10 s).
 stop_pidfile() {
@@ -19,4 +23,11 @@ stop_pidfile() {
   kill -TERM "$pid" 2>/dev/null || return 0
   for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
+}
+
+# Drop the lines up.sh added to /etc/hosts, rewriting the file in place (it may be a mount).
+drop_host_lines() {
+  local kept
+  kept="$(grep -v -- "$HOSTS_MARKER" /etc/hosts || true)"
+  printf '%s\n' "$kept" > /etc/hosts
 }

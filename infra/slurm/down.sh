@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tear down what up.sh started: the SkyPilot API server (and the managed-job
-# controllers it runs), every Slurm job, slurmd, slurmctld, sshd, and every process
+# controllers it runs), every Slurm job, every slurmd, slurmctld, sshd, and every process
 # left by the login-node user. Removes the state folder; the user and the Debian
 # packages stay. Safe to run twice, or after a failed up.sh.
 set -uo pipefail
@@ -18,7 +18,7 @@ if [ -f "$SLURM_CONF" ] && command -v scancel >/dev/null; then
 fi
 sleep 1
 stop_pidfile "$S/ssh/sshd.pid"
-stop_pidfile "$S/slurm/slurmd.pid"
+for f in "$S"/slurm/slurmd*.pid; do stop_pidfile "$f"; done
 stop_pidfile "$S/slurm/slurmctld.pid"
 # Whatever the login-node user still runs (skylet, ray, a trainer) was started by us.
 if id "$U" >/dev/null 2>&1; then
@@ -29,5 +29,6 @@ uhome="$(getent passwd "$U" 2>/dev/null | cut -d: -f6)"
 [ -n "$uhome" ] && [ -f "$uhome/.profile" ] && sed -i '/# supervise-slurm/d' "$uhome/.profile"
 # SkyPilot's per-cluster homes and caches of the user: the next run starts like a fresh machine.
 [ -n "$uhome" ] && rm -rf "$uhome"/.sky* "$uhome"/sky_* "/tmp/uv_cache_$(id -u "$U" 2>/dev/null)" 2>/dev/null
+drop_host_lines 2>/dev/null || true
 [ "${SUPERVISE_SLURM_KEEP_STATE:-0}" = 1 ] || rm -rf "$S"
 echo "down.sh: stopped"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bring up a single-machine Slurm that SkyPilot 0.14 can launch managed jobs on:
-#   slurmctld + slurmd (Debian slurm-wlm, auth/none: no munge), one node on 127.0.0.1,
+#   slurmctld + $SUPERVISE_SLURM_NODES slurmd (default 2; Debian slurm-wlm, auth/none:
+#   no munge), node i on 127.0.0.i, each its own slurmd (`slurmd -N <node>`),
 #   an sshd on 127.0.0.1:$SUPERVISE_SLURM_SSH_PORT as the login node for an
 #   unprivileged user, ~/.slurm/config + ~/.sky/config.yaml in an isolated HOME,
 #   the offline stand-ins for the two downloads SkyPilot's node set-up makes,
@@ -102,12 +103,29 @@ sed -i "/$marker/d" "$uhome/.profile" 2>/dev/null || true
 chown "$U:" "$uhome/.profile"
 
 # -- Slurm -----------------------------------------------------------------------
-node="$(hostname -s)"
-mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+# Several slurmd on one machine (Debian's slurm-wlm is built with multiple-slurmd
+# support): one NodeName per node, NodeAddr 127.0.0.<i>, its own Port, and %n
+# (the node's name) in the slurmd spool, pid and log paths; `slurmd -N <name>`.
+# The first node is this host's name (it resolves to 127.0.0.1 here); the others get
+# an /etc/hosts line, because SkyPilot's node runner resolves node *names*, not
+# NodeAddr, for SKYPILOT_NODE_IPS (sky/skylet/executor/slurm.py, _get_job_node_ips:
+# socket.gethostbyname of each name in SLURM_JOB_NODELIST), while its cluster IPs
+# come from NodeAddr (sky/adaptors/slurm.py, get_job_nodes).
+n_nodes="$SUPERVISE_SLURM_NODES"
+[[ "$n_nodes" =~ ^[1-9]$ ]] || { echo "up.sh: SUPERVISE_SLURM_NODES=$n_nodes: give 1 to 9 nodes" >&2; exit 1; }
+host="$(hostname -s)"
+[ "$(getent hosts "$host" | awk '{print $1}' | head -1)" = 127.0.0.1 ] || {
+  echo "up.sh: $host must resolve to 127.0.0.1 (SkyPilot's node runner finds its node by that address)" >&2; exit 1; }
+nodes=("$host")
+for i in $(seq 2 "$n_nodes"); do nodes+=("$host-n$i"); done
+drop_host_lines
+for i in $(seq 2 "$n_nodes"); do echo "127.0.0.$i ${nodes[$((i - 1))]} $HOSTS_MARKER" >> /etc/hosts; done
+mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 / n_nodes ))
+slurmd_port=${SUPERVISE_SLURMD_PORT:-6818}
 cat > "$SLURM_CONF" <<EOF
-# Single-machine Slurm for tests (infra/slurm/up.sh). No munge: auth/none.
+# Single-machine Slurm for tests (infra/slurm/up.sh): $n_nodes node(s) on one host. No munge: auth/none.
 ClusterName=supervise
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/none
 CredType=cred/none
@@ -120,34 +138,38 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SlurmctldPort=${SUPERVISE_SLURMCTLD_PORT:-6817}
-SlurmdPort=${SUPERVISE_SLURMD_PORT:-6818}
 StateSaveLocation=$S/slurm/state
-SlurmdSpoolDir=$S/slurm/spool
+SlurmdSpoolDir=$S/slurm/spool/%n
 SlurmctldPidFile=$S/slurm/slurmctld.pid
-SlurmdPidFile=$S/slurm/slurmd.pid
+SlurmdPidFile=$S/slurm/slurmd-%n.pid
 SlurmctldLogFile=$S/slurm/slurmctld.log
-SlurmdLogFile=$S/slurm/slurmd.log
-# The node advertises more CPUs than the machine has, so SkyPilot's default
+SlurmdLogFile=$S/slurm/slurmd-%n.log
+# The nodes advertise more CPUs than the machine has, so SkyPilot's default
 # request (and a recovery's new allocation) always fits.
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
 MinJobAge=60
 InactiveLimit=0
-NodeName=$node NodeAddr=127.0.0.1 CPUs=8 RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=1-00:00:00 DefaultTime=1-00:00:00 State=UP
 EOF
+for i in $(seq 1 "$n_nodes"); do
+  echo "NodeName=${nodes[$((i - 1))]} NodeAddr=127.0.0.$i Port=$((slurmd_port + i - 1)) CPUs=8 RealMemory=$mem_mb State=UNKNOWN" >> "$SLURM_CONF"
+done
+echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=1-00:00:00 DefaultTime=1-00:00:00 State=UP" >> "$SLURM_CONF"
 chmod 644 "$SLURM_CONF"
 export SLURM_CONF
-stop_pidfile "$S/slurm/slurmd.pid"; stop_pidfile "$S/slurm/slurmctld.pid"  # restart: the config may have changed
+for f in "$S"/slurm/slurmd*.pid; do stop_pidfile "$f"; done  # restart: the config may have changed
+stop_pidfile "$S/slurm/slurmctld.pid"
 slurmctld -f "$SLURM_CONF"
-slurmd -f "$SLURM_CONF"
-for _ in $(seq 60); do
-  sinfo -h -N -o '%T' 2>/dev/null | grep -qxE 'idle|mixed|allocated|mix|alloc' && break
-  sleep 1
+for n in "${nodes[@]}"; do
+  install -d -m 700 "$S/slurm/spool/$n"
+  slurmd -f "$SLURM_CONF" -N "$n"
 done
-sinfo -h -N -o '%T' | grep -qxE 'idle|mixed|allocated|mix|alloc' || { echo "up.sh: Slurm node not up; see $S/slurm/*.log" >&2; sinfo -N >&2 || true; exit 1; }
-phase "slurmctld + slurmd (node $node up)"
+up_nodes() { sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 ~ /^(idle|mixed|mix|allocated|alloc)$/' | sort -u | wc -l; }
+for _ in $(seq 60); do [ "$(up_nodes)" -ge "$n_nodes" ] && break; sleep 1; done
+[ "$(up_nodes)" -ge "$n_nodes" ] || {
+  echo "up.sh: $(up_nodes) of $n_nodes Slurm nodes up; see $S/slurm/*.log" >&2; sinfo -N >&2 || true; exit 1; }
+phase "slurmctld + $n_nodes slurmd (nodes ${nodes[*]} up)"
 
 # -- sshd on loopback: the login node ----------------------------------------------
 [ -f "$S/ssh/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$S/ssh/host_ed25519"
