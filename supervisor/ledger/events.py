@@ -32,7 +32,8 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "provisioned": {"reason": (str,)},  # machines are up; setup comes next
     "resources": {"accelerators": (dict,), "spot": (bool,), "num_nodes": (int,), "cloud": (str,),
                   "region": (str,), "source": (str,)},  # what the job actually ran on
-    "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,)},  # setup script ran (emitted at its end)
+    # setup script ran (emitted at its end); how: reused | restored (the bucket's snapshot) | installed
+    "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,), "how": (str,)},
     "node_start": {"node_rank": (int,), "num_nodes": (int,)},  # node wrapper began on a machine
     "trainer_start": {"world_size": (int,)},  # torchrun / trainer processes started
     # step to load (null = fresh start); with checkpoint.interval auto, the interval chosen and why

@@ -3,7 +3,9 @@
 Setup runs before `supervise` is installed on a fresh node, so it cannot write an
 event when it begins. It records its start time in the shell (`date +%s.%N`) and
 calls this once at its end; the event is `setup` with `duration_s` (like
-checkpoint_saved, stamped at its end), the exit code so far and the node rank.
+checkpoint_saved, stamped at its end), the exit code so far, the node rank and
+how the environment came to be (`--how`: reused = this node already had it,
+restored = unpacked from the bucket's snapshot, installed = a full install).
 Writer `setup-node<rank>`, incarnation `setup-<start>`; ledger from --ledger or
 $SUPERVISE_LEDGER. Exit 0 even when the store is unreachable (a warning is
 printed): a ledger problem must not fail a setup that worked; exit 2 on bad
@@ -19,6 +21,8 @@ import time
 
 from supervisor.runtime import ENV_LEDGER
 
+HOWS = ("reused", "restored", "installed")  # the setup event's `how`, as the report labels it
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supervisor.ledger.mark", description=__doc__.split("\n")[0])
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--started-at", type=float, required=True, help="UTC epoch seconds when setup began")
     parser.add_argument("--code", type=int, default=0, help="setup's exit status so far (0 = it worked)")
     parser.add_argument("--ledger", default=os.environ.get(ENV_LEDGER), help=f"ledger URL (default ${ENV_LEDGER})")
+    parser.add_argument("--how", choices=HOWS, help="how setup got the environment (reused/restored/installed)")
     parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SKYPILOT_NODE_RANK", "0") or 0))
     opts = parser.parse_args(argv)
     if not opts.ledger:
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from supervisor.ledger.journal import Journal
 
     journal = Journal(opts.ledger, writer=f"setup-node{opts.node_rank}", incarnation=f"setup-{opts.started_at:.0f}")
-    journal.emit(opts.kind, duration_s=round(duration, 3), code=opts.code, node_rank=opts.node_rank)
+    journal.emit(opts.kind, duration_s=round(duration, 3), code=opts.code, node_rank=opts.node_rank, how=opts.how)
     if journal.pending:
         print(f"warning: setup event not stored at {opts.ledger} (see the log above)", file=sys.stderr)
     return 0

@@ -55,6 +55,8 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
         price = price_for(known["accelerators"], cloud=known["cloud"], price_file=price_file, spot=spot_price,
                           on_demand=on_demand_price, prefer_spot=known["spot"] is not False)
     report = summarize(events, problems, price=price) if events else {"events": 0, "problems": problems}
+    if events:
+        report["setups"] = setup_runs(events, report["interruptions"])
     report["ledger"] = ledger_url
     report["plot"] = None
     report["weights_match"] = None  # only a run with a reference (the demo) can compare; same keys as the demo
@@ -63,6 +65,24 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
 
         report["plot"] = str(plot_timeline(events, report, plot, timeline=build_timeline(events)))
     return report
+
+
+def setup_runs(events: list, interruptions: list[dict]) -> list[dict]:
+    """Each node's setup in time order, labelled with the start it prepared (0 = the first,
+    n = after the n-th loss) and how it got its environment (ledger.mark's `how`)."""
+    losses = sorted(ep["t_loss"] for ep in interruptions)
+    return [{"start": sum(t < e.t for t in losses), "node_rank": e.get("node_rank"), "how": e.get("how") or "?",
+             "duration_s": e.get("duration_s")} for e in events if e.kind == "setup"]
+
+
+def _setups_note(report: dict[str, Any], recoveries: bool) -> str:
+    """' (node0 installed 65.0 s)' for the first start; ' (#1 node0 restored 12.0 s, ...)' for recoveries."""
+    runs = [r for r in report.get("setups", []) if (r["start"] > 0) == recoveries]
+    if not runs:
+        return ""
+    shown = [f"{'#' + str(r['start']) + ' ' if recoveries else ''}node{r['node_rank']} {r['how']} "
+             f"{_fmt_s(r['duration_s'])}" for r in runs]
+    return " (" + ", ".join(shown) + ")"
 
 
 def backend_events_of(target: str) -> tuple[list, list[str]] | None:
@@ -115,8 +135,8 @@ def render(report: dict[str, Any]):
          f"{_fmt_s(rec['checkpoint_load_s'])}, first step {_fmt_s(rec['first_step_s'])}"),
         ("queue / provisioning / start-up", report["queue_s"],
          f"queue {_fmt_s(start['queue_s'])}, provisioning {_fmt_s(start['provisioning_s'])}, setup "
-         f"{_fmt_s(start['setup_s'])}, first start-up to step 1 {_fmt_s(start['startup_s'] + start['checkpoint_load_s'] + start['first_step_s'])}, "
-         f"re-provisioning {_fmt_s(rec['provisioning_s'] + rec['queue_s'])} + setup {_fmt_s(rec['setup_s'])}, "
+         f"{_fmt_s(start['setup_s'])}{_setups_note(report, False)}, first start-up to step 1 {_fmt_s(start['startup_s'] + start['checkpoint_load_s'] + start['first_step_s'])}, "
+         f"re-provisioning {_fmt_s(rec['provisioning_s'] + rec['queue_s'])} + setup {_fmt_s(rec['setup_s'])}{_setups_note(report, True)}, "
          f"tear-down {_fmt_s(b['teardown_s'])}"),
     ]
     for label, value, note in rows:
