@@ -72,13 +72,14 @@ def _bucket_of(url: str) -> str:
     return "/".join(url.split("/", 3)[:3])  # scheme://bucket
 
 
-def _bucket_view(url: str | None, unreachable: set[str]) -> dict[str, Any]:
+def _bucket_view(url: str | None, unreachable: set[str] | None = None) -> dict[str, Any]:
     """Latest committed step and its time (read-only listing), the restart streak
     (budget.streak_view of the nodes' restart record), and goodput so far.
 
     Read with the store's BRIEF policy: a bucket that cannot be reached costs one
     warning line and a few seconds, once per bucket (`unreachable`), not a minute per call."""
     view: dict[str, Any] = {"step": None, "checkpoint_time": None, "restarts": None, "goodput": None}
+    unreachable = set() if unreachable is None else unreachable
     if not url or _bucket_of(url) in unreachable:
         return view
     try:
