@@ -163,7 +163,7 @@ class Demo:
         from supervisor.ledger.report import build_report, render
 
         cfg, session = self.cfg, self.session
-        plan = drill_plan("demo", steps=cfg.steps, interval=cfg.interval, num_nodes=cfg.nodes,
+        plan = drill_plan("demo", steps=cfg.steps, interval=session.planned_interval(), num_nodes=cfg.nodes,
                           seed=cfg.seed) if cfg.chaos else []
         session.store_url()
         store = session.store

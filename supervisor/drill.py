@@ -31,12 +31,13 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
+from supervisor.contract.node import NodeOptions
 from supervisor.errors import SuperviseError
 from supervisor.launch.base import SUCCEEDED
 from supervisor.launch.chaos import STORE_KINDS, ChaosEvent, demo_plan, freeze_store, save_in_progress
@@ -159,6 +160,12 @@ class Drill:
             sets.insert(0, f"checkpoint.bucket={self.store_url()}")
         return build_spec(self.recipe, name=name, num_nodes=self.num_nodes, sets=[*sets, *self.sets])
 
+    def planned_interval(self) -> int:
+        """Where the first incarnation saves, after every --set: the spec's interval, or
+        auto's low end (ledger.interval.choose with nothing measured yet)."""
+        ckpt = self.spec("probe").checkpoint
+        return ckpt.interval_range[0] if ckpt.interval == "auto" else ckpt.interval
+
     def store_url(self) -> str:
         if self.store is None:
             import tempfile
@@ -183,8 +190,7 @@ class Drill:
         outages = [(i, ev) for i, ev in enumerate(events) if ev.kind in STORE_KINDS]
         impl, job = dryrun(spec, backend="local", chaos=events)  # the controller leaves outages alone
         if any(ev.kind == "stall" for ev in events):
-            i = job.node_argv.index("node") + 1
-            job.node_argv[i:i] = ["--hang-timeout", str(STALL_HANG_S)]
+            job.node_argv = replace(NodeOptions.from_argv(job.node_argv), hang_timeout_s=STALL_HANG_S).to_argv()
         self.jobs.append(name)
         done, fired = threading.Event(), []
         threads = [threading.Thread(target=self._outage, args=(spec.checkpoints_url, i, ev, done, fired), daemon=True)
@@ -252,7 +258,7 @@ class Drill:
 
     def plans(self, drills: list[str]) -> dict[str, list[ChaosEvent]]:
         num_nodes = self.spec("probe").num_nodes
-        plans = {d: plan(d, steps=self.steps, interval=self.interval, num_nodes=num_nodes, seed=self.seed)
+        plans = {d: plan(d, steps=self.steps, interval=self.planned_interval(), num_nodes=num_nodes, seed=self.seed)
                  for d in drills}
         if self.store is None and any(ev.kind in STORE_KINDS for evs in plans.values() for ev in evs):
             raise SuperviseError("drill store-outage freezes the drill's own embedded store: "

@@ -43,6 +43,8 @@ ENV_RESUME_STEP = "SUPERVISE_RESUME_STEP"  # catalog's verified step to load, or
 ENV_COMMIT_WAIT_S = "SUPERVISE_COMMIT_WAIT_S"  # seconds a commit polls for a mount's upload to land
 DEFAULT_COMMIT_WAIT_S = 600.0  # its default: the longest a commit polls for the upload (it ends when the objects land)
 ENV_CHECKPOINT_KEEP = "SUPERVISE_CHECKPOINT_KEEP"  # committed checkpoints kept during the run; unset/0: all
+ENV_WRITE_MODE = "SUPERVISE_WRITE_MODE"  # where TorchTitan writes: WRITE_DIRECT (the catalog URL) or WRITE_MOUNT
+WRITE_DIRECT, WRITE_MOUNT = "direct", "mount"  # (its checkpoint.folder is a mount of the catalog URL; unset: direct)
 ENV_TORCHRUN_TIMES = "SUPERVISE_TORCHRUN_TIMES"  # the prestarted torchrun's start, import, wait (JSON)
 
 NOTICE_FILE = "notice.json"

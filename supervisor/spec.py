@@ -5,7 +5,7 @@ NodeTask that every backend (SkyPilot, local) runs. Every rule a run must obey
 is checked here, before anything is launched, and every failure names the
 field and says what to do.
 
-`node_argv(spec)` gives the command every node runs on every (re)start —
+`node_options(spec)` gives the command every node runs on every (re)start —
 `supervise node --checkpoints <url> ... -- <TorchTitan args>` — so all
 backends run exactly the same thing.
 """
@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from supervisor.contract.node import DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, Auto, Direct, Mount, NodeOptions
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import RECOVER_ON
 from supervisor.runtime import DEFAULT_COMMIT_WAIT_S
@@ -183,7 +184,7 @@ class Recovery(_Strict):
     strategy: Literal["FAILOVER", "EAGER_NEXT_REGION"] | None = None  # None: SkyPilot's default
     # After this many restarts in a row that ended retryable (69) with no new
     # committed step, the node wrapper gives up with 78 (never retried).
-    max_restarts_without_progress: int = Field(3, ge=0)
+    max_restarts_without_progress: int = Field(DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, ge=0)
 
     @property
     def recover_on_exit_codes(self) -> list[int]:
@@ -437,24 +438,19 @@ def _override_args(key: str, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
-def node_argv(spec: JobSpec) -> list[str]:
-    """The command every node runs on every (re)start, as an argv list.
+def node_options(spec: JobSpec) -> NodeOptions:
+    """The command every node runs on every (re)start (NodeOptions.to_argv renders it).
 
-    The catalog is always read through the bucket URL (`--checkpoints`). With a
-    mount, TorchTitan writes to the mount path (`--checkpoint-mount`) and the
-    wrapper waits up to `--commit-wait` seconds for the upload to land before
-    committing. `--max-restarts-without-progress` bounds a retryable (69) loop:
-    SkyPilot restarts 69 without limit, the wrapper gives up with 78.
+    The catalog is always read through the bucket URL. With a mount, TorchTitan
+    writes to the mount path and a commit waits up to commit_wait_s for the upload
+    to land. The no-progress bound ends a retryable (69) loop: SkyPilot restarts 69
+    without limit, the wrapper gives up with 78.
     """
-    argv = ["supervise", "node", "--checkpoints", spec.checkpoints_url,
-            "--max-restarts-without-progress", str(spec.recovery.max_restarts_without_progress)]
-    if spec.checkpoint.mode != "DIRECT":
-        argv += ["--checkpoint-mount", spec.checkpoint_dir,
-                 "--commit-wait", f"{spec.checkpoint.commit_wait_s:g}"]
-    if spec.checkpoint.keep:
-        argv += ["--keep", str(spec.checkpoint.keep)]
-    if spec.checkpoint.interval == "auto":
-        argv += ["--checkpoint-interval-auto", "{}:{}".format(*spec.checkpoint.interval_range)]
-    if not spec.resources.accelerators and spec.resources.procs_per_node:
-        argv += ["--nproc-per-node", str(spec.resources.procs_per_node)]
-    return argv + ["--", *titan_args(spec)]
+    ckpt = spec.checkpoint
+    return NodeOptions(
+        checkpoints=spec.checkpoints_url, max_restarts_without_progress=spec.recovery.max_restarts_without_progress,
+        write=Direct() if ckpt.mode == "DIRECT" else Mount(spec.checkpoint_dir, ckpt.commit_wait_s), keep=ckpt.keep,
+        interval=Auto(*ckpt.interval_range) if ckpt.interval == "auto" else None,
+        nproc_per_node=None if spec.resources.accelerators else spec.resources.procs_per_node or None,
+        trainer_args=tuple(titan_args(spec)),
+    )

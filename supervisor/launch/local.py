@@ -28,10 +28,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from supervisor import registry
+from supervisor.contract.node import NodeOptions
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 from supervisor.launch.base import CANCELLED, FAILED, PENDING, AlreadyFinished, JobStatus, is_terminal
@@ -162,15 +163,11 @@ def decide(codes: dict[int, int | None], *, num_nodes: int, rule: RestartRule) -
                             f"max_restarts_on_errors={rule.max_restarts_on_errors}: not retried")
 
 
-def node_argv_for(argv: list[str], *, master_port: int, notice_file: Path) -> list[str]:
-    """The job's node command with two local-only options after `node`: a fresh
-    rendezvous port (jobs and incarnations share one loopback; SkyPilot's nodes
-    each have their own) and the notice file chaos writes (the stand-in for a
-    cloud's metadata server)."""
-    if "node" not in argv:
-        return list(argv)
-    i = argv.index("node") + 1
-    return [*argv[:i], "--master-port", str(master_port), "--notice-file", str(notice_file), *argv[i:]]
+def node_options_for(argv: list[str], *, master_port: int, notice_file: Path) -> NodeOptions:
+    """The job's node command with two local-only options: a fresh rendezvous port
+    (jobs and incarnations share one loopback; SkyPilot's nodes each have their
+    own) and the notice file chaos writes (the stand-in for a cloud's metadata server)."""
+    return replace(NodeOptions.from_argv(argv), master_port=master_port, notice_file=str(notice_file))
 
 
 def node_env(job: LocalJob, *, rank: int, incarnation: int, run_dir: Path, task_id: str) -> dict[str, str]:
@@ -250,7 +247,7 @@ class LocalBackend:
     def dryrun(self, task, *, chaos: list | tuple = (), graceful_timeout_s: float | None = None) -> LocalJob:
         job = LocalJob(
             name=task.name,
-            node_argv=list(task.run),
+            node_argv=task.run.to_argv(),
             setup=task.setup,
             num_nodes=task.num_nodes,
             gpus_per_node=task.ranks_per_node if task.resources.accelerators else 0,

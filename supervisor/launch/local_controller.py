@@ -16,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from supervisor.contract.node import NodeOptions
 from supervisor.launch import chaos, procs
 from supervisor.launch.base import CANCELLED, FAILED, FAILED_SETUP, RECOVERING, RUNNING, STARTING, SUCCEEDED
-from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, node_argv_for, node_dir, node_env,
+from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, node_dir, node_env, node_options_for,
                                      skypilot_exit_codes)
 from supervisor.node.notices import SaveWait
 from supervisor.node.prctl import become_subreaper
@@ -50,13 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_argv(argv: list[str]) -> list[str]:
-    """`supervise ...` runs this installation's entry point even when its venv is not on PATH."""
-    if argv and argv[0] == "supervise" and not shutil.which("supervise"):
+def resolve_program(opts: NodeOptions) -> NodeOptions:
+    """`supervise node` runs this installation's entry point even when its venv is not on PATH."""
+    if opts.program == ("supervise",) and not shutil.which("supervise"):
         beside = Path(sys.executable).parent / "supervise"
-        head = [str(beside)] if beside.exists() else [sys.executable, "-c", "from supervisor.entry import main; main()"]
-        return [*head, *argv[1:]]
-    return argv
+        program = (str(beside),) if beside.exists() else (sys.executable, "-c", "from supervisor.entry import main; main()")
+        return replace(opts, program=program)
+    return opts
 
 
 @dataclass
@@ -159,7 +160,8 @@ class Controller:
         for rank in range(self.job.num_nodes):
             run_dir = self.folder / "run" / str(inc) / f"node-{rank}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            argv = node_argv_for(resolve_argv(self.job.node_argv), master_port=port, notice_file=run_dir / NOTICE_IN)
+            opts = node_options_for(self.job.node_argv, master_port=port, notice_file=run_dir / NOTICE_IN)
+            argv = resolve_program(opts).to_argv()
             proc = self.popen(rank, argv, self.node_env(rank, inc, run_dir),
                               f"incarnation {inc}, node {rank}/{self.job.num_nodes}, master port {port}")
             nodes.append(Node(rank, proc, run_dir))
@@ -296,8 +298,6 @@ class Controller:
     def save_wait(self) -> SaveWait:
         """The node wrappers' wait for a save without deadline (their defaults), with
         this job's graceful_timeout_s as the floor."""
-        from supervisor.node.wrapper import NodeOptions
-
         wait = SaveWait(self.job.graceful_timeout_s, NodeOptions().hang_timeout_s, time.monotonic())
         if self.job.ledger_url:
             events, problems = read_events(self.job.ledger_url)

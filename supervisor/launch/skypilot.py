@@ -102,7 +102,7 @@ def run_script(task: NodeTask) -> str:
     """
     return (
         f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi\n"
-        f"{shlex.join(task.run)}\n"
+        f"{shlex.join(task.run.to_argv())}\n"
     )
 
 
@@ -603,7 +603,7 @@ def wait_for_stop(name: str, ledger: str, done: Callable[[list], bool], *, cap_s
     save/commit events keep coming) plus STOP_SLACK_S; `cap_s` caps it where given."""
     from supervisor.ledger.journal import read_events
     from supervisor.node.notices import SAVE_EVENTS, SaveWait
-    from supervisor.node.wrapper import NodeOptions
+    from supervisor.contract.node import NodeOptions
 
     defaults = NodeOptions()
     start = time.monotonic()

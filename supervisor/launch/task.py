@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from supervisor.exitcodes import RECOVER_ON
 from supervisor.runtime import ledger_url
-from supervisor.spec import Checkpoint, JobSpec, Resources, node_argv
+from supervisor.contract.node import NodeOptions
+from supervisor.spec import Checkpoint, JobSpec, Resources, node_options
 
 # SkyPilot's restart rule (sky/jobs/recovery_strategy.py, should_restart_on_failure):
 # a code in recover_on_exit_codes restarts without limit or count, any other
@@ -34,7 +35,7 @@ class RestartPolicy:
 class NodeTask:
     name: str
     setup: str  # bash, run on every node before the first run of `run`
-    run: list[str]  # the node command (argv), run on every node on every (re)start
+    run: NodeOptions  # the node command, run on every node on every (re)start
     num_nodes: int
     ranks_per_node: int
     checkpoints_url: str
@@ -56,7 +57,7 @@ def render(spec: JobSpec) -> NodeTask:
     return NodeTask(
         name=spec.name,
         setup=setup_script(spec, built),
-        run=node_argv(spec),
+        run=node_options(spec),
         num_nodes=spec.num_nodes,
         ranks_per_node=spec.gpus_per_node,
         checkpoints_url=spec.checkpoints_url,

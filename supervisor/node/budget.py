@@ -46,7 +46,6 @@ RECORD_DIR = "_supervise"
 RECORD_NAME = "restarts.json"
 MARKS_DIR = "nodes"  # under RECORD_DIR: node-R.json, the newest trouble of node R > 0 (PeerMarks)
 NOTICE, FAILURE = "notice", "failure"  # kinds of trouble
-DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS = 3
 CLOCK_SKEW_S = 5.0  # nodes' clocks (NTP) agree better than this
 KEEP = 50  # newest incarnations kept in the record; the ledger keeps the full history
 LOST = "no exit recorded (node lost or killed)"

@@ -31,11 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
+from supervisor.contract.node import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 
-DEFAULT_MASTER_PORT = 8008  # the port SkyPilot's TorchTitan example uses
-DEFAULT_TRAINER_MODULE = "supervisor.titan.train"
 LOG_DIR_ENV = "PET_LOG_DIR"  # torchrun's --log-dir, read from the environment
 ERROR_LINE_CHARS = 400  # an exit reason is one line: a status column, a ledger field
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from supervisor.contract.node import Mount, NodeOptions
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
 from supervisor.node import budget, process
@@ -45,8 +46,6 @@ from supervisor.node.resume import (
     validate_trainer_args,
 )
 from supervisor.node.torchrun import (
-    DEFAULT_MASTER_PORT,
-    DEFAULT_TRAINER_MODULE,
     LOG_DIR_ENV,
     Topology,
     trainer_error,
@@ -55,7 +54,7 @@ from supervisor.node.torchrun import (
     torchrun_executable,
 )
 from supervisor.node.watchdog import Watchdog
-from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, strip_node_owned
+from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, arg_value, strip_node_owned
 from supervisor.runtime import (
     ENV_CHECKPOINT_KEEP,
     ENV_CHECKPOINTS,
@@ -64,10 +63,13 @@ from supervisor.runtime import (
     ENV_LEDGER,
     ENV_RESUME_STEP,
     ENV_RUN_DIR,
+    ENV_WRITE_MODE,
     HEARTBEAT_DIR,
     NOTICE_FILE,
     OUTCOME_FILE,
     SAVE_NOW_FILE,
+    WRITE_DIRECT,
+    WRITE_MOUNT,
     heartbeat_steps,
     ledger_url,
     read_json,
@@ -85,28 +87,6 @@ TICK_S = 0.25
 ARGS_VERDICT_WAIT_S = 300.0  # after torchrun exited non-zero: how long to wait for TorchTitan's parser
 MARK_WAIT_S = 10.0  # at exit: how long a node > 0 waits for its mark (budget.PeerMarks) to be written
 LEDGER_POLL_S = 2.0  # while a save without deadline is awaited: how often the run ledger is re-read
-
-
-@dataclass
-class NodeOptions:
-    checkpoints: str | None = None  # catalog URL; default from the trainer args
-    checkpoint_mount: str | None = None  # where TorchTitan writes, when the bucket is mounted
-    commit_wait_s: float | None = None  # None: the default (runtime.DEFAULT_COMMIT_WAIT_S)
-    keep: int = 0  # committed checkpoints the trainer keeps during the run (owner: commits); 0: all
-    nproc_per_node: int | None = None
-    master_port: int = DEFAULT_MASTER_PORT
-    trainer_module: str = DEFAULT_TRAINER_MODULE
-    run_dir: str | None = None  # default: $SUPERVISE_RUN_DIR, else a fresh temp folder
-    incarnation: str | None = None
-    notice_file: str | None = None
-    cloud: str = "auto"
-    metadata_urls: dict[str, str | None] = field(default_factory=dict)
-    notice_poll_s: float = 5.0
-    grace_s: float = 300.0  # after a notice without deadline: the least wait for the save (see SaveWait)
-    hang_timeout_s: float = 1800.0
-    startup_timeout_s: float = 1800.0
-    max_restarts_without_progress: int = budget.DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS  # 0: never give up
-    interval_auto: tuple[int, int] | None = None  # checkpoint.interval auto: (low, high) steps
 
 
 @dataclass
@@ -148,20 +128,21 @@ def make_plan(opts: NodeOptions, trainer_args: list[str], environ: dict[str, str
     catalog = Catalog(url)
     resume = decide(catalog)
     choice = None
-    if opts.interval_auto:  # Young/Daly from the run's ledger (supervisor.ledger.interval)
+    if opts.interval:  # auto: Young/Daly from the run's ledger (supervisor.ledger.interval)
         from supervisor.ledger.interval import for_run
 
-        choice = for_run(ledger_url(url), *opts.interval_auto)
+        choice = for_run(ledger_url(url), opts.interval.low, opts.interval.high)
         trainer_args = [*trainer_args, "--checkpoint.interval", str(choice.steps)]
-    folder = checkpoint_url([], opts.checkpoint_mount) if opts.checkpoint_mount else url
-    args = rewrite_trainer_args(trainer_args, folder, resume.step)
+    mount = opts.write if isinstance(opts.write, Mount) else None
+    args = rewrite_trainer_args(trainer_args, checkpoint_url([], mount.path) if mount else url, resume.step)
     env = {
         ENV_CHECKPOINTS: url,
         ENV_LEDGER: ledger_url(url),
         ENV_RESUME_STEP: "none" if resume.step is None else str(resume.step),
+        ENV_WRITE_MODE: WRITE_MOUNT if mount else WRITE_DIRECT,
     }
-    if opts.commit_wait_s is not None:  # 0 is a choice (no wait), not "unset"
-        env[ENV_COMMIT_WAIT_S] = f"{opts.commit_wait_s:g}"
+    if mount and mount.commit_wait_s is not None:  # 0 is a choice (no wait), not "unset"
+        env[ENV_COMMIT_WAIT_S] = f"{mount.commit_wait_s:g}"
     if opts.keep:
         env[ENV_CHECKPOINT_KEEP] = str(opts.keep)
     return Plan(topo, resume, torchrun_argv(topo, args, module=opts.trainer_module), env, interval=choice, catalog=catalog)
@@ -444,7 +425,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         journal.emit("node_start", node_rank=topo.node_rank, num_nodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
                      host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
         journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason,
-                     **(plan.interval.fields() if plan.interval else {}))
+                     **(plan.interval.fields() if plan.interval else _fixed_interval(trainer_args)))
         journal.emit("trainer_start", command=plan.command, pid=proc.pid, world_size=topo.nnodes * topo.nproc_per_node,
                      wrapper_overhead_s=overhead_s)  # fmt: skip
         watcher.start()
@@ -561,6 +542,12 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         except OSError as err:
             log.warning("exit not marked beside the notice file: %s", err)
     return int(code)
+
+
+def _fixed_interval(trainer_args: list[str]) -> dict:
+    """The `resume` event's interval when the trainer args set it (the report reads it there)."""
+    steps = arg_value(trainer_args, "--checkpoint.interval")
+    return {"checkpoint_interval": int(steps), "interval_source": "args"} if steps and steps.isdigit() else {}
 
 
 def _require_cuda(probe: CudaProbe, wanted: int) -> None:

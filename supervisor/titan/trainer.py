@@ -324,9 +324,9 @@ class SuperviseTrainer(Trainer):
         self._metrics_path = Path(config.dump_folder) / METRICS_FILE
 
         ckpt = self.checkpointer
-        same_place = (self.catalog_url or "").rstrip("/") == str(getattr(ckpt, "folder", "")).rstrip("/")
-        self.mounted = not same_place  # TorchTitan writes through a bucket mount; the catalog reads the bucket
-        self.commit_wait_s = commit_wait_s(env.get(runtime.ENV_COMMIT_WAIT_S), same_place)  # parsed at start
+        # the wrapper says where TorchTitan writes: through a bucket mount, the catalog reads the bucket
+        self.mounted = env.get(runtime.ENV_WRITE_MODE) == runtime.WRITE_MOUNT
+        self.commit_wait_s = commit_wait_s(env.get(runtime.ENV_COMMIT_WAIT_S), not self.mounted)  # parsed at start
         self.keep = int(env.get(runtime.ENV_CHECKPOINT_KEEP) or 0)  # in-run retention after each commit
         self.supervised_checkpoints = isinstance(ckpt, SuperviseCheckpointManager) and ckpt.enable
         if self.supervised_checkpoints:
@@ -336,7 +336,7 @@ class SuperviseTrainer(Trainer):
             self.config.checkpoint.load_step = -1 if step is None else step
             if env.get(runtime.ENV_RESUME_STEP, "").strip().isdigit():
                 self._verified_step = self._last_committed_step = step
-                ckpt.load_url = None if same_place else self.catalog_url  # verified there through its API
+                ckpt.load_url = self.catalog_url if self.mounted else None  # verified there through its API
             ckpt.hashed_saves = set()
             ckpt.states[rng.STATE_KEY] = rng.RngState(self.rank)
             ckpt.on_saved, ckpt.on_complete = self._on_saved, self._on_complete

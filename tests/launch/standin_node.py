@@ -6,7 +6,7 @@ It "trains" by counting steps, "commits" a step every 3 steps to
 $STANDIN_DIR/committed, resumes from there, and keeps one child process in its
 own session (like a torchrun worker) so the kill-the-whole-tree paths are real.
 
-    standin_node.py node [--master-port P] [--notice-file F] [--exit CODE] [--steps N] [--step-s S]
+    standin_node.py node [--master-port P] [--notice-file F] -- [--exit CODE] [--steps N] [--step-s S]
 """
 
 import argparse
@@ -25,7 +25,7 @@ p.add_argument("--notice-file", type=Path, required=True)
 p.add_argument("--exit", type=int, default=None)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--step-s", type=float, default=0.15)
-args = p.parse_args()
+args, _node_options = p.parse_known_args([a for a in sys.argv[1:] if a != "--"])  # its own come as trainer args
 
 rank = int(os.environ["SKYPILOT_NODE_RANK"])
 state = Path(os.environ["STANDIN_DIR"])

@@ -12,14 +12,14 @@ import psutil
 
 from supervisor import registry
 from supervisor.exitcodes import ExitCode
-from supervisor.launch.local import LocalJob, RestartRule, decide, node_argv_for, read_state
+from supervisor.launch.local import LocalJob, RestartRule, decide, node_options_for, read_state
 from supervisor.launch.procs import tagged
 
 STANDIN = str(Path(__file__).with_name("standin_node.py"))
 
 
 def job(tmp_path, name, *args, **kw) -> LocalJob:
-    return LocalJob(name=name, node_argv=[sys.executable, STANDIN, "node", *args],
+    return LocalJob(name=name, node_argv=[sys.executable, STANDIN, "node", "--", *args],
                     env={"STANDIN_DIR": str(tmp_path / "standin")}, **kw)
 
 
@@ -87,11 +87,11 @@ def test_unlisted_code_is_retried_up_to_the_limit_then_failed(launcher, tmp_path
         assert [s["SUPERVISE_INCARNATION"] for s in starts(tmp_path, rank)] == ["0", "1", "2"]
 
 
-def test_node_argv_gets_local_options_after_node():
+def test_node_argv_gets_local_options():
     argv = ["supervise", "node", "--checkpoints", "s3://b/r", "--", "--module", "llama3"]
-    assert node_argv_for(argv, master_port=1234, notice_file=Path("/r/n.json")) == [
-        "supervise", "node", "--master-port", "1234", "--notice-file", "/r/n.json",
-        "--checkpoints", "s3://b/r", "--", "--module", "llama3"]
+    assert node_options_for(argv, master_port=1234, notice_file=Path("/r/n.json")).to_argv() == [
+        "supervise", "node", "--checkpoints", "s3://b/r", "--max-restarts-without-progress", "3",
+        "--master-port", "1234", "--notice-file", "/r/n.json", "--", "--module", "llama3"]
 
 
 def test_preemptions_restart_all_nodes_with_skypilot_env(launcher, tmp_path):

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dataclasses import replace
+
+from supervisor.contract.node import NodeOptions
 from supervisor.launch import dryrun
 
 pytestmark = pytest.mark.slow
@@ -23,8 +26,9 @@ def crash_loop_job(s3_store, name: str, k: int):
         f"checkpoint.bucket={s3_store.url('loops')}", f"recovery.max_restarts_without_progress={k}",
         "overrides.training.steps=3"])
     _, job = dryrun(spec, backend="local")
-    i = job.node_argv.index("node") + 1  # stand-in for TorchTitan's loop; no cloud metadata on this machine
-    job.node_argv[i:i] = ["--trainer-module", "tests.node.standin_trainer", "--cloud", "none"]
+    # stand-in for TorchTitan's loop; no cloud metadata on this machine
+    job.node_argv = replace(NodeOptions.from_argv(job.node_argv), trainer_module="tests.node.standin_trainer",
+                            cloud="none").to_argv()
     job.setup = ""  # the stand-in reads no tokenizer or data
     job.env.update(STANDIN_EXIT="1", PYTHONPATH=str(ROOT))
     return job

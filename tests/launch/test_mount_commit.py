@@ -167,7 +167,8 @@ def test_a_resume_of_a_mount_written_run_reads_through_the_bucket_api(mounted, s
     ref = reference_run(1)
     dump = tmp_path / "dump"
     args = titan_args(dump, steps=STEPS)
-    first = start_trainer([*args, *checkpoint_args(folder)], tmp_path / "run-a", env={"SUPERVISE_CHECKPOINTS": url})
+    first = start_trainer([*args, *checkpoint_args(folder)], tmp_path / "run-a",
+                          env={"SUPERVISE_CHECKPOINTS": url, "SUPERVISE_WRITE_MODE": "mount"})
     try:
         first.wait_step(1, timeout=900)  # then a notice: saved through the mount, committed, exit
         write_json_atomic(first.run_dir / NOTICE_FILE, {"source": "file", "received_at": time.time(), "deadline": None})

@@ -12,7 +12,7 @@ from supervisor import cli
 from supervisor.errors import SuperviseError
 from supervisor.launch import skypilot
 from supervisor.recipes import RECIPES_DIR, apply_set, build_spec, parse_set
-from supervisor.spec import node_argv, titan_configs, validate
+from supervisor.spec import node_options, titan_configs, validate
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
@@ -88,12 +88,12 @@ def test_parse_set_keeps_text_literal():
 
 def test_node_argv_mount_vs_direct():
     spec = build_spec("llama3_8b")
-    argv = node_argv(spec)
+    argv = node_options(spec).to_argv()
     assert argv[:4] == ["supervise", "node", "--checkpoints", "s3://my-ckpts/supervise/llama3-8b"]
     assert argv[argv.index("--checkpoint-mount") + 1] == "/checkpoints/supervise/llama3-8b"  # root mounted, prefix kept
     tail = argv[argv.index("--") + 1:]
     assert tail[:4] == ["--module", "llama3", "--config", "llama3_8b"]
-    direct = node_argv(build_spec("llama3_8b", sets=["checkpoint.mode=direct"]))
+    direct = node_options(build_spec("llama3_8b", sets=["checkpoint.mode=direct"])).to_argv()
     assert "--checkpoint-mount" not in direct and "--commit-wait" not in direct
 
 

@@ -127,14 +127,15 @@ def test_auto_interval_for_a_stored_run(tmp_path):
 
 def test_node_wrapper_passes_the_auto_interval(tmp_path):
     """The wrapper's plan (what `supervise node --dry-run` prints) with --checkpoint-interval-auto."""
-    from supervisor.node.wrapper import NodeOptions, make_plan
+    from supervisor.contract.node import Auto, NodeOptions
+    from supervisor.node.wrapper import make_plan
 
     events, _ = chaos_run()
     ckpt = tmp_path / "ck"
     (ckpt / "_ledger" / "all").mkdir(parents=True)
     (ckpt / "_ledger" / "all" / "replay.0.00000.jsonl").write_text("".join(e.to_line() + "\n" for e in events))
     args = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "10"]
-    plan = make_plan(NodeOptions(checkpoints=str(ckpt), interval_auto=(2, 50)), args, environ={})
+    plan = make_plan(NodeOptions(checkpoints=str(ckpt), interval=Auto(2, 50)), args, environ={})
     expected = interval.from_ledger(events, 2, 50)
     i = plan.command.index("--checkpoint.interval")
     assert plan.command[i + 1] == str(expected.steps)

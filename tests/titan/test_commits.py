@@ -52,7 +52,8 @@ def test_a_frozen_store_does_not_stall_training_and_commits_land_after(tmp_path,
         local.mkdir()
         uploader = Uploader(local, url)
         uploader.start()
-        env = {"SUPERVISE_CHECKPOINTS": url, "SUPERVISE_COMMIT_WAIT_S": "900", "SUPERVISE_STORE_RETRY_S": "900"}
+        env = {"SUPERVISE_CHECKPOINTS": url, "SUPERVISE_COMMIT_WAIT_S": "900", "SUPERVISE_STORE_RETRY_S": "900",
+               "SUPERVISE_WRITE_MODE": "mount"}  # the wrapper's word for a folder that is a mount of the bucket
         run = start_trainer([*titan_args(tmp_path / "dump", steps=steps, checkpoint_interval=interval),
                              *checkpoint_args(local)], tmp_path / "run", nproc=2, env=env)  # fmt: skip
         try:
