@@ -131,10 +131,10 @@ def save_in_progress(store, step: int) -> bool:
     `supervisor.store.fs.Store` kept by the poller (a new S3 client per poll costs
     more than the window it looks for)."""
     from supervisor.errors import SuperviseError
-    from supervisor.store.manifest import COMMIT
+    from supervisor.store.manifest import COMMIT, step_dir
 
     try:
-        names = store.listdir(f"step-{step}")
+        names = store.listdir(step_dir(step))
     except SuperviseError:  # a drill's trigger must not take the job down; try again next poll
         return False
     return bool(names) and COMMIT not in names
@@ -203,17 +203,16 @@ def freeze_store(pid: int, seconds: float, until: threading.Event) -> str:
 def corrupt_newest(checkpoints_url: str) -> str:
     """Truncate the first shard of the newest committed checkpoint to half its size."""
     from supervisor.store.catalog import Catalog
+    from supervisor.store.manifest import step_dir
 
-    latest = Catalog(checkpoints_url).latest()
+    catalog = Catalog(checkpoints_url)
+    latest = catalog.latest()
     if latest.step is None:
         return "no committed checkpoint to corrupt"
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(latest.path))
-    shards = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".distcp"))
-    if not shards:
+    folder = step_dir(latest.step)
+    name = min((n for n in catalog.store.listdir(folder) if n.endswith(".distcp")), default=None)
+    if name is None:
         return f"step {latest.step} has no shard to corrupt"
-    data = fs.cat_file(shards[0])
-    fs.pipe_file(shards[0], data[: len(data) // 2])
-    name = shards[0].rsplit("/", 1)[-1]
+    data = catalog.store.cat(folder, name)
+    catalog.store.put(data[: len(data) // 2], folder, name)
     return f"truncated {name} of step {latest.step} from {len(data)} to {len(data) // 2} bytes"

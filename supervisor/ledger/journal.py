@@ -34,7 +34,6 @@ from supervisor.ledger.events import Event, parse_line
 log = logging.getLogger(__name__)
 
 SEGMENT_EVENTS = 1000
-_WRITE_BUDGET_S = 2.0  # then keep the events in memory and try again on the next emit
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KIND = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -47,20 +46,14 @@ def _store(url: str, policy=None):
     return Store(url, policy or retry.PATIENT)
 
 
-def _put(store, path: str, data: bytes, budget_s: float) -> None:
-    """Write one object, retrying transient errors briefly: emit() sits on the training path."""
-    import tenacity
-
+def _put(store, path: str, data: bytes, healthy: bool) -> None:
+    """Write one object under the store's LEDGER_WRITE policy (emit() sits on the training
+    path), one try while the store is failing."""
     from supervisor.store import retry
 
     if not store.remote:
         return _write_local(path, data)
-    tenacity.Retrying(
-        retry=tenacity.retry_if_exception(retry.is_transient),
-        wait=tenacity.wait_exponential_jitter(0.1, max=0.5, jitter=0.1),
-        stop=tenacity.stop_after_delay(budget_s),
-        reraise=True,
-    )(store.fs.pipe_file, path, data)
+    (retry.LEDGER_WRITE if healthy else retry.ONCE).call(store.fs.pipe_file, path, data)
 
 
 def _write_local(path: str, data: bytes) -> None:
@@ -173,8 +166,7 @@ class Journal:
                 if self._store is None:
                     self._store = _store(self.ledger_url)
                 # while the store is failing, one attempt per write, so training is not slowed down
-                _put(self._store, self._object_path(self._store.root, segment), data,
-                     _WRITE_BUDGET_S if self._healthy else 0.0)
+                _put(self._store, self._object_path(self._store.root, segment), data, self._healthy)
             except Exception as err:  # store trouble of any kind must not stop training
                 self._healthy = False
                 log.warning("ledger: could not store %d event(s) at %s (%s: %s); will retry on the next event",

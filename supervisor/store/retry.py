@@ -75,11 +75,13 @@ def _log_attempt(level: int):
 
 @dataclass(frozen=True)
 class Policy:
-    """How long one call may keep retrying (env `env`, else `default_s`) and how loudly."""
+    """How long one call may keep retrying (env `env`, else `default_s`), how loudly, and
+    the longest pause between attempts."""
 
     env: str
     default_s: float
     quiet: bool = False
+    max_wait_s: float = 5.0
 
     def deadline_s(self) -> float:
         return float(os.environ.get(self.env, self.default_s))
@@ -88,7 +90,7 @@ class Policy:
         """Run one store call under the policy; the last error is re-raised as is."""
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=self.max_wait_s, jitter=min(0.5, self.max_wait_s / 5)),
             stop=tenacity.stop_after_delay(self.deadline_s()),
             before_sleep=_log_attempt(logging.DEBUG if self.quiet else logging.WARNING),
             reraise=True,
@@ -98,6 +100,9 @@ class Policy:
 
 PATIENT = Policy("SUPERVISE_STORE_RETRY_S", 60.0)
 BRIEF = Policy("SUPERVISE_STORE_READ_RETRY_S", 5.0, quiet=True)
+# the ledger's writes sit on the training path: a short retry while the store is healthy, then one try
+LEDGER_WRITE = Policy("SUPERVISE_LEDGER_WRITE_RETRY_S", 2.0, quiet=True, max_wait_s=0.5)
+ONCE = Policy("SUPERVISE_STORE_ONCE_S", 0.0, quiet=True)
 
 
 def call(fn, *args, **kwargs):
