@@ -227,8 +227,8 @@ class _LedgerWatch:
         self._stop.set()
 
 
-def _incarnation(opts: NodeOptions) -> str:
-    return opts.incarnation or os.environ.get(ENV_INCARNATION) or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+def _incarnation() -> str:
+    return os.environ.get(ENV_INCARNATION) or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 def _fresh_run_dir(opts: NodeOptions, incarnation: str, node_rank: int) -> Path:
@@ -354,7 +354,7 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         if probe is not None:
             _require_cuda(probe, gpus_requested(os.environ))
         topo = plan.topology
-        incarnation = _incarnation(opts)
+        incarnation = _incarnation()
         record = _Record(plan.catalog, trainer_args, plan.resume.step, incarnation, writer=topo.node_rank == 0)
         _give_up_if_recorded(record, plan.resume.step, incarnation, opts.max_restarts_without_progress)
     except BaseException:
