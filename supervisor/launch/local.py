@@ -13,7 +13,7 @@ stop work from any terminal after the launching CLI has exited:
 
     job.json        what to run (LocalJob, the request) — written once at schedule
     state.json      the controller's view: state, recoveries, reason, pids, step
-    cancel.json     a stop request (graceful or not), read by the controller
+    cancel.json     the cancel (after `stop`'s request in the bucket), read by the controller
     job.log         the controller's own lines (setup, starts, exits, recoveries, chaos)
     node-R.log      node R's output (setup, then every incarnation)
     nodes/node-R/   node R's working directory (setup's relative paths land here)
@@ -352,19 +352,20 @@ class LocalBackend:
             time.sleep(0.5)
 
     def cancel(self, name: str, *, graceful: bool = True):
-        """Ask the controller to stop the job and wait until it has: nodes SIGTERMed so
-        they save and commit (graceful), then killed; no process left. Graceful: returns
-        what was saved (skypilot.StopResult), waiting as long as this run's measured
-        saves need, not a fixed budget; --now: None."""
+        """Stop the job the way SkyPilotBackend.cancel does: graceful, the stop request in
+        the bucket first (every node wrapper saves, commits and exits 0), waited for as
+        long as this run's measured saves need, then the cancel (cancel.json: the
+        controller kills whatever is left; no process remains). Graceful: returns what
+        was saved (skypilot.StopResult); --now: None, cancelled at once."""
         from supervisor.launch.procs import kill_tagged
-        from supervisor.launch.skypilot import StopResult, stop_result, wait_for_stop
+        from supervisor.launch.skypilot import (StopResult, clear_stop_request, nodes_exited, stop_result,
+                                                wait_for_stop, write_stop_request)
+        from supervisor.runtime import stop_request_url
 
         job = _load_job(name)
         state = read_state(name) or {}
         if is_terminal(state.get("state")):
             raise AlreadyFinished(f"local job {name} already finished: {state['state']}; nothing to stop")
-        write_json_atomic(job_dir(name) / "cancel.json", {"graceful": graceful, "time": time.time()})
-
         asked = time.monotonic()
 
         def over(_events=None) -> bool:
@@ -372,29 +373,37 @@ class LocalBackend:
             started = st.get("state") != PENDING or time.monotonic() - asked > CONTROLLER_START_S
             return not controller_alive(st) and (is_terminal(st.get("state")) or started)
 
-        events, waited_out = [], None
-        if graceful and job.ledger_url:
-            print(f"asking the nodes of {name} to save and stop (SIGTERM to every node wrapper)", file=sys.stderr,
-                  flush=True)
-            events, waited_out = wait_for_stop(name, job.ledger_url, over, poll_s=1.0, floor_s=job.graceful_timeout_s)
-        else:
-            deadline = time.monotonic() + (job.graceful_timeout_s if graceful else 0.0) + 30.0
-            while time.monotonic() < deadline and not over():
-                time.sleep(0.2)
+        result, events, waited_out = None, [], None
+        if graceful and not (job.checkpoints_url and job.ledger_url):
+            result = StopResult(name, False, None, "the job has no checkpoint bucket for a stop request; "
+                                                   "cancelled without a save")
+        elif graceful and not state.get("nodes"):
+            result = StopResult(name, False, None, f"the job is {state.get('state')}: no node is running to save; "
+                                                   "cancelled")
+        elif graceful:
+            print(f"asking the nodes of {name} to save and stop ({stop_request_url(job.checkpoints_url)})",
+                  file=sys.stderr, flush=True)
+            write_stop_request(job.checkpoints_url)
+            events, waited_out = wait_for_stop(name, job.ledger_url, lambda ev: over() or nodes_exited(ev),
+                                               poll_s=1.0, floor_s=job.graceful_timeout_s)
+        write_json_atomic(job_dir(name) / "cancel.json", {"graceful": False, "time": time.time()})
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and not over():
+            time.sleep(0.2)
         state = read_state(name) or {}
         if controller_alive(state):
             import psutil
 
             psutil.Process(state["controller_pid"]).kill()
         kill_tagged(f"{name}/")
+        if job.checkpoints_url:
+            clear_stop_request(job.checkpoints_url)  # the next start under this name is not stopped
         state = read_state(name) or {}
         if not is_terminal(state.get("state")):
             state.update(state=CANCELLED, reason=state.get("reason") or "stopped by the user")
             write_json_atomic(job_dir(name) / "state.json", state)
-        if not graceful:
-            return None
-        if not job.ledger_url:
-            return StopResult(name, False, None, "the job has no run ledger to say what its nodes saved")
+        if not graceful or result is not None:
+            return result
         if waited_out is None:  # the controller wrote the nodes' exits before it finished: read them all
             from supervisor.ledger.journal import read_events
 

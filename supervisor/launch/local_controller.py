@@ -37,12 +37,26 @@ FAILURE_GRACE_S = 3.0  # after a node fails, time for its peers' own exits to be
 SETUP_DONE = ".supervise-setup-done"  # in a node directory once its setup succeeded
 LEDGER_POLL_S = 2.0  # stop: how often the run ledger is read for the nodes' save progress
 NODE_EXIT_SLACK_S = 60.0  # stop: after a wrapper gives up on the save, time to kill its workers and exit
+STATUS_CHECK_GAP_S = 15.0  # SkyPilot's JOB_STATUS_CHECK_GAP_SECONDS (sky/jobs/utils.py): how soon it sees an exit
 
 
 def read_events(url: str):
     from supervisor.ledger.journal import read_events as read
 
     return read(url)
+
+
+def stop_requested(checkpoints_url: str) -> bool:
+    """`supervise stop`'s request is in the bucket (launch.skypilot.write_stop_request)."""
+    from supervisor.runtime import stop_request_url
+    from supervisor.store.fs import Store
+
+    folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
+    try:
+        Store(folder).cat(leaf)
+    except Exception:  # noqa: BLE001 - absent, or an unreadable bucket: no stop known, the job's result stands
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -352,7 +366,8 @@ class Controller:
             d = decide(codes, num_nodes=self.job.num_nodes, rule=rule)
             self.log(f"incarnation {inc}: exit codes {codes} -> {d.action}: {d.reason}")
             if d.action == "finish":
-                return self.finish(inc, SUCCEEDED, None)
+                return self.finish(inc, CANCELLED if self.cancelled_after_stop() else SUCCEEDED,
+                                   "stopped by the user" if self.stop_requested else None)
             if d.action == "fail":
                 tail = self.last_line(skypilot_exit_codes(codes, self.job.num_nodes))
                 return self.finish(inc, FAILED, d.reason + (f"; {tail}" if tail else ""))
@@ -363,6 +378,22 @@ class Controller:
             for i in chaos.due(self.plan, self.fired, self.state.get("step"), live=False):
                 self.fire(i, inc, nodes, self.state.get("step"))
             inc += 1
+
+    def cancelled_after_stop(self) -> bool:
+        """Nodes that all exited 0 on `supervise stop`'s request in the bucket: the cancel
+        that follows lands before SkyPilot's controller looks again (its monitor loop
+        checks the job every JOB_STATUS_CHECK_GAP_SECONDS, sky/jobs/utils.py), so the job
+        ends CANCELLED, not SUCCEEDED. Waits that long for the cancel; without a stop
+        request, or with no cancel by then, the job succeeded."""
+        if not self.job.checkpoints_url or not stop_requested(self.job.checkpoints_url):
+            return False
+        deadline = time.monotonic() + STATUS_CHECK_GAP_S
+        while time.monotonic() < deadline:
+            if read_json(self.folder / "cancel.json") is not None:
+                self.stop_requested = read_json(self.folder / "cancel.json")
+                return True
+            time.sleep(POLL_S)
+        return False
 
     def last_line(self, codes: list[int]) -> str:
         """The last line the first failing node printed (the wrapper's one-line reason)."""

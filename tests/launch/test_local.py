@@ -122,7 +122,7 @@ def test_preemptions_restart_all_nodes_with_skypilot_env(launcher, tmp_path):
     assert "exited 75 (preempted, state saved)" in log
 
 
-def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
+def test_stop_without_a_bucket_cancels_and_leaves_no_process(launcher, tmp_path, capsys):
     launcher.schedule(job(tmp_path, "stopme", "--steps", "1000", num_nodes=2))
     import time
 
@@ -130,15 +130,15 @@ def test_stop_is_graceful_and_leaves_no_process(launcher, tmp_path, capsys):
     while (read_state("stopme") or {}).get("state") != "RUNNING":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    launcher.cancel("stopme")
+    # no checkpoint bucket: no stop request to send, so cancelled at once without a save (as on SkyPilot)
+    result = launcher.cancel("stopme")
+    assert not result.saved and "no checkpoint bucket" in result.reason
     st = launcher.status("stopme")[0]
     assert st.state == "CANCELLED" and st.reason == "stopped by the user"
     assert not tagged("stopme/")
-    # SIGTERM reached the wrappers, which saved (committed) before exiting 75
-    assert int((tmp_path / "standin" / "committed").read_text()) >= 1
     launcher.logs("stopme")
     out = capsys.readouterr().out
-    assert "node exit codes [75, 75]" in out and "(node-0) === incarnation 0" in out
+    assert "(node-0) === incarnation 0" in out
 
 
 def test_stall_stops_a_worker_and_teardown_still_kills_it(launcher, tmp_path):

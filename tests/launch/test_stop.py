@@ -1,6 +1,7 @@
 """`supervise stop` on a SkyPilot job saves first: a stop request in the bucket
 (real S3: SeaweedFS) that a real `supervise node` polls as a notice, the node's
-exit in the run ledger, then the cancel; on a local job the same through SIGTERM.
+exit in the run ledger, then the cancel; on a local job the same way (the emulator
+stops the cloud's way).
 The request has no deadline and nothing waits a fixed budget: the save is awaited
 as long as this run's measured saves need, and `stop` prints the step committed
 at the stop, or "not saved: <why>" with exit 1.
@@ -235,6 +236,7 @@ def test_a_stop_that_could_not_save_says_why_and_exits_1(s3_store, s3_url, tmp_p
 @pytest.mark.slow
 def test_local_stop_prints_the_committed_step(launcher, s3_url, tmp_path):
     from supervisor.launch.local import LocalJob
+    from supervisor.store.fs import Store
 
     url = s3_url
     argv = ["supervise", "node", "--checkpoints", url, "--trainer-module", "tests.node.standin_trainer",
@@ -247,10 +249,15 @@ def test_local_stop_prints_the_committed_step(launcher, s3_url, tmp_path):
     events = read_events(ledger_url(url))[0]
     (exit_event,) = [e for e in events if e.kind == "exit" and e.writer == "node0"]
     step = exit_event.get("saved_step")
-    assert exit_event.get("notice") == "sigterm" and step is not None
+    # the stop request in the bucket, not a SIGTERM: a stop, not a preemption with notice
+    assert exit_event.get("notice") == "stop" and exit_event.get("code") == 0 and step is not None
+    assert [e.get("source") for e in events if e.kind == "notice"] == ["stop"]
+    assert not any(e.kind == "preempted" for e in events)
     assert f"stopped lstop: saved and committed step {step}\n" in res.output
     assert Catalog(url).latest().step == step
+    # the nodes exited 0, then the cancel came before SkyPilot's controller would have looked again
     assert launcher.status("lstop")[0].state == "CANCELLED"
+    assert "stop.json" not in Store(f"{url}/_supervise").listdir()  # the next start is not stopped
 
 
 def test_stop_now_and_stop_of_a_job_not_running_cancel_at_once(monkeypatch, tmp_path):
