@@ -14,6 +14,7 @@ node's working directory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 from importlib import metadata
@@ -27,9 +28,11 @@ from supervisor.errors import SuperviseError
 from supervisor.launch import wheel
 from supervisor.runtime import ledger_url
 from supervisor.spec import JobSpec, titan_args
+from supervisor.store import envsnap
 from supervisor.titan_config import CheckUnavailable, config_imports
 
 VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
+ENV_DIR = "_supervise/env"  # under the run's checkpoints: environment snapshots (store.envsnap)
 # Where SkyPilot's runtime set-up puts uv on every node (sky/skylet/constants.py, SKY_UV_INSTALL_DIR).
 SKY_UV = "$HOME/.local/bin/uv"
 # `import supervisor` must be supervise's, not supervisord's package of the same name.
@@ -119,52 +122,169 @@ def shipped_files(built: wheel.Wheel | None) -> dict[str, str]:
 
 def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
     """Install pinned torch/TorchTitan/supervise (`built`: the shipped wheel, from
-    shipped_wheel) into a venv and fetch the tokenizer."""
+    shipped_wheel) into a venv and fetch the tokenizer — unless this node already has
+    what this setup makes (its fingerprint, SETUP_KEY, in each folder: reused) or the
+    bucket has a snapshot of it (restored: store.envsnap); a full install publishes one."""
     inst = spec.install
     lines = ["set -euo pipefail", "SUPERVISE_SETUP_T0=$(date +%s.%N)",
              f"SUPERVISE_PERMANENT={shlex.quote(PERMANENT)}", RETRY_FUNCTION]
-    if inst.pip:
-        lines += _venv_lines(inst.python)
-        torch = inst.torch or _pinned("torch")
-        titan = inst.torchtitan or _pinned("torchtitan")
-        index = ["--index-url", inst.index_url] if inst.index_url else []
-        ours = f'"$HOME/{built.remote_path.removeprefix("~/")}"' if built else shlex.quote(inst.supervise or "")
-        torch_req = f"torch=={torch}" if torch else "torch"
-        rest = [f"torchtitan=={titan}" if titan else "torchtitan", *_store_packages(spec), *inst.extra]
-        if spec.tokenizer.hf_repo:
-            rest.append(HF_HUB)
-        rest += config_packages(spec, [torch_req, *rest, DIST])
-        lines += [
-            "supervise_retry 'pip install pip' python -m pip install --upgrade pip",
-            shlex.join(["supervise_retry", "pip install torch", "pip", "install", torch_req, *index]),
-            f"{shlex.join(['supervise_retry', 'pip install torchtitan', 'pip', 'install', *rest])} {ours}",
-        ]
-    else:  # the image provides the packages; a damaged venv must not shadow them
+    assets, asset_lines = _asset_lines(spec)
+    if not inst.pip:  # the image provides the packages; a damaged venv must not shadow them
         lines += [
             f"if [ -e {VENV} ] && ! {VENV_CHECK} >/dev/null 2>&1; then",
             f"  echo 'supervise setup: removing damaged {VENV}; using the image python'",
             f"  rm -rf {VENV}",
             "fi",
             f"if [ -f {VENV}/bin/activate ]; then . {VENV}/bin/activate; fi",
+            shlex.join(["python", "-c", _ours_check(built.version if built else None)]),
+            *asset_lines, "supervise_how=reused  # the image brought the packages",
         ]
-    lines.append(shlex.join(["python", "-c", _ours_check(built.version if built else None)]))
+        return "\n".join(lines + _end_lines(spec)) + "\n"
+    install = _venv_lines(inst.python) + _install_lines(spec, built)
+    key = fingerprint(install + asset_lines)
+    snapshots = bool(built)  # a fresh node imports the snapshot code from the shipped wheel
+    lines += [
+        f"SUPERVISE_SETUP_KEY={key}  # fingerprint of what this setup installs (setup.fingerprint)",
+        f"SUPERVISE_ENV_URL=${{SUPERVISE_ENV_URL-{shlex.quote(env_url(spec) if snapshots else '')}}}"
+        "  # the snapshots; set empty to turn them off",
+        *_lock_lines(),
+        "supervise_has() { [ \"$(cat \"$1\"/" + envsnap.KEY_FILE + " 2>/dev/null)\" = \"$SUPERVISE_SETUP_KEY\" ]; }",
+        "supervise_how=reused need_venv= need_assets=",
+        f"supervise_has {VENV} && {VENV_CHECK} >/dev/null 2>&1 || need_venv=1",
+        *[f"supervise_has {shlex.quote(a)} || need_assets=1" for a in assets],
+    ]
+    if snapshots:
+        lines += _restore_lines(spec, built, assets)
+    lines += [
+        'if [ "$supervise_how" != restored ] && [ -n "$need_venv" ]; then',
+        "  supervise_how=installed",
+        f"  rm -f {VENV}/{envsnap.KEY_FILE}",
+        *["  " + line for line in install],
+        f'  echo "$SUPERVISE_SETUP_KEY" > {VENV}/{envsnap.KEY_FILE}',
+        "fi",
+        f". {VENV}/bin/activate",
+        shlex.join(["python", "-c", _ours_check(built.version if built else None)]),
+    ]
+    if asset_lines:
+        lines += ['if [ "$supervise_how" != restored ] && [ -n "$need_assets" ]; then',
+                  "  supervise_how=installed", *["  " + line for line in asset_lines],
+                  *[f'  echo "$SUPERVISE_SETUP_KEY" > {shlex.quote(a)}/{envsnap.KEY_FILE}' for a in assets], "fi"]
+    if snapshots:  # after a full install, rank 0 publishes what it made (a failure is one warning)
+        lines += ['if [ "$supervise_how" = installed ] && [ -n "$SUPERVISE_ENV_URL" ] '
+                  '&& [ "${SKYPILOT_NODE_RANK:-0}" = 0 ]; then',
+                  "  " + shlex.join(["python", "-m", "supervisor.store.envsnap", "publish", "--url"])
+                  + ' "$SUPERVISE_ENV_URL" --key "$SUPERVISE_SETUP_KEY" '
+                  + " ".join([f"--venv {VENV}", *[f"--asset {shlex.quote(a)}" for a in assets]]) + " || true",
+                  "fi"]
+    lines.append("exec 9>&-  # lets go of the setup lock")
+    return "\n".join(lines + _end_lines(spec)) + "\n"
+
+
+def fingerprint(install_lines: list[str]) -> str:
+    """The key of what setup makes: the commands that install and fetch it (Python version,
+    every pinned package, the index, the shipped wheel's content hash in its name, the
+    tokenizer repo and its patterns, the assets built) and the snapshot format."""
+    text = "\n".join([f"envsnap format {envsnap.FORMAT}", *install_lines])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def env_url(spec: JobSpec) -> str:
+    """Where a run's environment snapshots live (store.envsnap)."""
+    return f"{spec.checkpoints_url}/{ENV_DIR}"
+
+
+def _lock_lines() -> list[str]:
+    """One setup at a time per HOME (nodes sharing an NFS HOME, local Slurm nodes): the
+    second waits, then finds the first one's venv and reuses it. flock(1), util-linux."""
+    return [
+        "mkdir -p ~/.supervise",
+        "exec 9>>~/.supervise/setup.lock",
+        "if ! flock -n 9; then",
+        "  echo 'supervise setup: waiting for another setup in this HOME (~/.supervise/setup.lock)'",
+        "  flock 9",
+        "fi",
+    ]
+
+
+def _restore_lines(spec: JobSpec, built: wheel.Wheel, assets: list[str]) -> list[str]:
+    """What the node lacks, from the bucket's snapshot: run by the system python3 with the
+    store's packages installed beside it (no venv yet), the shipped wheel on its path."""
+    reqs = shlex.join(f"{d}=={v}" if (v := _pinned(d)) else d
+                      for d in ("fsspec", *(_store_packages(spec) or ["s3fs"]), "tenacity"))
+    tools = '"$HOME/.supervise/envsnap-tools"'
+    target = f"--target {tools} {reqs} || return 1"
+    return [
+        "supervise_restore() {",
+        f'  local path="$HOME/.supervise/envsnap-tools:$HOME/{built.remote_path.removeprefix("~/")}" uv',
+        '  if ! PYTHONPATH="$path" python3 -c "import supervisor.store.envsnap" >/dev/null 2>&1; then',
+        f"    rm -rf {tools}",
+        f'    uv="{SKY_UV}"; [ -x "$uv" ] || uv="$(command -v uv || true)"',
+        '    if [ -n "$uv" ]; then',
+        f"      supervise_retry 'snapshot tools' \"$uv\" pip install --quiet --python python3 {target}",
+        "    else",
+        f"      supervise_retry 'snapshot tools' python3 -m pip install --quiet {target}",
+        "    fi",
+        "  fi",
+        '  PYTHONPATH="$path" python3 -m supervisor.store.envsnap restore --url "$SUPERVISE_ENV_URL" '
+        '--key "$SUPERVISE_SETUP_KEY" "$@"',
+        "}",
+        "supervise_want=()",
+        '[ -z "$need_venv" ] || supervise_want+=(--venv "$HOME/.supervise/venv")',
+        *[f'[ -z "$need_assets" ] || supervise_want+=(--asset {shlex.quote(a)})' for a in assets],
+        'if [ -n "$need_venv$need_assets" ] && [ -n "$SUPERVISE_ENV_URL" ] && command -v python3 >/dev/null '
+        '&& supervise_restore "${supervise_want[@]}"',
+        f'then if [ -z "$need_venv" ] || {VENV_CHECK} >/dev/null 2>&1; then supervise_how=restored; fi; fi',
+    ]
+
+
+def _install_lines(spec: JobSpec, built: wheel.Wheel | None) -> list[str]:
+    """pip (or uv pip, where uv is: SkyPilot installs it on every node) of torch, TorchTitan,
+    the extra packages and supervise into the venv, every one through supervise_retry."""
+    inst = spec.install
+    torch = inst.torch or _pinned("torch")
+    titan = inst.torchtitan or _pinned("torchtitan")
+    index = ["--index-url", inst.index_url] if inst.index_url else []
+    ours = f'"$HOME/{built.remote_path.removeprefix("~/")}"' if built else shlex.quote(inst.supervise or "")
+    torch_req = f"torch=={torch}" if torch else "torch"
+    rest = [f"torchtitan=={titan}" if titan else "torchtitan", *_store_packages(spec), *inst.extra]
+    if spec.tokenizer.hf_repo:
+        rest.append(HF_HUB)
+    rest += config_packages(spec, [torch_req, *rest, DIST])
+    return [
+        f'supervise_uv="{SKY_UV}"; [ -x "$supervise_uv" ] || supervise_uv="$(command -v uv || true)"',
+        "supervise_pip() {",
+        f'  if [ -n "$supervise_uv" ]; then "$supervise_uv" pip install --python {VENV}/bin/python "$@"; '
+        'else python -m pip install "$@"; fi',
+        "}",
+        "[ -n \"$supervise_uv\" ] || supervise_retry 'pip install pip' python -m pip install --upgrade pip",
+        shlex.join(["supervise_retry", "pip install torch", "supervise_pip", torch_req, *index]),
+        f"{shlex.join(['supervise_retry', 'pip install torchtitan', 'supervise_pip', *rest])} {ours}",
+    ]
+
+
+def _asset_lines(spec: JobSpec) -> tuple[list[str], list[str]]:
+    """(the folders setup fills with the recipe's assets, the lines that fill them)."""
     tok = spec.tokenizer
     if tok.tiny:
-        lines.append(shlex.join([
+        root = _tiny_root(spec)
+        return [root], [shlex.join([
             "python", "-c",
-            "import sys; from supervisor.titan.tinydata import build_assets; build_assets(sys.argv[1])",
-            _tiny_root(spec)]))
-    elif tok.hf_repo:
+            "import sys; from supervisor.titan.tinydata import build_assets; build_assets(sys.argv[1])", root])]
+    if tok.hf_repo:
         include = [arg for pattern in TOKENIZER_FILES for arg in ("--include", pattern)]
-        lines.append(shlex.join(["supervise_retry", "hf download", "hf", "download", tok.hf_repo,
-                                 "--local-dir", tok.path, *include]))
-    # The run's ledger gets setup's time (never fails setup; the report's setup phase).
-    lines += [
+        return [tok.path], [shlex.join(["supervise_retry", "hf download", "hf", "download", tok.hf_repo,
+                                        "--local-dir", tok.path, *include])]
+    return [], []
+
+
+def _end_lines(spec: JobSpec) -> list[str]:
+    """The run's ledger gets setup's time and how (never fails setup; the report's setup phase)."""
+    return [
         shlex.join(["python", "-m", "supervisor.ledger.mark", "setup", "--started-at"])
-        + ' "$SUPERVISE_SETUP_T0" ' + shlex.join(["--ledger", ledger_url(spec.checkpoints_url)]) + " || true",
-        'echo "supervise setup: done in $(( $(date +%s) - ${SUPERVISE_SETUP_T0%.*} )) s"',
+        + ' "$SUPERVISE_SETUP_T0" --how "$supervise_how" '
+        + shlex.join(["--ledger", ledger_url(spec.checkpoints_url)]) + " || true",
+        'echo "supervise setup: done in $(( $(date +%s) - ${SUPERVISE_SETUP_T0%.*} )) s ($supervise_how)"',
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _venv_lines(python: str) -> list[str]:

@@ -49,9 +49,17 @@ REPO_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special
 UV = """\
 import json, os, pathlib, sys
 home = pathlib.Path(os.environ["HOME"])
+args = sys.argv[1:]
+if args[0] == "pip":  # `uv pip install --python VENV/bin/python ...`: recorded as the install it asks for
+    assert args[1:3] == ["install", "--python"], args
+    venv = pathlib.Path(args[3]).parent.parent
+    with open(home / "calls.jsonl", "a") as f:
+        f.write(json.dumps({"exe": "pip", "argv": ["install", *args[4:]], "via": "uv"}) + "\\n")
+    sys.path.insert(0, os.environ["STANDIN_DIR"])
+    from standins import pip
+    sys.exit(pip(venv, ["install", *args[4:]], record_it=False))
 with open(home / "calls.jsonl", "a") as f:
     f.write(json.dumps({"exe": "uv", "argv": sys.argv[1:]}) + "\\n")
-args = sys.argv[1:]
 assert args[0] == "venv", args
 failed = home / "uv-failures"
 if len(failed.read_text() if failed.exists() else "") < int(os.environ.get("UV_STANDIN_FAILURES", "0")):
@@ -152,7 +160,7 @@ def run_setup(tmp_path: Path, spec, *, pythons: str = "3.11", venv: str | None =
     _write_exe(home / ".local" / "bin" / "uv", UV)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "STANDIN_DIR": str(standin_dir),
            "UV_STANDIN_PYTHONS": pythons, "SUPERVISE_HOME": os.environ["SUPERVISE_HOME"],
-           "SUPERVISE_SETUP_RETRY_S": "0", **(env or {})}
+           "SUPERVISE_SETUP_RETRY_S": "0", "SUPERVISE_ENV_URL": "", **(env or {})}  # snapshots: test_setup_real.py
     built = setup.shipped_wheel(spec)
     script = setup.setup_script(spec, built)
     for remote, local in (setup.shipped_files(built) if ship else {}).items():  # what the file_mounts entry delivers
@@ -194,6 +202,7 @@ def test_fresh_node_gets_python_3_11_the_shipped_wheel_and_the_tokenizer(tmp_pat
 
     assert _argvs(calls, "uv") == [["venv", "--seed", "--python", "3.11", str(home / ".supervise" / "venv")]]
     pips = _argvs(calls, "pip")
+    assert all(c.get("via") == "uv" for c in calls if c["exe"] == "pip")  # uv pip, where uv is
     assert pips[0][0] == "install" and pips[0][1].startswith("torch==")
     assert pips[1][:2] == ["install", pips[1][1]] and pips[1][1].startswith("torchtitan==")
     shipped = str(home / ".supervise" / "wheel" / built.filename)
@@ -208,7 +217,8 @@ def test_fresh_node_gets_python_3_11_the_shipped_wheel_and_the_tokenizer(tmp_pat
                       "--include", "original/tokenizer.model"]
     got = sorted(str(p.relative_to(work / spec.tokenizer.path)) for p in (work / spec.tokenizer.path).rglob("*")
                  if p.is_file())
-    assert got == ["original/tokenizer.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert got == [".supervise-setup-key",  # setup's fingerprint: the next setup on this node reuses the folder
+                   "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     assert "supervise setup: done in" in proc.stdout
     assert re.search(rf"supervise setup: {DIST} in \S+, Python 3\.1[1-9]\.", proc.stdout), proc.stdout  # (the stand-in's prefix)
     mark = [a for a in _argvs(calls, "python") if a[:2] == ["-m", "supervisor.ledger.mark"]]
@@ -407,7 +417,7 @@ def test_every_network_step_goes_through_the_retry_function():
     bare = [line for line in script.splitlines()
             if line.strip().startswith(("pip ", "python -m pip", "hf ", '"$uv" venv'))]
     assert not bare, f"network steps without retries: {bare}"
-    assert sum(line.strip().startswith("supervise_retry ") for line in script.splitlines()) == 5
+    assert sum(line.count("supervise_retry '") + line.count('supervise_retry "') for line in script.splitlines()) == 5
 
 
 def test_the_permanent_patterns_are_the_tools_own_words():

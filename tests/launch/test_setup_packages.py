@@ -31,8 +31,8 @@ def _pip_requirements(script: str) -> list[str]:
     reqs = []
     for line in script.splitlines():
         argv = shlex.split(line)
-        if argv[:1] == ["supervise_retry"] and argv[2:4] == ["pip", "install"]:
-            reqs += [a for a in argv[4:] if not a.startswith("-")]
+        if argv[:1] == ["supervise_retry"] and argv[2:3] == ["supervise_pip"]:  # pip install or uv pip install
+            reqs += [a for a in argv[3:] if not a.startswith("-")]
     return reqs
 
 

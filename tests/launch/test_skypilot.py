@@ -53,8 +53,10 @@ def dry_run(monkeypatch, capsys, *args) -> str:
 
 def stable(text: str) -> str:
     """The dry run with what changes with every code edit or machine masked: the wheel's content
-    hash and the local folder it is shipped from (tests/launch/test_setup_exec.py checks both)."""
+    hash, setup's fingerprint of it and the local folder it is shipped from (tests/launch/test_setup_exec.py
+    and test_setup_real.py check them)."""
     text = re.sub(r"(\+|wheels/)[0-9a-f]{12}", r"\1<content-hash>", text)
+    text = re.sub(r"SUPERVISE_SETUP_KEY=[0-9a-f]{16}", "SUPERVISE_SETUP_KEY=<fingerprint>", text)
     return text.replace(os.environ["SUPERVISE_HOME"], "<SUPERVISE_HOME>")
 
 
@@ -109,7 +111,7 @@ def test_dry_run_matches_golden_and_round_trips(monkeypatch, capsys, recipe):
     assert "exec " not in task.run and "set -e" not in task.run  # SkyPilot's flush must run after it
     assert f"--checkpoint-mount /checkpoints/supervise/{spec.name}" in task.run  # the prefix, under the root
     assert f"--config {spec.model.config}" in task.run
-    assert "pip install torch==" in task.setup and "--python 3.11" in task.setup
+    assert "supervise_pip torch==" in task.setup and "--python 3.11" in task.setup
     assert "supervise==" not in task.setup and "supervise-titan==" not in task.setup  # never a PyPI lookup
 
 
