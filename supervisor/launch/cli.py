@@ -117,14 +117,14 @@ def _goodput(url: str) -> float | None:
     from supervisor.runtime import ledger_url
 
     try:
-        from supervisor.ledger.journal import read_events
+        from supervisor.ledger.merged import run_events
         from supervisor.ledger.timeline import summarize
     except ImportError:
         return None
     try:
         from supervisor.store import retry
 
-        events, problems = read_events(ledger_url(url), retry.BRIEF)
+        events, problems, _run = run_events(ledger_url(url), policy=retry.BRIEF)  # what report and auto read
         value = summarize(events, problems).get("goodput") if events else None
     except Exception:  # a status view must not fail on a partial or missing journal
         return None

@@ -69,9 +69,9 @@ def from_ledger(events: list[Event], low: int, high: int) -> IntervalChoice:
 
 def for_run(ledger_url: str, low: int, high: int) -> IntervalChoice:
     """from_ledger() on the run's stored journal; an unreadable ledger gives the low end, said so."""
-    from supervisor.ledger.journal import read_events
+    from supervisor.ledger.merged import run_events
 
-    events, problems = read_events(ledger_url)
+    events, problems, _run = run_events(ledger_url)  # what status and report read
     if not events and problems and not problems[0].startswith("no journal"):
         return IntervalChoice(low, f"auto: {low} steps (ledger unreadable: {problems[0]}; the range's low end)")
     return from_ledger(events, low, high)

@@ -36,18 +36,17 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
     """Read the journal and compute the report object (plus the PNG when `plot` is given).
 
     `backend_events`: (events, problems) from the backend's own record of the job
-    (ledger.skypilot.job_events), merged into the journal's. For other commands
-    (demo, status): `build_report(url)["goodput"]`. Never raises on a bad or missing
-    journal; `report["events"] == 0` means there was nothing to report.
+    (ledger.skypilot.job_events), merged into the journal's. The ledger is read through
+    merged.run_events, like status and `interval: auto`: the newest run under the name,
+    node losses nobody wrote down counted as preemptions. Never raises on a bad or
+    missing journal; `report["events"] == 0` means there was nothing to report.
     """
-    from supervisor.ledger.journal import read_events
+    from supervisor.ledger.merged import run_events
     from supervisor.ledger.prices import price_for
     from supervisor.ledger.timeline import build_timeline, summarize, used
 
-    events, problems = read_events(ledger_url, policy)  # policy: the store's retry policy (default PATIENT)
-    if backend_events is not None and events:
-        events = sorted(events + list(backend_events[0]), key=lambda e: (e.t, e.writer, e.seq))
-        problems = problems + list(backend_events[1])
+    # policy: the store's retry policy (default PATIENT)
+    events, problems, run = run_events(ledger_url, backend_events=backend_events, policy=policy)
     known = used(events)
     price = None  # no launch event nor backend record: what ran is unknown, so is its cost (never priced as a CPU)
     if known is not None or (spot_price is not None and on_demand_price is not None):
@@ -58,6 +57,7 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
     if events:
         report["setups"] = setup_runs(events, report["interruptions"])
     report["ledger"] = ledger_url
+    report["run"] = run.as_json()
     report["plot"] = None
     report["weights_match"] = None  # only a run with a reference (the demo) can compare; same keys as the demo
     if plot is not None and events:
