@@ -21,7 +21,7 @@ import typer
 
 from supervisor.errors import SuperviseError
 from supervisor.launch.base import SUCCEEDED, is_terminal
-from supervisor.runtime import ledger_url
+from supervisor.contract.layout import ledger_url
 
 
 @dataclass

@@ -41,7 +41,7 @@ from supervisor.contract.node import NodeOptions
 from supervisor.errors import SuperviseError
 from supervisor.launch.base import SUCCEEDED
 from supervisor.launch.chaos import STORE_KINDS, ChaosEvent, demo_plan, freeze_store, save_in_progress
-from supervisor.runtime import ledger_url
+from supervisor.contract.layout import ledger_url
 
 DRILLS = ("notice", "kill", "kill-during-save", "notice-during-save", "corrupt-newest", "stall-rank", "store-outage")
 DRILL_SETS = ("demo",)  # named plans of several events, run only when asked for

@@ -51,18 +51,6 @@ NOTICE_FILE = "notice.json"
 SAVE_NOW_FILE = "save_now.json"
 OUTCOME_FILE = "outcome.json"
 HEARTBEAT_DIR = "heartbeat"
-LEDGER_DIR = "_ledger"  # the run's journal lives beside its step-N folders
-
-
-def ledger_url(checkpoints_url: str) -> str:
-    """The one place that knows where a run's ledger is: `<checkpoints>/_ledger`."""
-    return f"{checkpoints_url.rstrip('/')}/{LEDGER_DIR}"
-
-
-def stop_request_url(checkpoints_url: str) -> str:
-    """`supervise stop` asks the nodes to save and stop by writing this object
-    (JSON {"requested_at", "deadline_s"}); the node wrapper polls it as a notice."""
-    return f"{checkpoints_url.rstrip('/')}/_supervise/stop.json"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -63,7 +63,7 @@ def record_launch(spec, *, backend: str, job_id: str) -> None:
     """The `launch` event, the same fields for every backend (ledger.events.launch_fields)."""
     from supervisor.ledger.events import launch_fields
     from supervisor.ledger.journal import Journal
-    from supervisor.runtime import ledger_url
+    from supervisor.contract.layout import ledger_url
 
     res = spec.resources
     fields = launch_fields(name=spec.name, backend=backend, num_nodes=res.num_nodes, accelerators=res.accelerators,

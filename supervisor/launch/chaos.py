@@ -131,7 +131,7 @@ def save_in_progress(store, step: int) -> bool:
     `supervisor.store.fs.Store` kept by the poller (a new S3 client per poll costs
     more than the window it looks for)."""
     from supervisor.errors import SuperviseError
-    from supervisor.store.manifest import COMMIT, step_dir
+    from supervisor.contract.layout import COMMIT, step_dir
 
     try:
         names = store.listdir(step_dir(step))
@@ -203,7 +203,7 @@ def freeze_store(pid: int, seconds: float, until: threading.Event) -> str:
 def corrupt_newest(checkpoints_url: str) -> str:
     """Truncate the first shard of the newest committed checkpoint to half its size."""
     from supervisor.store.catalog import Catalog
-    from supervisor.store.manifest import step_dir
+    from supervisor.contract.layout import step_dir
 
     catalog = Catalog(checkpoints_url)
     latest = catalog.latest()

@@ -114,7 +114,7 @@ def _streak(restarts: dict | None) -> str:
 
 
 def _goodput(url: str) -> float | None:
-    from supervisor.runtime import ledger_url
+    from supervisor.contract.layout import ledger_url
 
     try:
         from supervisor.ledger.merged import run_events

@@ -360,7 +360,7 @@ class LocalBackend:
         from supervisor.launch.procs import kill_tagged
         from supervisor.launch.skypilot import (StopResult, clear_stop_request, nodes_exited, stop_result,
                                                 wait_for_stop, write_stop_request)
-        from supervisor.runtime import stop_request_url
+        from supervisor.contract.layout import stop_request_url
 
         job = _load_job(name)
         state = read_state(name) or {}

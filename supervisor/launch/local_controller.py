@@ -48,12 +48,11 @@ def read_events(url: str):
 
 def stop_requested(checkpoints_url: str) -> bool:
     """`supervise stop`'s request is in the bucket (launch.skypilot.write_stop_request)."""
-    from supervisor.runtime import stop_request_url
+    from supervisor.contract.layout import STOP_REQUEST
     from supervisor.store.fs import Store
 
-    folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
     try:
-        Store(folder).cat(leaf)
+        Store(checkpoints_url).cat(*STOP_REQUEST)
     except Exception:  # noqa: BLE001 - absent, or an unreadable bucket: no stop known, the job's result stands
         return False
     return True

@@ -26,13 +26,12 @@ from packaging.utils import canonicalize_name
 from supervisor import DIST
 from supervisor.errors import SuperviseError
 from supervisor.launch import wheel
-from supervisor.runtime import ledger_url
+from supervisor.contract.layout import RunLayout, ledger_url
 from supervisor.spec import JobSpec, titan_args
 from supervisor.store import envsnap
 from supervisor.titan_config import CheckUnavailable, config_imports
 
 VENV = "~/.supervise/venv"  # where setup installs torch, TorchTitan and supervise on the node
-ENV_DIR = "_supervise/env"  # under the run's checkpoints: environment snapshots (store.envsnap)
 # Where SkyPilot's runtime set-up puts uv on every node (sky/skylet/constants.py, SKY_UV_INSTALL_DIR).
 SKY_UV = "$HOME/.local/bin/uv"
 # `import supervisor` must be supervise's, not supervisord's package of the same name.
@@ -190,7 +189,7 @@ def fingerprint(install_lines: list[str]) -> str:
 
 def env_url(spec: JobSpec) -> str:
     """Where a run's environment snapshots live (store.envsnap)."""
-    return f"{spec.checkpoints_url}/{ENV_DIR}"
+    return RunLayout(spec.checkpoints_url).env_snapshots
 
 
 def _lock_lines() -> list[str]:

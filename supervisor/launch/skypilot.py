@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from supervisor import registry
+from supervisor.contract.layout import STOP_REQUEST, ledger_url, stop_request_url
 from supervisor.errors import SuperviseError
 from supervisor.launch import kubernetes, placement
 from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
 from supervisor.launch.placement import Placement
 from supervisor.launch.setup import VENV
 from supervisor.launch.task import NodeTask
-from supervisor.runtime import ledger_url, stop_request_url
 from supervisor.spec import S3_COMPATIBLE, JobSpec
 
 BACKEND = "skypilot"
@@ -495,17 +495,15 @@ def write_stop_request(checkpoints_url: str) -> None:
     machines, so the trainer always saves (the node wrapper ignores any deadline in it)."""
     from supervisor.store.fs import Store
 
-    folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
     body = {"requested_at": time.time(), "by": "supervise stop"}
-    Store(folder).put(json.dumps(body).encode(), leaf)
+    Store(checkpoints_url).put(json.dumps(body).encode(), *STOP_REQUEST)
 
 
 def clear_stop_request(checkpoints_url: str) -> None:
     from supervisor.store.fs import Store
 
-    folder, _, leaf = stop_request_url(checkpoints_url).rpartition("/")
-    store = Store(folder)
-    store.rm([store.path(leaf)])
+    store = Store(checkpoints_url)
+    store.rm([store.path(*STOP_REQUEST)])
 
 
 # ---- what a stop saved (both backends) ------------------------------------------

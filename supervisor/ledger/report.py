@@ -13,7 +13,7 @@ from typing import Any, Optional
 import typer
 
 from supervisor.errors import SuperviseError
-from supervisor.runtime import LEDGER_DIR
+from supervisor.contract.layout import LEDGER_DIR
 
 
 def ledger_url_of(target: str) -> str:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from supervisor.contract.layout import NODE_MARKS, RESTARTS, node_mark
 from supervisor.exitcodes import ExitCode
 from supervisor.node.notices import STOP
 from supervisor.titan_config import strip_node_owned
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECORD_DIR = "_supervise"
-RECORD_NAME = "restarts.json"
-MARKS_DIR = "nodes"  # under RECORD_DIR: node-R.json, the newest trouble of node R > 0 (PeerMarks)
 NOTICE, FAILURE = "notice", "failure"  # kinds of trouble
 CLOCK_SKEW_S = 5.0  # nodes' clocks (NTP) agree better than this
 KEEP = 50  # newest incarnations kept in the record; the ledger keeps the full history
@@ -201,12 +199,12 @@ class RestartRecord:
 
     def __init__(self, store: Store):
         self.store = store  # the catalog's: one client, one retry policy
-        self.url = self.store.url_of(RECORD_DIR, RECORD_NAME)
+        self.url = self.store.url_of(*RESTARTS)
 
     def load(self) -> dict | None:
         """The stored record; None when there is none. An unreadable one is started over."""
         try:
-            data = json.loads(self.store.cat(RECORD_DIR, RECORD_NAME))
+            data = json.loads(self.store.cat(*RESTARTS))
         except FileNotFoundError:
             return None
         except ValueError:
@@ -217,8 +215,8 @@ class RestartRecord:
     def save(self, record: dict) -> None:
         data = json.dumps(record, indent=1).encode()
         if not self.store.remote:
-            os.makedirs(os.path.dirname(self.store.path(RECORD_DIR, RECORD_NAME)), exist_ok=True)
-        self.store.put(data, RECORD_DIR, RECORD_NAME)
+            os.makedirs(os.path.dirname(self.store.path(*RESTARTS)), exist_ok=True)
+        self.store.put(data, *RESTARTS)
 
 
 class PeerMarks:
@@ -233,16 +231,16 @@ class PeerMarks:
     def write(self, node: int, kind: str, what: str, at: float, since: float) -> None:
         """`at`: when it went wrong; `since`: when this node's incarnation started."""
         if not self.store.remote:
-            os.makedirs(self.store.path(RECORD_DIR, MARKS_DIR), exist_ok=True)
+            os.makedirs(self.store.path(*NODE_MARKS), exist_ok=True)
         mark = {"node": node, "kind": kind, "what": what, "at": at, "since": since}
-        self.store.put(json.dumps(mark).encode(), RECORD_DIR, MARKS_DIR, f"node-{node}.json")
+        self.store.put(json.dumps(mark).encode(), *node_mark(node))
 
     def read(self) -> list[dict]:
         """Every node's newest mark; unreadable ones are skipped."""
         marks = []
-        for name in sorted(self.store.listdir(RECORD_DIR, MARKS_DIR)):
+        for name in sorted(self.store.listdir(*NODE_MARKS)):
             try:
-                mark = json.loads(self.store.cat(RECORD_DIR, MARKS_DIR, name))
+                mark = json.loads(self.store.cat(*NODE_MARKS, name))
             except (FileNotFoundError, ValueError):
                 continue
             if isinstance(mark, dict):

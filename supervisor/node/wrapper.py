@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from supervisor.contract.layout import ledger_url, stop_request_url
 from supervisor.contract.node import Mount, NodeOptions
 from supervisor.errors import SuperviseError
 from supervisor.exitcodes import ExitCode
@@ -71,9 +72,7 @@ from supervisor.runtime import (
     WRITE_DIRECT,
     WRITE_MOUNT,
     heartbeat_steps,
-    ledger_url,
     read_json,
-    stop_request_url,
     write_json_atomic,
 )
 

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from supervisor.contract import layout
 from supervisor.store import manifest as mf
 from supervisor.store import retry
 from supervisor.store.errors import (  # re-exported: the catalog's error vocabulary
@@ -121,9 +122,9 @@ def _load_metadata(data: bytes):
     try:
         metadata = pickle.loads(data)
     except Exception as err:
-        raise ValueError(f"unreadable {mf.METADATA} ({type(err).__name__})") from err
+        raise ValueError(f"unreadable {layout.METADATA} ({type(err).__name__})") from err
     if getattr(metadata, "storage_data", None) is None:
-        raise ValueError(f"{mf.METADATA} has no storage_data (not a file-system DCP save)")
+        raise ValueError(f"{layout.METADATA} has no storage_data (not a file-system DCP save)")
     return metadata
 
 
@@ -141,42 +142,42 @@ class Catalog:
         if not listing:
             self.store.check_container()
         return sorted(
-            s for name, e in listing.items() if (s := mf.parse_step(name)) is not None and e.get("type") == "directory"
+            s for name, e in listing.items() if (s := layout.parse_step(name)) is not None and e.get("type") == "directory"
         )
 
     def path(self, step: int) -> str:
-        return self.store.url_of(mf.step_dir(step))
+        return self.store.url_of(layout.step_dir(step))
 
     def _pointer(self) -> int | None:
         try:
-            data = json.loads(self.store.cat(mf.POINTER))
+            data = json.loads(self.store.cat(layout.POINTER))
             return int(data["step"])
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
-            log.warning("ignoring unreadable %s pointer in %s", mf.POINTER, self.url)
+            log.warning("ignoring unreadable %s pointer in %s", layout.POINTER, self.url)
             return None
 
     def _raise_pointer(self, step: int) -> None:
         current = self._pointer()
         if current is None or current < step:
-            self.store.put(json.dumps({"step": step, "updated": _now()}).encode(), mf.POINTER)
+            self.store.put(json.dumps({"step": step, "updated": _now()}).encode(), layout.POINTER)
 
     # -- inspection -----------------------------------------------------------
     def inspect(self, step: int, deep: bool = False) -> StepInfo:
         """The state of one step folder, with a one-line reason when it is not usable."""
-        d = mf.step_dir(step)
+        d = layout.step_dir(step)
         listing = self.store.listdir(d)
         info = StepInfo(step, self.path(step), mf.INCOMPLETE)
         if not listing:
             info.reason = "empty or missing folder"
             return info
-        if mf.QUARANTINE in listing:
+        if layout.QUARANTINE in listing:
             info.state, info.reason = mf.QUARANTINED, self._quarantine_reason(step)
             return info
-        if mf.COMMIT in listing:
+        if layout.COMMIT in listing:
             try:
-                info.manifest = mf.parse_manifest(self.store.cat(d, mf.COMMIT), step)
+                info.manifest = mf.parse_manifest(self.store.cat(d, layout.COMMIT), step)
             except ValueError as err:
                 info.state, info.reason = mf.CORRUPT, str(err)
                 return info
@@ -202,10 +203,10 @@ class Catalog:
 
     def _structure(self, d: str, listing: dict) -> tuple[list[str], object | None]:
         """(problems, the parsed `.metadata`)."""
-        if mf.METADATA not in listing:
-            return [f"{mf.METADATA} missing"], None
+        if layout.METADATA not in listing:
+            return [f"{layout.METADATA} missing"], None
         try:
-            metadata = _load_metadata(self.store.cat(d, mf.METADATA))
+            metadata = _load_metadata(self.store.cat(d, layout.METADATA))
         except ValueError as err:
             return [str(err)], None
         return mf.structural_problems(mf.required_sizes(metadata), listing), metadata
@@ -214,16 +215,16 @@ class Catalog:
         """(the writers' record of the save, or None; why it cannot be used).
         The record lists itself too, as the bytes just read, so the manifest
         hashes every object it covers."""
-        if mf.WRITTEN not in listing:
-            return None, f"{mf.WRITTEN} missing"
+        if layout.WRITTEN not in listing:
+            return None, f"{layout.WRITTEN} missing"
         try:
-            data = self.store.cat(d, mf.WRITTEN)
+            data = self.store.cat(d, layout.WRITTEN)
             record = mf.parse_written(data)
         except FileNotFoundError:
-            return None, f"{mf.WRITTEN} missing"
+            return None, f"{layout.WRITTEN} missing"
         except ValueError as err:
             return None, str(err)
-        record["files"][mf.WRITTEN] = {"size": len(data), "md5": hashlib.md5(data).hexdigest()}
+        record["files"][layout.WRITTEN] = {"size": len(data), "md5": hashlib.md5(data).hexdigest()}
         return record, None
 
     def _commit_problems(self, d: str, listing: dict, written: bool) -> tuple[list[str], dict | None]:
@@ -270,7 +271,7 @@ class Catalog:
 
     def _quarantine_reason(self, step: int) -> str:
         try:
-            return json.loads(self.store.cat(mf.step_dir(step), mf.QUARANTINE)).get("reason", "quarantined")
+            return json.loads(self.store.cat(layout.step_dir(step), layout.QUARANTINE)).get("reason", "quarantined")
         except (FileNotFoundError, ValueError, AttributeError):
             return "quarantined"
 
@@ -298,14 +299,14 @@ class Catalog:
         uploads after `save` returns); the bound restarts while the listing changes.
         Raises IncompleteCheckpoint with the reason, or AlreadyCommitted if another writer won.
         """
-        d = mf.step_dir(step)
+        d = layout.step_dir(step)
         wait_s = max(0.0, wait_s)
         deadline, seen = time.monotonic() + wait_s, None
         while True:
             listing = self.store.listdir(d)
-            if mf.COMMIT in listing:
+            if layout.COMMIT in listing:
                 raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)})")
-            if mf.QUARANTINE in listing:
+            if layout.QUARANTINE in listing:
                 raise CheckpointInvalid(f"step {step} is quarantined: {self._quarantine_reason(step)}")
             problems, record = self._commit_problems(d, listing, written)
             if not problems or time.monotonic() >= deadline:
@@ -328,7 +329,7 @@ class Catalog:
             versions=_versions(), created=_now(), md5s=md5s, hashes="writer" if record is not None else "store",
         )  # fmt: skip
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        if not self.store.create_exclusive(data, d, mf.COMMIT) and not self._is_ours(d, data):
+        if not self.store.create_exclusive(data, d, layout.COMMIT) and not self._is_ours(d, data):
             raise AlreadyCommitted(f"step {step} is already committed ({self.path(step)}): another writer won")
         self._raise_pointer(step)  # only after the marker exists
         log.info("committed step %d (%d objects) at %s", step, len(manifest["objects"]), self.path(step))
@@ -339,16 +340,16 @@ class Catalog:
         and writers' record (for a quarantined step, all its files: evidence) into
         `step-N/_superseded/<time>/`, so the new save is committed on its own and
         never mistaken for the old one. Nothing is deleted. Returns (where, names)."""
-        d = mf.step_dir(step)
+        d = layout.step_dir(step)
         listing = self.store.listdir(d)
-        markers = [n for n in (mf.COMMIT, mf.QUARANTINE) if n in listing]
+        markers = [n for n in (layout.COMMIT, layout.QUARANTINE) if n in listing]
         # .metadata and the writers' record go too: until the new save writes its own,
         # a mix of old and new shards can be neither loaded nor committed as the old save
-        names = markers + (sorted(mf.checkpoint_files(listing)) if mf.QUARANTINE in listing
-                           else [n for n in (mf.METADATA, mf.WRITTEN) if n in listing])
+        names = markers + (sorted(mf.checkpoint_files(listing)) if layout.QUARANTINE in listing
+                           else [n for n in (layout.METADATA, layout.WRITTEN) if n in listing])
         if not names:
             return None
-        where = f"{mf.SUPERSEDED}/{_now().replace(':', '')}"
+        where = f"{layout.SUPERSEDED}/{_now().replace(':', '')}"
         for name in names:  # the commit marker first: from here on the step is uncommitted
             self.store.move((d, name), (d, where, name))
         return f"{self.path(step)}/{where}", names
@@ -356,7 +357,7 @@ class Catalog:
     def _is_ours(self, d: str, data: bytes) -> bool:
         """A retried create whose first attempt landed (response lost) finds its own marker."""
         try:
-            return self.store.cat(d, mf.COMMIT) == data
+            return self.store.cat(d, layout.COMMIT) == data
         except FileNotFoundError:
             return False
 
@@ -367,19 +368,19 @@ class Catalog:
         if not self.store.remote:
             return  # hard links: atomic on every local file system
         name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
-        target = self.store.path(mf.CANARY_DIR, name)
+        target = self.store.path(layout.CANARY_DIR, name)
         # A failing first create is the answer: cleaning up after it would only retry
         # against the same broken store and report the cleanup's error instead.
-        first = self.store.create_exclusive(b"first", mf.CANARY_DIR, name)
+        first = self.store.create_exclusive(b"first", layout.CANARY_DIR, name)
         try:
-            second = self.store.create_exclusive(b"second", mf.CANARY_DIR, name)
+            second = self.store.create_exclusive(b"second", layout.CANARY_DIR, name)
         finally:
             self.store.rm([target])
-            self.store.rmdir_if_empty(mf.CANARY_DIR)
+            self.store.rmdir_if_empty(layout.CANARY_DIR)
         if not first or second:
             raise StoreInputError(
                 f"the store behind {self.url} does not enforce conditional create (a second exclusive create of "
-                f"{mf.CANARY_DIR}/{name} {'succeeded' if second else 'was refused before any create'}): two writers "
+                f"{layout.CANARY_DIR}/{name} {'succeeded' if second else 'was refused before any create'}): two writers "
                 "could both commit a step. Use a store that honours If-None-Match: * (AWS S3, GCS, SeaweedFS, "
                 "recent MinIO/R2) for checkpoints"
             )
@@ -421,7 +422,7 @@ class Catalog:
     def quarantine(self, step: int, reason: str) -> None:
         """Mark a step unusable (a marker object next to it); nothing is deleted."""
         body = json.dumps({"step": step, "reason": reason, "time": _now(), "by": socket.gethostname()}).encode()
-        self.store.put(body, mf.step_dir(step), mf.QUARANTINE)
+        self.store.put(body, layout.step_dir(step), layout.QUARANTINE)
         log.warning("quarantined step %d: %s", step, reason)
 
     # -- copies ---------------------------------------------------------------
@@ -435,8 +436,8 @@ class Catalog:
             info = self.inspect(step)
             if info.state != mf.COMMITTED:
                 raise CheckpointInvalid(f"step {step} is {info.state} at {self.url}, not copied: {info.reason}")
-            d = mf.step_dir(step)
-            if mf.COMMIT in dst.store.listdir(d):
+            d = layout.step_dir(step)
+            if layout.COMMIT in dst.store.listdir(d):
                 raise AlreadyCommitted(f"step {step} is already committed at {dst.url}: nothing copied")
             for name in sorted(info.manifest["objects"]):
                 self._copy_object(dst, d, name)
@@ -447,7 +448,7 @@ class Catalog:
                 raise CheckpointInvalid(f"step {step} copied to {dst.url} does not verify: {'; '.join(problems)}")
             manifest = mf.rebased(info.manifest, dst.store.listdir(d), md5s, copied_from=self.path(step), copied=_now())
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-            if not dst.store.create_exclusive(data, d, mf.COMMIT):
+            if not dst.store.create_exclusive(data, d, layout.COMMIT):
                 raise AlreadyCommitted(f"step {step} was committed at {dst.url} by another writer during the copy")
             dst._raise_pointer(step)
             copied.append(step)
@@ -491,9 +492,9 @@ class Catalog:
 
     def _delete_step(self, step: int) -> None:
         """Marker first, so a crash mid-delete leaves an *uncommitted* folder, never a torn committed one."""
-        d = mf.step_dir(step)
+        d = layout.step_dir(step)
         listing = self.store.listdir(d)
-        first = [n for n in (mf.COMMIT, mf.METADATA) if n in listing]
+        first = [n for n in (layout.COMMIT, layout.METADATA) if n in listing]
         rest = [n for n, e in listing.items() if n not in first and e.get("type") != "directory"]
         self.store.rm([self.store.path(d, n) for n in first + rest])
         self.store.rmdir_if_empty(d)

@@ -10,6 +10,7 @@ import json
 
 import typer
 
+from supervisor.contract import layout
 from supervisor.store.errors import CheckpointInvalid, StoreInputError
 
 app = typer.Typer(no_args_is_help=True)
@@ -144,6 +145,6 @@ def prune(
     if result.anchor is None:
         raise typer.Exit(1)
     verb = "deleted" if yes else "would delete"
-    typer.echo(f"{verb}: " + (", ".join(f"step-{s}" for s in result.delete) or "nothing"))
+    typer.echo(f"{verb}: " + (", ".join(map(layout.step_dir, result.delete)) or "nothing"))
     if not yes and result.delete:
         typer.echo("dry run: pass --yes to delete")

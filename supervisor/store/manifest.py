@@ -1,4 +1,4 @@
-"""Pure logic of the commit protocol: names, manifests, checks, retention.
+"""Pure logic of the commit protocol: manifests, checks, retention (names: contract.layout).
 
 No I/O here: every function takes listings / parsed objects and returns data,
 so the rules that decide what is safe to resume from are tested without a store.
@@ -14,28 +14,13 @@ import math
 import re
 from dataclasses import dataclass, field
 
-STEP_RE = re.compile(r"^step-(\d+)$")  # exactly; TorchTitan's r"step-(\d+)" also matches bad-step-12
-METADATA = ".metadata"
-COMMIT = "_COMMIT.json"
-WRITTEN = "_WRITTEN.json"  # the writers' record of a save: each file's size and MD5 (supervisor.titan.hashing)
+from supervisor.contract.layout import COMMIT, METADATA, QUARANTINE, WRITTEN
+
 WRITTEN_FORMAT = "supervise.written/1"
 CLOCK_TOLERANCE_S = 2.0  # store vs writer clocks, and listings that give whole seconds
-QUARANTINE = "_QUARANTINE.json"
-POINTER = "LATEST"
-SUPERSEDED = "_superseded"  # step-N/_superseded/<time>/: old markers of a step saved again
-CANARY_DIR = "_canary"  # the start-up probe's scratch objects (see Catalog.prove_conditional_create)
 FORMAT = "supervise.commit/1"
 
 COMMITTED, LEGACY, INCOMPLETE, CORRUPT, QUARANTINED = "committed", "legacy", "incomplete", "corrupt", "quarantined"
-
-
-def parse_step(name: str) -> int | None:
-    m = STEP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def step_dir(step: int) -> str:
-    return f"step-{step}"
 
 
 def _label(name: str) -> str:

@@ -7,7 +7,7 @@ through each rank's writer anyway: the stream DCP writes into is teed through
 MD5 (hashlib releases the GIL, so the writer threads keep going), each file's
 size and MD5 ride to the coordinator inside DCP's own gather of write results,
 and the coordinator writes them beside `.metadata` as `_WRITTEN.json`
-(supervisor.store.manifest.WRITTEN), with this save's id and start time, which
+(supervisor.contract.layout.WRITTEN), with this save's id and start time, which
 the commit uses to tell this save's objects from a stale one of the same name.
 
 The records are stripped from the results before `.metadata` is pickled, so
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageIn
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from supervisor.contract import layout
 from supervisor.store import manifest as mf
 
 
@@ -122,12 +123,12 @@ class _HashingMixin:
             plain.append(kept)
         fs = self._hashing_fs()
         super().finish(metadata, plain)
-        if mf.METADATA in fs.hashed:
-            size, md5 = fs.hashed[mf.METADATA]
-            files[mf.METADATA] = {"size": size, "md5": md5}
+        if layout.METADATA in fs.hashed:
+            size, md5 = fs.hashed[layout.METADATA]
+            files[layout.METADATA] = {"size": size, "md5": md5}
         record = mf.written_record(files, save_id=str(self.save_id), started=min(started, default=time.time()),
                                    finished=time.time())
-        path = self.fs.concat_path(self.path, mf.WRITTEN)
+        path = self.fs.concat_path(self.path, layout.WRITTEN)
         with fs._fs.create_stream(path, "wb") as out:  # the record itself is not hashed
             out.write(json.dumps(record, indent=1, sort_keys=True).encode())
 

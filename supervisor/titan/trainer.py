@@ -53,6 +53,7 @@ from torchtitan.tools.utils import GarbageCollection
 from torchtitan.trainer import Trainer
 
 from supervisor import runtime
+from supervisor.contract import layout
 from supervisor.titan import rng
 from supervisor.titan.committer import CommitResult, Committer
 from supervisor.titan.hashing import hashing_writer
@@ -481,7 +482,7 @@ class SuperviseTrainer(Trainer):
             log.warning("supervise: retention (keep %d) failed: %s", self.keep, err)
             return
         if result.delete:
-            log.info("supervise: retention (keep %d) deleted %s", self.keep, ", ".join(f"step-{s}" for s in result.delete))
+            log.info("supervise: retention (keep %d) deleted %s", self.keep, ", ".join(map(layout.step_dir, result.delete)))
 
     def _kind_of_save(self, step: int) -> str:
         """policy.save_kind of the save of `step`: the last step's is always sync."""
@@ -649,7 +650,7 @@ class SuperviseTrainer(Trainer):
             step = ckpt._find_load_step()
         if step <= 0:
             return
-        path = ckpt.load_source(filesystem.join(ckpt.folder, f"step-{step}"))  # read where the load reads
+        path = ckpt.load_source(filesystem.join(ckpt.folder, layout.step_dir(step)))  # read where the load reads
         try:
             keys = _checkpoint_keys(path)
         except Exception:  # unreadable: let TorchTitan's own load report it
@@ -674,8 +675,8 @@ class SuperviseTrainer(Trainer):
 
 def _step_of(checkpoint_id: str) -> int:
     """N of TorchTitan's `<folder>/step-N` checkpoint id (-1 for anything else)."""
-    tail = str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1]
-    return int(tail[5:]) if tail.startswith("step-") and tail[5:].isdigit() else -1
+    step = layout.parse_step(str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1])
+    return -1 if step is None else step
 
 
 def _checkpoint_keys(path: str) -> list[str]:

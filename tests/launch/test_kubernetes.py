@@ -17,7 +17,8 @@ import yaml
 from supervisor.exitcodes import ExitCode
 from supervisor.launch import kubernetes
 from supervisor.launch.local_controller import free_port
-from supervisor.runtime import heartbeat_steps, ledger_url
+from supervisor.contract.layout import ledger_url
+from supervisor.runtime import heartbeat_steps
 from tests.node.nodeproc import cleanup, start_node, wait_for
 
 GOLDEN = Path(__file__).parent / "golden" / "skypilot"

@@ -13,7 +13,7 @@ from supervisor.launch.local import read_state
 from supervisor.launch.procs import tagged
 from supervisor.ledger.journal import read_events
 from supervisor.recipes import build_spec
-from supervisor.runtime import ledger_url
+from supervisor.contract.layout import ledger_url
 from supervisor.store.catalog import Catalog
 
 pytestmark = pytest.mark.slow

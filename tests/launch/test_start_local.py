@@ -58,7 +58,7 @@ def test_start_local_runs_the_debug_recipe_with_its_own_setup(s3_store, s3_env, 
     assert r["state"] == "SUCCEEDED" and r["problems"] == [], r
 
     from supervisor.ledger.journal import read_events
-    from supervisor.runtime import ledger_url
+    from supervisor.contract.layout import ledger_url
 
     events, _ = read_events(ledger_url(row["checkpoints_url"]))
     launch = [e for e in events if e.kind == "launch"]

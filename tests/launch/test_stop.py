@@ -30,7 +30,7 @@ from supervisor.ledger.events import Event
 from supervisor.ledger.journal import read_events
 from supervisor.node.notices import NoticeWatcher
 from supervisor.node.wrapper import exit_decision
-from supervisor.runtime import ledger_url, stop_request_url
+from supervisor.contract.layout import ledger_url, stop_request_url
 from supervisor.store.catalog import Catalog
 from tests.node.nodeproc import REPO, cleanup, start_node, wait_for
 from tests.store.tcp_proxy import FaultProxy

@@ -15,7 +15,8 @@ import pytest
 
 from supervisor.exitcodes import ExitCode
 from supervisor.launch.local_controller import free_port
-from supervisor.runtime import heartbeat_steps, ledger_url
+from supervisor.contract.layout import ledger_url
+from supervisor.runtime import heartbeat_steps
 from tests.node.fake_metadata import FakeMetadata, urls_for
 from tests.node.nodeproc import cleanup, start_node, wait_for
 

@@ -57,7 +57,7 @@ def test_a_missing_tokenizer_is_named_in_the_exit_ledger_record_and_status(tmp_p
     from supervisor.launch.base import shown_reason
     from supervisor.ledger.journal import read_events
     from supervisor.node.budget import RestartRecord, streak_view
-    from supervisor.runtime import ledger_url
+    from supervisor.contract.layout import ledger_url
     from supervisor.store.fs import Store
     from tests.node.nodeproc import start_node
 

@@ -6,13 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from supervisor.contract import layout
 from supervisor.store import manifest as mf
 
 
 def test_step_names_are_matched_exactly():
-    assert mf.parse_step("step-12") == 12
+    assert layout.parse_step("step-12") == 12
     for junk in ("bad-step-12", "step-12-old", "step-abc", "step-", "tmp", "xstep-3", "step-1.tmp"):
-        assert mf.parse_step(junk) is None
+        assert layout.parse_step(junk) is None
 
 
 def _metadata(entries):
