@@ -7,7 +7,10 @@ the time-ordered events through a small state machine:
     queue         launch -> first node_start                 (waiting for machines)
     startup       first node_start -> first first_step        (initial trainer start-up)
     training      first_step -> loss (preempted / exit != 0 / recovery_started / finished)
-      checkpoint    inside training: [t - duration_s, t] of checkpoint_saved / _committed
+      checkpoint    inside training: [t - duration_s, t] of checkpoint_saved (the loop waits for
+                    the save); of checkpoint_committed / _uploaded (background: rank 0's committer
+                    thread, DCP's async upload) only the part after the last step seen, when the
+                    loop had stopped and waited for them (a notice's save, the end of training)
       lost          inside training: after the step that a later incarnation resumed from
     detection     loss -> recovery_started                    (the backend noticing)
     provisioning  recovery_started -> node_start              (waiting for machines again)
@@ -76,10 +79,13 @@ class Window:
     resume_step: int  # the step it loaded (0 = fresh)
     end: float = math.nan
     anchors: list[tuple[float, int]] = field(default_factory=list)  # (time a step completed, step)
-    checkpoints: list[tuple[float, float]] = field(default_factory=list)  # save/commit intervals
+    checkpoints: list[tuple[float, float]] = field(default_factory=list)  # saves: the loop waited for them
     keep_step: float = math.inf  # steps above this were recomputed later
     last_activity: float | None = None  # time of its last progress/checkpoint event
     lost_s: float = 0.0
+    # commits and async uploads run beside the training loop (rank 0's committer thread, DCP's
+    # async save): overhead only where the loop had stopped stepping and waited for them
+    background: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def last_step(self) -> int:
@@ -263,9 +269,11 @@ class _Walker:
                 self.window.anchors.append((t, step))
             else:
                 start = t - max(0.0, float(e.get("duration_s")))
-                self.window.checkpoints.append((start, t))
                 if k == "checkpoint_saved":
+                    self.window.checkpoints.append((start, t))
                     self.window.anchors.append((start, step))
+                else:
+                    self.window.background.append((start, t))
 
     def finish(self, tend: float, succeeded: bool) -> None:
         if self.phase in ("training", "startup", "restart"):
@@ -309,7 +317,8 @@ def _union(intervals: list[tuple[float, float]], lo: float, hi: float) -> list[t
 def _split_training(window: Window) -> list[Segment]:
     """Training window -> training / checkpoint / lost segments that tile it exactly."""
     lo, hi = window.start, window.end
-    ckpts = _union(window.checkpoints, lo, hi)
+    stepping = max((t for t, _ in window.anchors), default=lo)  # the last step seen completed
+    ckpts = _union(window.checkpoints + [(max(a, stepping), b) for a, b in window.background], lo, hi)
     t_keep = hi
     if window.keep_step < math.inf:
         found = _step_time(window, window.keep_step)
@@ -370,7 +379,7 @@ def build_timeline(events: list[Event]) -> Timeline:
         for w in windows:
             if w.start <= seg.start < w.end or (w.start == seg.start == w.end):
                 w_clip = Window(w.incarnation, seg.start, w.first_step, w.resume_step, min(seg.end, w.end),
-                                w.anchors, w.checkpoints, w.keep_step)
+                                w.anchors, w.checkpoints, w.keep_step, background=w.background)
                 segments.extend(_split_training(w_clip))
                 w.lost_s = w_clip.lost_s
                 break

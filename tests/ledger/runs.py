@@ -32,7 +32,8 @@ def steps(inc: str, start_t: float, first: int, last: int, step_s: float = 1.0, 
 
 def chaos_run() -> tuple[list[Event], dict]:
     """launch; queue 10 s; start-up 5 s (node_start -> trainer_start; first step counted from 15);
-    inc i0: steps 1..10 (1 s each), checkpoint every 4 (save 0.5 + commit 0.25), killed 0.4 s into step 11
+    inc i0: steps 1..10 (1 s each), checkpoint every 4 (save 0.5 + commit 0.25; the commit in the
+    background, as rank 0's committer runs it), killed 0.4 s into step 11
     with no notice; detection 2 s, provisioning 3 s, restart 4 s (resume 8; first step 9 completes at the end);
     inc i1: steps 9..14, notice at step 12, saves step 12 on notice (0.5 + 0.25), preempted, exit 75;
     detection 1 s, provisioning 2 s, restart 3 s; inc i2: steps 13..16, final checkpoint at 16, finished 0.2 s later."""
@@ -71,11 +72,14 @@ def chaos_run() -> tuple[list[Event], dict]:
         # detection 2 + restart 4 (kill+5 -> first step at kill+9) + shutdown after the notice save 0.05
         # + detection 1 + restart 3
         "recovery_s": 2 + 4 + 0.05 + 1 + 3,
-        # i0: steps 9, 10 and 0.4 s of step 11 were recomputed
-        "lost_s": 2 + 0.4,
-        "checkpoint_s": 2 * 0.75 + 0.75 + 0.75,
-        # i0: steps 2..8 (7 s), i1: steps 10..12 (3 s), i2: steps 14..16 (3 s)
-        "productive_s": 7 + 3 + 3,
+        # i0: steps 9, 10, 0.4 s of step 11, and step 8's commit (in the background, past the
+        # step the next start resumed from) were recomputed
+        "lost_s": 2 + 0.4 + 0.25,
+        # saves block the loop; commits run beside it (rank 0's committer thread) and count
+        # only when the loop had stopped and waited: i1's notice save, i2's final one
+        "checkpoint_s": 2 * 0.5 + 0.75 + 0.75,
+        # i0: steps 2..8 (7 s) and step 4's commit, i1: steps 10..12 (3 s), i2: steps 14..16 (3 s)
+        "productive_s": 7 + 0.25 + 3 + 3,
         "loss2": loss2,
     }
     return e, expect

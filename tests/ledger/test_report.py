@@ -33,7 +33,7 @@ def test_chaos_run_numbers_are_exact():
                           "mean_step_s": pytest.approx(expect["productive_s"] / 16)}
     first, second = r["interruptions"]
     assert (first["cause"], first["resumed_step"], second["cause"], second["saved_step"]) == ("no_notice", 8, "notice", 12)
-    assert first["lost_s"] == pytest.approx(2.4) and second["lost_s"] == 0  # saved on notice
+    assert first["lost_s"] == pytest.approx(2.65) and second["lost_s"] == 0  # saved on notice
     assert r["breakdown"]["shutdown_s"] == pytest.approx(0.05) and r["breakdown"]["teardown_s"] == pytest.approx(0.2)
     assert r["state"] == "SUCCEEDED" and r["problems"] == []
 
@@ -59,8 +59,10 @@ def test_uninterrupted_run_has_no_lost_or_recovery_time():
     _adds_up(r)
     assert r["lost_s"] == 0 and r["recovery_s"] == 0
     assert r["queue_s"] == pytest.approx(4.0 + 1)  # 2 s queue + start-up to the end of step 1 + tear-down
-    assert r["checkpoint_s"] == pytest.approx(2.0)
-    assert r["productive_s"] == pytest.approx(7)
+    # both saves (the loop waits) and the last commit (the loop waited for it at the end); step 4's
+    # commit ran beside training (rank 0's committer thread): productive
+    assert r["checkpoint_s"] == pytest.approx(1.5)
+    assert r["productive_s"] == pytest.approx(7.5)
     assert r["preemptions"] == {"notice": 0, "no_notice": 0}
     assert r["advice"]["message"] == "not enough preemptions observed"
 
