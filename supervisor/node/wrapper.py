@@ -342,7 +342,9 @@ def _newest_step(catalog: Catalog) -> int | None:
 
 
 def run(opts: NodeOptions, trainer_args: list[str]) -> int:
-    """Plan, start torchrun, watch it; returns the exit code (supervisor.exitcodes)."""
+    """One start in its phases: plan (make_plan) and budget (_give_up_if_recorded)
+    before torchrun gets its command, then _Start's prestart, watch and finish;
+    returns the exit code (supervisor.exitcodes)."""
     t0, started_at = time.monotonic(), time.time()
     # torchrun imports torch (seconds) while the catalog decides; it waits for its
     # command on stdin (supervisor.node.prestarted). `supervise` started it first thing.
@@ -352,195 +354,253 @@ def run(opts: NodeOptions, trainer_args: list[str]) -> int:
         plan = make_plan(opts, trainer_args)
         if probe is not None:
             _require_cuda(probe, gpus_requested(os.environ))
-        topo = plan.topology
         incarnation = _incarnation()
-        record = _Record(plan.catalog, trainer_args, plan.resume.step, incarnation, writer=topo.node_rank == 0)
+        record = _Record(plan.catalog, trainer_args, plan.resume.step, incarnation, writer=plan.topology.node_rank == 0)
         _give_up_if_recorded(record, plan.resume.step, incarnation, opts.max_restarts_without_progress)
     except BaseException:
         process.kill_all(grace_s=0)
         raise
     _say(plan.describe())
-    run_dir = _fresh_run_dir(opts, incarnation, topo.node_rank)
-    logs = os.environ.get(LOG_DIR_ENV) or str(run_dir / "torchrun")  # where the ranks' error files go
-    env = {**os.environ, **plan.env, ENV_RUN_DIR: str(run_dir), ENV_INCARNATION: incarnation, LOG_DIR_ENV: logs}
-
-    notices: list[Notice] = []
-    early_notices: list[Notice] = []  # an early notice (AWS rebalance): the trainer saves and trains on
-    lock = threading.Lock()
-    kill_now = threading.Event()
-
-    def on_notice(notice: Notice) -> None:
-        with lock:
-            if notices:
-                return
-            notices.append(notice)
-        write_json_atomic(run_dir / NOTICE_FILE, notice.as_json())
-
-    def on_early(notice: Notice) -> None:
-        early_notices.append(notice)
-        write_json_atomic(run_dir / SAVE_NOW_FILE, notice.as_json())
-
-    def on_signal(signum, _frame) -> None:
-        if notices and signum == signal.SIGINT:
-            kill_now.set()  # a second Ctrl-C: stop waiting for the save
-        on_notice(Notice(signal.Signals(signum).name.lower(), time.time(), None))
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    watcher = NoticeWatcher(
-        on_notice,
-        notice_file=Path(opts.notice_file) if opts.notice_file else None,
-        cloud=opts.cloud,
-        urls=cloud_urls(opts.metadata_urls),
-        poll_s=opts.notice_poll_s,
-        stop_url=stop_request_url(plan.env[ENV_CHECKPOINTS]),
-        on_early=on_early,
-    )
-    # TorchTitan's own parser, beside torchrun rather than before it: it costs what
-    # the trainer's own start costs (torch + model code), so it must not delay a good start.
-    titan_version = _titan_version()
-    checker = None if record.data.get("args_ok") == titan_version else TitanArgsCheck(process.background_child)
-    rc: int | None = None
-    hang: str | None = None
-    gave_up: str | None = None  # why the wrapper stopped waiting for a save it asked for
-    ledger_watch: _LedgerWatch | None = None
-    marking: threading.Thread | None = None  # this node's trouble, on its way to node 0's next start
-    stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
+    start = _Start(opts, trainer_args, plan, record, incarnation, started_at)
     try:
-        if checker is not None:
-            checker.submit(strip_node_owned(trainer_args))
-        proc = _release(early, plan.command, {k: v for k, v in env.items() if os.environ.get(k) != v})
-        overhead_s = round(time.monotonic() - t0, 3)
-        process.yield_cpu()
-        # Store round trips (canary, record, ledger): after torchrun is on its way, not
-        # before; the ranks take seconds to import torch, longer than any of these.
-        try:
-            _prove_commit_support(plan.catalog)
-        except SuperviseError as err:
-            stop = (err.exit_code, str(err))
-            _say(f"{err}; stopping the workers")
-        budget.begin(record.data, incarnation, plan.resume.step, started_at)
-        record.save()
-        journal = _Journal(plan.env[ENV_LEDGER], f"node{topo.node_rank}", incarnation)
-        journal.emit("node_start", node_rank=topo.node_rank, num_nodes=topo.nnodes, nproc_per_node=topo.nproc_per_node,
-                     host=socket.gethostname(), accelerator=topo.accelerator)  # fmt: skip
-        journal.emit("resume", step=plan.resume.step, skipped=plan.resume.skipped, reason=plan.resume.reason,
-                     **(plan.interval.fields() if plan.interval else _fixed_interval(trainer_args)))
-        journal.emit("trainer_start", command=plan.command, pid=proc.pid, world_size=topo.nnodes * topo.nproc_per_node,
-                     wrapper_overhead_s=overhead_s)  # fmt: skip
-        watcher.start()
-        dog = Watchdog(hang_timeout_s=opts.hang_timeout_s, startup_timeout_s=opts.startup_timeout_s, now=time.monotonic())
-        give_up_at: float | None = None
-        save_wait: SaveWait | None = None  # a notice without deadline: the wait follows the measured saves
-        reported = False
-        early_reported = 0
-        while rc is None and stop is None:
-            try:
-                rc = proc.wait(TICK_S)
-            except subprocess.TimeoutExpired:
-                pass
-            if checker is not None:
-                # torchrun exited 1: maybe TorchTitan's parse in the ranks; a signal is not an argument error
-                state, bad_args = _verdict(checker, ARGS_VERDICT_WAIT_S if rc is not None and rc > 0 else 0.0)
-                if state != "pending":
-                    checker.close()
-                    checker = None
-                if state == "rejected":
-                    stop = (ExitCode.USER_ERROR, f"TorchTitan rejects the trainer arguments: {bad_args}")
-                    _say(f"{stop[1]}; stopping the workers")
-                    break
-                if state == "accepted":
-                    record.data["args_ok"] = titan_version
-                    record.save()
-            if rc is not None:
-                break
-            now = time.monotonic()
-            if len(early_notices) > early_reported and not notices:
-                e = early_notices[early_reported]
-                early_reported += 1
-                _say(f"early notice from {e.source}; asking the trainer to save at the next step and train on")
-                journal.emit("early_notice", source=e.source, received_at=e.received_at)
-            if notices and not reported:
-                reported = True
-                n = notices[0]
-                what = "stop request (`supervise stop`)" if n.source == STOP else f"preemption notice from {n.source}"
-                if n.deadline:
-                    budget_s = n.deadline - time.time()
-                    give_up_at = now + max(budget_s, 0.0)
-                    _say(f"{what}; asking the trainer to save (waiting up to {max(budget_s, 0):.0f} s)")
-                else:  # nothing reclaims the machine at a known time: wait as long as the save needs
-                    save_wait = SaveWait(opts.grace_s, opts.hang_timeout_s, now)
-                    give_up_at = save_wait.give_up_at
-                    ledger_watch = _LedgerWatch(plan.env[ENV_LEDGER], LEDGER_POLL_S)
-                    _say(f"{what}, no deadline; asking the trainer to save (waiting as long as this run's "
-                         f"measured saves need)")
-                journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
-                if topo.node_rank > 0 and n.source != STOP:
-                    marking = _mark(plan.catalog, topo.node_rank, budget.NOTICE, n.source, n.received_at, started_at)
-            if ledger_watch is not None and save_wait is not None and (events := ledger_watch.take()) is not None:
-                first = save_wait.measured_s is None
-                if save_wait.observe(events, now):
-                    _say(f"the trainer reports save progress; {save_wait.describe()} from now")
-                elif first and save_wait.measured_s is not None:
-                    _say(save_wait.describe())
-                give_up_at = save_wait.give_up_at
-            hang = dog.observe(heartbeat_steps(run_dir), now)
-            if hang:
-                _say(f"{hang}; killing the workers")
-                break
-            if kill_now.is_set() or (give_up_at is not None and now > give_up_at):
-                if kill_now.is_set():
-                    gave_up = "a second Ctrl-C: the save was abandoned"
-                elif save_wait is not None:
-                    gave_up = f"the trainer did not finish saving in time ({save_wait.describe()})"
-                else:
-                    gave_up = "the trainer did not finish saving before the notice's deadline"
-                _say(f"{gave_up}; killing the workers")
-                break
+        start.watch(start.prestart(early, t0))
     finally:
-        trouble_at = time.time()  # the loop ended: torchrun exited, a hang, a stop (a notice's own time wins)
-        if checker is not None:
-            checker.close()
-        if ledger_watch is not None:
-            ledger_watch.close()
-        watcher.stop()
-        process.kill_all(grace_s=0 if (hang or stop) else 5.0)
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        start.stop_everything()
+    return start.finish()
 
-    outcome = read_json(run_dir / OUTCOME_FILE)
-    notice = notices[0] if notices else None
-    if stop:
-        code, reason = stop
-    else:
-        code, reason = exit_decision(outcome, rc, notice, hang or gave_up, trainer_error(logs, started_at))
+
+def notice_wait(notice: Notice, now: float, grace_s: float, unmeasured_s: float,
+                wall: float) -> tuple[float, SaveWait | None, str]:
+    """(give up at, the measured wait or None, what to say) for a notice: until its
+    deadline, or without one as long as this run's measured saves need."""
+    what = "stop request (`supervise stop`)" if notice.source == STOP else f"preemption notice from {notice.source}"
+    if notice.deadline:
+        budget_s = max(notice.deadline - wall, 0.0)
+        return now + budget_s, None, f"{what}; asking the trainer to save (waiting up to {budget_s:.0f} s)"
+    wait = SaveWait(grace_s, unmeasured_s, now)  # nothing reclaims the machine at a known time
+    return wait.give_up_at, wait, (f"{what}, no deadline; asking the trainer to save (waiting as long as this "
+                                   "run's measured saves need)")
+
+
+def gave_up_reason(kill_now: bool, save_wait: SaveWait | None) -> str:
+    """Why the wrapper stopped waiting for a save it asked for."""
+    if kill_now:
+        return "a second Ctrl-C: the save was abandoned"
+    if save_wait is not None:
+        return f"the trainer did not finish saving in time ({save_wait.describe()})"
+    return "the trainer did not finish saving before the notice's deadline"
+
+
+def start_events(plan: Plan, trainer_args: list[str], pid: int, overhead_s: float, host: str) -> list[tuple[str, dict]]:
+    """The ledger's node_start, resume and trainer_start of this start."""
+    topo = plan.topology
+    return [
+        ("node_start", {"node_rank": topo.node_rank, "num_nodes": topo.nnodes, "nproc_per_node": topo.nproc_per_node,
+                        "host": host, "accelerator": topo.accelerator}),
+        ("resume", {"step": plan.resume.step, "skipped": plan.resume.skipped, "reason": plan.resume.reason,
+                    **(plan.interval.fields() if plan.interval else _fixed_interval(trainer_args))}),
+        ("trainer_start", {"command": plan.command, "pid": pid, "world_size": topo.nnodes * topo.nproc_per_node,
+                           "wrapper_overhead_s": overhead_s}),
+    ]
+
+
+def exit_events(outcome: dict | None, code: int, reason: str, notice: Notice | None) -> list[tuple[str, dict]]:
+    """The ledger's preempted (a notice, not a stop, the trainer reported on) and exit events."""
+    events = []
     if outcome and outcome.get("outcome", "").startswith("preempted") and (notice is None or notice.source != STOP):
         saved = outcome.get("outcome") == "preempted_saved"
-        journal.emit("preempted", with_notice=True, saved_step=outcome.get("step") if saved else None)
-    journal.emit("exit", code=int(code), reason=reason, notice=notice.source if notice else None,
-                 saved_step=saved_step(outcome) if notice else None)
-    source = notice.source if notice else None
-    preempted, cause = budget.cause_of(int(code), source)
-    if notice is not None:
-        trouble_at = notice.received_at
-    if topo.node_rank > 0 and code == ExitCode.RETRYABLE and not preempted:
-        marking = _mark(plan.catalog, topo.node_rank, budget.FAILURE, reason, trouble_at, started_at)
-    if marking is not None:
-        marking.join(MARK_WAIT_S)
-    if record.writer:
-        end_step = plan.resume.step if stop else _newest_step(plan.catalog)
-        budget.end(record.data, incarnation, code, reason, end_step, source, trouble_at)
-        record.save()
-    _say(f"exit {int(code)}: {reason}")
-    if preempted and code == ExitCode.RETRYABLE:
-        _say(f"not counted as a restart without progress: {cause}")
-    if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if opts.notice_file and Path(opts.notice_file).parent.is_dir():  # a preStop hook may be waiting for this
+        events.append(("preempted", {"with_notice": True, "saved_step": outcome.get("step") if saved else None}))
+    events.append(("exit", {"code": int(code), "reason": reason, "notice": notice.source if notice else None,
+                            "saved_step": saved_step(outcome) if notice else None}))
+    return events
+
+
+class _Start:
+    """One start's state across its phases; the I/O of each phase at its edge."""
+
+    def __init__(self, opts: NodeOptions, trainer_args: list[str], plan: Plan, record: _Record, incarnation: str,
+                 started_at: float):
+        self.opts, self.trainer_args, self.plan, self.record = opts, trainer_args, plan, record
+        self.incarnation, self.started_at, self.node_rank = incarnation, started_at, plan.topology.node_rank
+        self.run_dir = _fresh_run_dir(opts, incarnation, self.node_rank)
+        self.logs = os.environ.get(LOG_DIR_ENV) or str(self.run_dir / "torchrun")  # where the ranks' error files go
+        self.env = {**os.environ, **plan.env, ENV_RUN_DIR: str(self.run_dir), ENV_INCARNATION: incarnation,
+                    LOG_DIR_ENV: self.logs}
+        self.notices: list[Notice] = []
+        self.early_notices: list[Notice] = []  # an early notice (AWS rebalance): the trainer saves and trains on
+        self._lock = threading.Lock()
+        self.kill_now = threading.Event()
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.watcher = NoticeWatcher(
+            self._on_notice, notice_file=Path(opts.notice_file) if opts.notice_file else None, cloud=opts.cloud,
+            urls=cloud_urls(opts.metadata_urls), poll_s=opts.notice_poll_s,
+            stop_url=stop_request_url(plan.env[ENV_CHECKPOINTS]), on_early=self._on_early)
+        # TorchTitan's own parser, beside torchrun rather than before it: it costs what
+        # the trainer's own start costs (torch + model code), so it must not delay a good start.
+        self.titan_version = _titan_version()
+        checked = record.data.get("args_ok") == self.titan_version
+        self.checker = None if checked else TitanArgsCheck(process.background_child)
+        self.rc: int | None = None
+        self.hang: str | None = None
+        self.gave_up: str | None = None  # why the wrapper stopped waiting for a save it asked for
+        self.stop: tuple[int, str] | None = None  # (code, reason) that ends this start before torchrun does
+        self.ledger_watch: _LedgerWatch | None = None
+        self.marking: threading.Thread | None = None  # this node's trouble, on its way to node 0's next start
+        self.give_up_at: float | None = None
+        self.save_wait: SaveWait | None = None  # a notice without deadline: the wait follows the measured saves
+
+    def _on_notice(self, notice: Notice) -> None:
+        with self._lock:
+            if self.notices:
+                return
+            self.notices.append(notice)
+        write_json_atomic(self.run_dir / NOTICE_FILE, notice.as_json())
+
+    def _on_early(self, notice: Notice) -> None:
+        self.early_notices.append(notice)
+        write_json_atomic(self.run_dir / SAVE_NOW_FILE, notice.as_json())
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.notices and signum == signal.SIGINT:
+            self.kill_now.set()  # a second Ctrl-C: stop waiting for the save
+        self._on_notice(Notice(signal.Signals(signum).name.lower(), time.time(), None))
+
+    def prestart(self, early: subprocess.Popen, t0: float) -> subprocess.Popen:
+        """Release torchrun, then the store round trips (canary, record, ledger): the
+        ranks take seconds to import torch, longer than any of these."""
+        if self.checker is not None:
+            self.checker.submit(strip_node_owned(self.trainer_args))
+        proc = _release(early, self.plan.command, {k: v for k, v in self.env.items() if os.environ.get(k) != v})
+        overhead_s = round(time.monotonic() - t0, 3)
+        process.yield_cpu()
         try:
-            write_json_atomic(done_marker(Path(opts.notice_file)), {"code": int(code), "reason": reason})
-        except OSError as err:
-            log.warning("exit not marked beside the notice file: %s", err)
-    return int(code)
+            _prove_commit_support(self.plan.catalog)
+        except SuperviseError as err:
+            self.stop = (err.exit_code, str(err))
+            _say(f"{err}; stopping the workers")
+        budget.begin(self.record.data, self.incarnation, self.plan.resume.step, self.started_at)
+        self.record.save()
+        self.journal = _Journal(self.plan.env[ENV_LEDGER], f"node{self.node_rank}", self.incarnation)
+        for kind, fields in start_events(self.plan, self.trainer_args, proc.pid, overhead_s, socket.gethostname()):
+            self.journal.emit(kind, **fields)
+        self.watcher.start()
+        return proc
+
+    def watch(self, proc: subprocess.Popen) -> None:
+        """Until torchrun exits, a hang, a stop, or a save waited for too long."""
+        dog = Watchdog(hang_timeout_s=self.opts.hang_timeout_s, startup_timeout_s=self.opts.startup_timeout_s,
+                       now=time.monotonic())
+        reported, early_reported = False, 0
+        while self.rc is None and self.stop is None:
+            try:
+                self.rc = proc.wait(TICK_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.checker is not None and self._args_rejected():
+                break
+            if self.rc is not None:
+                break
+            now = time.monotonic()
+            if len(self.early_notices) > early_reported and not self.notices:
+                e = self.early_notices[early_reported]
+                early_reported += 1
+                _say(f"early notice from {e.source}; asking the trainer to save at the next step and train on")
+                self.journal.emit("early_notice", source=e.source, received_at=e.received_at)
+            if self.notices and not reported:
+                reported = True
+                self._ask_for_save(self.notices[0], now)
+            self._follow_save(now)
+            self.hang = dog.observe(heartbeat_steps(self.run_dir), now)
+            if self.hang:
+                _say(f"{self.hang}; killing the workers")
+                break
+            if self.kill_now.is_set() or (self.give_up_at is not None and now > self.give_up_at):
+                self.gave_up = gave_up_reason(self.kill_now.is_set(), self.save_wait)
+                _say(f"{self.gave_up}; killing the workers")
+                break
+
+    def _args_rejected(self) -> bool:
+        # torchrun exited 1: maybe TorchTitan's parse in the ranks; a signal is not an argument error
+        state, bad_args = _verdict(self.checker, ARGS_VERDICT_WAIT_S if self.rc is not None and self.rc > 0 else 0.0)
+        if state != "pending":
+            self.checker.close()
+            self.checker = None
+        if state == "rejected":
+            self.stop = (ExitCode.USER_ERROR, f"TorchTitan rejects the trainer arguments: {bad_args}")
+            _say(f"{self.stop[1]}; stopping the workers")
+        elif state == "accepted":
+            self.record.data["args_ok"] = self.titan_version
+            self.record.save()
+        return state == "rejected"
+
+    def _ask_for_save(self, n: Notice, now: float) -> None:
+        self.give_up_at, self.save_wait, line = notice_wait(n, now, self.opts.grace_s, self.opts.hang_timeout_s,
+                                                            time.time())
+        if self.save_wait is not None:
+            self.ledger_watch = _LedgerWatch(self.plan.env[ENV_LEDGER], LEDGER_POLL_S)
+        _say(line)
+        self.journal.emit("notice", source=n.source, deadline=n.deadline, received_at=n.received_at)
+        if self.node_rank > 0 and n.source != STOP:
+            self.marking = _mark(self.plan.catalog, self.node_rank, budget.NOTICE, n.source, n.received_at,
+                                 self.started_at)
+
+    def _follow_save(self, now: float) -> None:
+        wait = self.save_wait
+        if self.ledger_watch is None or wait is None or (events := self.ledger_watch.take()) is None:
+            return
+        first = wait.measured_s is None
+        if wait.observe(events, now):
+            _say(f"the trainer reports save progress; {wait.describe()} from now")
+        elif first and wait.measured_s is not None:
+            _say(wait.describe())
+        self.give_up_at = wait.give_up_at
+
+    def stop_everything(self) -> None:
+        """No process this start began survives it; the signals are the caller's again."""
+        self.trouble_at = time.time()  # the loop ended: torchrun exited, a hang, a stop (a notice's own time wins)
+        if self.checker is not None:
+            self.checker.close()
+        if self.ledger_watch is not None:
+            self.ledger_watch.close()
+        self.watcher.stop()
+        process.kill_all(grace_s=0 if (self.hang or self.stop) else 5.0)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def finish(self) -> int:
+        """The exit code and reason, in the ledger, the peers' marks and the restart record."""
+        opts, plan, record = self.opts, self.plan, self.record
+        outcome = read_json(self.run_dir / OUTCOME_FILE)
+        notice = self.notices[0] if self.notices else None
+        if self.stop:
+            code, reason = self.stop
+        else:
+            code, reason = exit_decision(outcome, self.rc, notice, self.hang or self.gave_up,
+                                         trainer_error(self.logs, self.started_at))
+        for kind, fields in exit_events(outcome, code, reason, notice):
+            self.journal.emit(kind, **fields)
+        source = notice.source if notice else None
+        preempted, cause = budget.cause_of(int(code), source)
+        trouble_at = notice.received_at if notice is not None else self.trouble_at
+        if self.node_rank > 0 and code == ExitCode.RETRYABLE and not preempted:
+            self.marking = _mark(plan.catalog, self.node_rank, budget.FAILURE, reason, trouble_at, self.started_at)
+        if self.marking is not None:
+            self.marking.join(MARK_WAIT_S)
+        if record.writer:
+            end_step = plan.resume.step if self.stop else _newest_step(plan.catalog)
+            budget.end(record.data, self.incarnation, code, reason, end_step, source, trouble_at)
+            record.save()
+        _say(f"exit {int(code)}: {reason}")
+        if preempted and code == ExitCode.RETRYABLE:
+            _say(f"not counted as a restart without progress: {cause}")
+        if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if opts.notice_file and Path(opts.notice_file).parent.is_dir():  # a preStop hook may be waiting for this
+            try:
+                write_json_atomic(done_marker(Path(opts.notice_file)), {"code": int(code), "reason": reason})
+            except OSError as err:
+                log.warning("exit not marked beside the notice file: %s", err)
+        return int(code)
 
 
 def _fixed_interval(trainer_args: list[str]) -> dict:

@@ -79,3 +79,103 @@ def test_a_stop_exit_says_what_was_saved_and_why_not():
     assert exit_decision(None, None, Notice("sigterm", 0.0, None), gave_up) == (ExitCode.RETRYABLE, gave_up)
     assert saved_step({"outcome": "preempted_saved", "step": 7}) == 7
     assert saved_step(unsaved) is None and saved_step(None) is None
+
+
+# -- the phases of wrapper.run, without processes ------------------------------------
+
+
+def _plan(node_rank=1):
+    from supervisor.node.resume import ResumePlan
+    from supervisor.node.torchrun import Topology
+    from supervisor.node.wrapper import Plan
+
+    topo = Topology(nnodes=2, nproc_per_node=4, node_rank=node_rank, master_addr="10.0.0.1", master_port=8008,
+                    accelerator="gpu")
+    return Plan(topo, ResumePlan("s3://b/run", 20, "resuming from verified step 20"), ["torchrun", "-m", "x"], {})
+
+
+def test_prestart_events_say_where_the_start_resumes_and_its_interval():
+    from supervisor.node.wrapper import start_events
+
+    events = dict(start_events(_plan(), ["--checkpoint.interval", "50"], pid=42, overhead_s=0.5, host="h1"))
+    assert list(events) == ["node_start", "resume", "trainer_start"]
+    assert events["node_start"] == {"node_rank": 1, "num_nodes": 2, "nproc_per_node": 4, "host": "h1", "accelerator": "gpu"}
+    assert events["resume"]["step"] == 20 and events["resume"]["checkpoint_interval"] == 50
+    assert events["resume"]["interval_source"] == "args"
+    assert events["trainer_start"] == {"command": ["torchrun", "-m", "x"], "pid": 42, "world_size": 8,
+                                       "wrapper_overhead_s": 0.5}
+
+
+def test_watch_waits_for_a_save_until_the_deadline_or_as_long_as_saves_need():
+    from supervisor.node.notices import STOP
+    from supervisor.node.wrapper import gave_up_reason, notice_wait
+
+    at, wait, line = notice_wait(Notice("aws", 990.0, 1030.0), now=100.0, grace_s=300, unmeasured_s=1800, wall=1000.0)
+    assert (at, wait) == (130.0, None) and "preemption notice from aws" in line and "up to 30 s" in line
+    at, wait, _ = notice_wait(Notice("aws", 990.0, 995.0), now=100.0, grace_s=300, unmeasured_s=1800, wall=1000.0)
+    assert at == 100.0  # the deadline has passed: no wait
+    at, wait, line = notice_wait(Notice(STOP, 990.0, None), now=100.0, grace_s=300, unmeasured_s=1800, wall=1000.0)
+    assert wait is not None and at == wait.give_up_at == 1900.0 and line.startswith("stop request")
+    assert "no deadline" in line
+    assert "second Ctrl-C" in gave_up_reason(True, wait)
+    assert "did not finish saving in time" in gave_up_reason(False, wait)
+    assert "before the notice's deadline" in gave_up_reason(False, None)
+
+
+def test_finish_events_tell_a_preemption_from_a_stop():
+    from supervisor.node.notices import STOP
+    from supervisor.node.wrapper import exit_events
+
+    saved = {"outcome": "preempted_saved", "step": 30}
+    events = exit_events(saved, ExitCode.PREEMPTED_SAVED, "preempted", Notice("sigterm", 0.0, None))
+    assert events == [("preempted", {"with_notice": True, "saved_step": 30}),
+                      ("exit", {"code": 75, "reason": "preempted", "notice": "sigterm", "saved_step": 30})]
+    unsaved = exit_events({"outcome": "preempted_unsaved", "step": 20}, ExitCode.RETRYABLE, "r", Notice("gcp", 0.0, None))
+    assert unsaved[0] == ("preempted", {"with_notice": True, "saved_step": None})
+    stopped = exit_events(saved, ExitCode.FINISHED, "stopped", Notice(STOP, 0.0, None))
+    assert [kind for kind, _ in stopped] == ["exit"] and stopped[0][1]["saved_step"] == 30
+    assert exit_events(None, 69, "crash", None) == [("exit", {"code": 69, "reason": "crash", "notice": None,
+                                                             "saved_step": None})]
+
+
+class _ExitedTorchrun:
+    """Stands in for the prestarted torchrun (supervisor.node.prestarted), so that the
+    phases run without processes: it takes its command on stdin and has exited 0."""
+
+    pid = 4242
+
+    def __init__(self):
+        import io
+
+        self.stdin = io.BytesIO()
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_prestart_watch_finish_of_a_start_whose_trainer_finished(tmp_path, monkeypatch):
+    from supervisor.contract.layout import ledger_url
+    from supervisor.contract.node import NodeOptions
+    from supervisor.ledger.journal import read_events
+    from supervisor.node import wrapper
+    from supervisor.runtime import OUTCOME_FILE, write_json_atomic
+
+    monkeypatch.delenv("SUPERVISE_INCARNATION", raising=False)
+    url = str(tmp_path / "ckpt")
+    opts = NodeOptions(checkpoints=url, run_dir=str(tmp_path / "run"), cloud="none")
+    args = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "10"]
+    plan = wrapper.make_plan(opts, args, environ={})
+    record = wrapper._Record(plan.catalog, args, plan.resume.step, "inc-1", writer=True)  # budget
+    record.data["args_ok"] = wrapper._titan_version()  # TorchTitan's parser accepted these args at an earlier start
+    start = wrapper._Start(opts, args, plan, record, "inc-1", started_at=0.0)
+    try:
+        start.watch(start.prestart(_ExitedTorchrun(), t0=0.0))
+        write_json_atomic(start.run_dir / OUTCOME_FILE, {"outcome": "finished", "step": 10})
+    finally:
+        start.stop_everything()
+    assert start.rc == 0 and start.stop is None and start.hang is None
+    assert start.finish() == ExitCode.FINISHED
+    kinds = [e.kind for e in read_events(ledger_url(url))[0]]
+    assert kinds == ["node_start", "resume", "trainer_start", "exit"]
+    (incarnation,) = record.io.load()["incarnations"]
+    assert incarnation["code"] == ExitCode.FINISHED
