@@ -12,6 +12,9 @@ SUPERVISE_SLURM_CLUSTER="${SUPERVISE_SLURM_CLUSTER:-localslurm}"
 SLURM_CONF="$SUPERVISE_SLURM_DIR/slurm/slurm.conf"
 # Slurm nodes on this one machine (each its own slurmd, node i on 127.0.0.i).
 SUPERVISE_SLURM_NODES="${SUPERVISE_SLURM_NODES:-2}"
+# CPUs each node advertises. More than the machine has (the default) lets jobs share
+# nodes; exactly a job's request (4 for `cpus: 4+`) gives every job whole nodes of its own.
+SUPERVISE_SLURM_CPUS="${SUPERVISE_SLURM_CPUS:-8}"
 # Marks the /etc/hosts lines up.sh adds for nodes 2.. (down.sh removes them).
 HOSTS_MARKER="# supervise-slurm-node"
 

@@ -24,7 +24,10 @@ bash "$here/install.sh"; phase "packages"
 id "$U" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$U"
 usermod -p '*' "$U"  # not locked (sshd refuses '!'), still no password: key auth only
 install -d -m 755 "$S" "$S/bin" "$S/slurm" "$S/ssh"
-install -d -m 700 "$S/slurm/state" "$S/slurm/spool"
+install -d -m 700 "$S/slurm/state"
+# slurmstepd runs each job's script from the node's spool folder as the job's user: the
+# folders above it must let that user through (slurmd makes the node's own folder 755).
+install -d -m 755 "$S/slurm/spool"
 install -d -m 700 "$H" "$H/.ssh" "$H/.slurm" "$H/.sky"
 
 # -- offline stand-ins for SkyPilot's node set-up ----------------------------------
@@ -107,10 +110,12 @@ chown "$U:" "$uhome/.profile"
 # support): one NodeName per node, NodeAddr 127.0.0.<i>, its own Port, and %n
 # (the node's name) in the slurmd spool, pid and log paths; `slurmd -N <name>`.
 # The first node is this host's name (it resolves to 127.0.0.1 here); the others get
-# an /etc/hosts line, because SkyPilot's node runner resolves node *names*, not
-# NodeAddr, for SKYPILOT_NODE_IPS (sky/skylet/executor/slurm.py, _get_job_node_ips:
-# socket.gethostbyname of each name in SLURM_JOB_NODELIST), while its cluster IPs
-# come from NodeAddr (sky/adaptors/slurm.py, get_job_nodes).
+# an /etc/hosts line and their own host name (a UTS namespace per slurmd), because
+# SkyPilot's node runner resolves node *names*, not NodeAddr, for SKYPILOT_NODE_IPS
+# (sky/skylet/executor/slurm.py, _get_job_node_ips: socket.gethostbyname of each name
+# in SLURM_JOB_NODELIST) and finds its own node by its host name's address
+# (_get_ip_address) among the cluster IPs, which come from NodeAddr
+# (sky/adaptors/slurm.py, get_job_nodes).
 n_nodes="$SUPERVISE_SLURM_NODES"
 [[ "$n_nodes" =~ ^[1-9]$ ]] || { echo "up.sh: SUPERVISE_SLURM_NODES=$n_nodes: give 1 to 9 nodes" >&2; exit 1; }
 host="$(hostname -s)"
@@ -144,8 +149,7 @@ SlurmctldPidFile=$S/slurm/slurmctld.pid
 SlurmdPidFile=$S/slurm/slurmd-%n.pid
 SlurmctldLogFile=$S/slurm/slurmctld.log
 SlurmdLogFile=$S/slurm/slurmd-%n.log
-# The nodes advertise more CPUs than the machine has, so SkyPilot's default
-# request (and a recovery's new allocation) always fits.
+# The nodes advertise SUPERVISE_SLURM_CPUS, which may be more than the machine has.
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
@@ -153,7 +157,7 @@ MinJobAge=60
 InactiveLimit=0
 EOF
 for i in $(seq 1 "$n_nodes"); do
-  echo "NodeName=${nodes[$((i - 1))]} NodeAddr=127.0.0.$i Port=$((slurmd_port + i - 1)) CPUs=8 RealMemory=$mem_mb State=UNKNOWN" >> "$SLURM_CONF"
+  echo "NodeName=${nodes[$((i - 1))]} NodeAddr=127.0.0.$i Port=$((slurmd_port + i - 1)) CPUs=$SUPERVISE_SLURM_CPUS RealMemory=$mem_mb State=UNKNOWN" >> "$SLURM_CONF"
 done
 echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=1-00:00:00 DefaultTime=1-00:00:00 State=UP" >> "$SLURM_CONF"
 chmod 644 "$SLURM_CONF"
@@ -161,9 +165,21 @@ export SLURM_CONF
 for f in "$S"/slurm/slurmd*.pid; do stop_pidfile "$f"; done  # restart: the config may have changed
 stop_pidfile "$S/slurm/slurmctld.pid"
 slurmctld -f "$SLURM_CONF"
+own_names=1
+if [ "$n_nodes" -gt 1 ] && ! unshare --uts true 2>/dev/null; then
+  own_names=0
+  echo "up.sh: warning: cannot give nodes 2..$n_nodes their own host name (unshare --uts needs CAP_SYS_ADMIN): a job whose allocation leaves out node $host fails in SkyPilot's node runner" >&2
+fi
 for n in "${nodes[@]}"; do
-  install -d -m 700 "$S/slurm/spool/$n"
-  slurmd -f "$SLURM_CONF" -N "$n"
+  install -d -m 755 "$S/slurm/spool/$n"
+  if [ "$n" = "$host" ] || [ "$own_names" = 0 ]; then
+    slurmd -f "$SLURM_CONF" -N "$n"
+  else
+    # Its own host name, as a machine of its own has: SkyPilot's node runner finds its node
+    # by gethostbyname(gethostname()) among the allocation's NodeAddr (sky/skylet/executor/
+    # slurm.py, _get_ip_address), so a job on nodes 3 and 4 must not see this host's name.
+    unshare --uts sh -c "hostname '$n' && exec slurmd -f '$SLURM_CONF' -N '$n'"
+  fi
 done
 up_nodes() { sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 ~ /^(idle|mixed|mix|allocated|alloc)$/' | sort -u | wc -l; }
 for _ in $(seq 60); do [ "$(up_nodes)" -ge "$n_nodes" ] && break; sleep 1; done
