@@ -112,7 +112,7 @@ def main() -> int:
     from supervisor.launch.local import job_dir, read_state
     from supervisor.ledger.report import build_report
     from supervisor.ledger.journal import read_events
-    from supervisor.runtime import ledger_url
+    from supervisor.contract.runtime import ledger_url
 
     interval = a.interval or max(1, a.steps // 4)
     demo = Demo(DemoConfig(steps=a.steps, seed=a.seed, interval=interval, quiet=True, keep=True,

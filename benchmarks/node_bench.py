@@ -40,9 +40,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from supervisor.exitcodes import ExitCode  # noqa: E402
+from supervisor.contract.exitcodes import ExitCode  # noqa: E402
 from supervisor.launch.local_controller import free_port  # noqa: E402
-from supervisor.runtime import heartbeat_steps, ledger_url  # noqa: E402
+from supervisor.contract.runtime import heartbeat_steps, ledger_url  # noqa: E402
 from supervisor.store.local_server import LocalObjectStore  # noqa: E402
 from supervisor.titan import cpu_compat  # noqa: E402
 from supervisor.titan.tinydata import build_assets, debug_model_args  # noqa: E402

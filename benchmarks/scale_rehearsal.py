@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.demo_goodput import _LOADED  # noqa: E402  TorchTitan's "Finished loading the checkpoint in X seconds"
 from benchmarks.node_bench import SUPERVISE, free_port, heartbeat_step, wait_for  # noqa: E402
 from supervisor.ledger.journal import read_events  # noqa: E402
-from supervisor.runtime import ledger_url  # noqa: E402
+from supervisor.contract.runtime import ledger_url  # noqa: E402
 from supervisor.store import manifest as mf  # noqa: E402
 from supervisor.store.catalog import Catalog  # noqa: E402
 from supervisor.store.local_server import LocalObjectStore  # noqa: E402

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from supervisor.runtime import read_json, write_json_atomic
+from supervisor.contract.runtime import read_json, write_json_atomic
 
 
 def home() -> Path:

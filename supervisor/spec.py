@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from supervisor.contract.node import DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, Auto, Direct, Mount, NodeOptions
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import RECOVER_ON
-from supervisor.runtime import DEFAULT_COMMIT_WAIT_S
+from supervisor.contract.exitcodes import RECOVER_ON
+from supervisor.contract.runtime import DEFAULT_COMMIT_WAIT_S
 from supervisor.titan_config import OWNED, PARALLEL_DEGREES, CheckUnavailable, check_args, model_problem, titan_configs
 
 BUCKET_SCHEMES = ("s3", "gs", "r2", "nebius")

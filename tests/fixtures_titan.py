@@ -64,7 +64,7 @@ class TitanRun:
     env: dict = field(repr=False, default_factory=dict)
 
     def heartbeat_steps(self) -> dict[int, int]:
-        from supervisor.runtime import HEARTBEAT_DIR, read_json
+        from supervisor.contract.runtime import HEARTBEAT_DIR, read_json
 
         out = {}
         for p in (self.run_dir / HEARTBEAT_DIR).glob("rank-*.json"):
@@ -96,7 +96,7 @@ class TitanRun:
         self.proc.wait()
 
     def outcome(self) -> dict | None:
-        from supervisor.runtime import OUTCOME_FILE, read_json
+        from supervisor.contract.runtime import OUTCOME_FILE, read_json
 
         return read_json(self.run_dir / OUTCOME_FILE)
 

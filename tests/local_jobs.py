@@ -8,7 +8,7 @@ from pathlib import Path
 
 def stop_local_jobs(monkeypatch, home: Path) -> None:
     """Hard-cancel every unfinished local job under SUPERVISE_HOME=`home`."""
-    from supervisor.jobstate import is_terminal
+    from supervisor.contract.jobstate import is_terminal
     from supervisor.launch.local import LocalBackend
 
     monkeypatch.setenv("SUPERVISE_HOME", str(home))

@@ -3,7 +3,7 @@
 
 import pytest
 
-from supervisor import jobstate
+from supervisor.contract import jobstate
 
 state = pytest.importorskip("sky.jobs.state")
 

@@ -43,7 +43,7 @@ class Auto:
         low, _, high = text.partition(":")
         if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
             from supervisor.errors import SuperviseError
-            from supervisor.exitcodes import ExitCode
+            from supervisor.contract.exitcodes import ExitCode
 
             raise SuperviseError(f"--checkpoint-interval-auto {text!r}: use LOW:HIGH steps with 1 <= LOW <= HIGH, "
                                  "e.g. 50:5000", ExitCode.USER_ERROR)

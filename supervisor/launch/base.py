@@ -1,6 +1,6 @@
 """What every backend shares (torchx-style: the NodeTask says *what* runs, a
 backend says *where*): the status row and the Backend protocol (the state
-vocabulary lives in `supervisor.jobstate`). `submit = schedule(dryrun(task))`, as torchx's
+vocabulary lives in `supervisor.contract.jobstate`). `submit = schedule(dryrun(task))`, as torchx's
 `Scheduler.submit = schedule(submit_dryrun(app))`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from supervisor.errors import SuperviseError
-from supervisor.jobstate import (  # noqa: F401  (re-exported: the backends' vocabulary)
+from supervisor.contract.jobstate import (  # noqa: F401  (re-exported: the backends' vocabulary)
     CANCELLED, FAILED, FAILED_SETUP, PENDING, RECOVERING, RUNNING, STARTING, SUCCEEDED, is_terminal,
 )
 

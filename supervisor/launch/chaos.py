@@ -151,7 +151,7 @@ def preempt_with_notice(wrapper_pid: int, notice_file, deadline_s: float | None)
     import os
 
     if deadline_s is not None:
-        from supervisor.runtime import write_json_atomic
+        from supervisor.contract.runtime import write_json_atomic
 
         write_json_atomic(notice_file, {"deadline_s": deadline_s})
         return f"notice file with a {deadline_s:g} s deadline"

@@ -34,9 +34,9 @@ from pathlib import Path
 from supervisor import registry
 from supervisor.contract.node import NodeOptions
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.base import CANCELLED, FAILED, PENDING, AlreadyFinished, JobStatus, is_terminal
-from supervisor.runtime import read_json, write_json_atomic
+from supervisor.contract.runtime import read_json, write_json_atomic
 
 BACKEND = "local"
 CONTROLLER_START_S = 60.0  # a controller that has not written its pid by then never started
@@ -173,7 +173,7 @@ def node_options_for(argv: list[str], *, master_port: int, notice_file: Path) ->
 def node_env(job: LocalJob, *, rank: int, incarnation: int, run_dir: Path, task_id: str) -> dict[str, str]:
     """The environment SkyPilot gives node `rank`, plus the supervise runtime names."""
     from supervisor.launch.procs import ENV_TAG, tag
-    from supervisor.runtime import ENV_CHECKPOINTS, ENV_INCARNATION, ENV_LEDGER, ENV_RUN_DIR
+    from supervisor.contract.runtime import ENV_CHECKPOINTS, ENV_INCARNATION, ENV_LEDGER, ENV_RUN_DIR
 
     env = {
         "SKYPILOT_NUM_NODES": str(job.num_nodes),

@@ -26,7 +26,7 @@ from supervisor.launch.local import (NOTICE_IN, LocalJob, RestartRule, decide, n
                                      skypilot_exit_codes)
 from supervisor.node.notices import SaveWait
 from supervisor.node.prctl import become_subreaper
-from supervisor.runtime import heartbeat_steps, read_json, write_json_atomic
+from supervisor.contract.runtime import heartbeat_steps, read_json, write_json_atomic
 
 POLL_S = 0.2
 # while a save-triggered chaos event waits: a save's objects are in the bucket

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from supervisor.exitcodes import RECOVER_ON
+from supervisor.contract.exitcodes import RECOVER_ON
 from supervisor.contract.layout import ledger_url
 from supervisor.contract.node import NodeOptions
 from supervisor.spec import Checkpoint, JobSpec, Resources, node_options

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from supervisor.runtime import ENV_LEDGER
+from supervisor.contract.runtime import ENV_LEDGER
 
 HOWS = ("reused", "restored", "installed")  # the setup event's `how`, as the report labels it
 

@@ -30,7 +30,7 @@ import statistics
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from supervisor.jobstate import is_terminal
+from supervisor.contract.jobstate import is_terminal
 from supervisor.ledger.events import Event
 
 WRITER = "skypilot"

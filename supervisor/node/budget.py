@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from supervisor.contract.layout import NODE_MARKS, RESTARTS, node_mark
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node.notices import STOP
 from supervisor.titan_config import strip_node_owned
 

@@ -51,7 +51,7 @@ def node(
     or given up (restarts without progress).
     """
     from supervisor.errors import SuperviseError
-    from supervisor.exitcodes import ExitCode
+    from supervisor.contract.exitcodes import ExitCode
     from supervisor.node.wrapper import make_plan, run
 
     if params["cloud"] not in (*CLOUDS, "auto", "none"):

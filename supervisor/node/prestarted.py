@@ -23,7 +23,7 @@ def main() -> int:
     began = time.time()
     from torch.distributed.run import main as torchrun_main
 
-    from supervisor.runtime import ENV_TORCHRUN_TIMES
+    from supervisor.contract.runtime import ENV_TORCHRUN_TIMES
 
     imported = time.time()
     line = sys.stdin.readline()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.titan_config import arg_value, model_problem, split_flag, strip_node_owned
 
 if TYPE_CHECKING:

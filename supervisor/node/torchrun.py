@@ -33,7 +33,7 @@ from typing import Mapping
 
 from supervisor.contract.node import DEFAULT_MASTER_PORT, DEFAULT_TRAINER_MODULE
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 
 LOG_DIR_ENV = "PET_LOG_DIR"  # torchrun's --log-dir, read from the environment
 ERROR_LINE_CHARS = 400  # an exit reason is one line: a status column, a ledger field

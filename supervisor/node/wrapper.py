@@ -9,7 +9,7 @@ parser on the args; then watch four things until torchrun exits: that parser's
 verdict, preemption notices (signals, file, cloud metadata), the ranks'
 heartbeats, and torchrun itself. Whatever happens, no process it started
 survives it, and the exit code says what the managed job should do next
-(supervisor.exitcodes).
+(supervisor.contract.exitcodes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from supervisor.contract.layout import ledger_url, stop_request_url
 from supervisor.contract.node import Mount, NodeOptions
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
 from supervisor.node.gpu import CudaProbe, driver_version, gpus_requested, unusable
@@ -56,7 +56,7 @@ from supervisor.node.torchrun import (
 )
 from supervisor.node.watchdog import Watchdog
 from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, arg_value, strip_node_owned
-from supervisor.runtime import (
+from supervisor.contract.runtime import (
     ENV_CHECKPOINT_KEEP,
     ENV_CHECKPOINTS,
     ENV_COMMIT_WAIT_S,
@@ -344,7 +344,7 @@ def _newest_step(catalog: Catalog) -> int | None:
 def run(opts: NodeOptions, trainer_args: list[str]) -> int:
     """One start in its phases: plan (make_plan) and budget (_give_up_if_recorded)
     before torchrun gets its command, then _Start's prestart, watch and finish;
-    returns the exit code (supervisor.exitcodes)."""
+    returns the exit code (supervisor.contract.exitcodes)."""
     t0, started_at = time.monotonic(), time.time()
     # torchrun imports torch (seconds) while the catalog decides; it waits for its
     # command on stdin (supervisor.node.prestarted). `supervise` started it first thing.

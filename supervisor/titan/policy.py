@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from supervisor.runtime import DEFAULT_COMMIT_WAIT_S
+from supervisor.contract.runtime import DEFAULT_COMMIT_WAIT_S
 
 # A save on notice must fit before the deadline with room to spare: the
 # estimate is scaled by SAVE_MARGIN and EXIT_SLACK_S is added for the commit

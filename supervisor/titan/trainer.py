@@ -52,8 +52,7 @@ from torchtitan.tools import filesystem
 from torchtitan.tools.utils import GarbageCollection
 from torchtitan.trainer import Trainer
 
-from supervisor import runtime
-from supervisor.contract import layout
+from supervisor.contract import layout, runtime
 from supervisor.titan import rng
 from supervisor.titan.committer import CommitResult, Committer
 from supervisor.titan.hashing import hashing_writer

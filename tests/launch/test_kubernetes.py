@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch import kubernetes
 from supervisor.launch.local_controller import free_port
 from supervisor.contract.layout import ledger_url
-from supervisor.runtime import heartbeat_steps
+from supervisor.contract.runtime import heartbeat_steps
 from tests.node.nodeproc import cleanup, start_node, wait_for
 
 GOLDEN = Path(__file__).parent / "golden" / "skypilot"

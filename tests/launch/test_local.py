@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from supervisor import registry
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.local import LocalJob, RestartRule, decide, node_options_for, read_state
 from supervisor.launch.procs import tagged
 

@@ -155,8 +155,8 @@ def test_a_resume_of_a_mount_written_run_reads_through_the_bucket_api(mounted, s
     ranged reader. The second mount hides that step's files (rclone
     `--exclude`), so a read through FUSE would fail; the run still resumes and
     ends bit-identical to an uninterrupted one."""
-    from supervisor.exitcodes import ExitCode
-    from supervisor.runtime import NOTICE_FILE, write_json_atomic
+    from supervisor.contract.exitcodes import ExitCode
+    from supervisor.contract.runtime import NOTICE_FILE, write_json_atomic
     from supervisor.store.catalog import Catalog
     from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
     from tests.fixtures_titan import STEPS, checkpoint_args, start_trainer

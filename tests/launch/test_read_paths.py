@@ -15,7 +15,7 @@ import pytest
 
 from supervisor import registry
 from supervisor.launch.local import job_dir
-from supervisor.runtime import write_json_atomic
+from supervisor.contract.runtime import write_json_atomic
 from supervisor.store import retry
 
 # The real entry point; on exit it says whether SkyPilot was imported at all.

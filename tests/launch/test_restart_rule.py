@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch import dryrun
 from supervisor.launch.local import RestartRule, decide, skypilot_exit_codes
 from supervisor.recipes import RECIPES_DIR, build_spec

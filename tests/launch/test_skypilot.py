@@ -17,7 +17,7 @@ import yaml
 
 from supervisor import cli, registry
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor import launch
 from supervisor.launch import skypilot
 from supervisor.launch.base import is_terminal

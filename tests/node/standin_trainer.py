@@ -25,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-from supervisor.runtime import (
+from supervisor.contract.runtime import (
     ENV_CHECKPOINTS,
     ENV_INCARNATION,
     ENV_LEDGER,

@@ -3,7 +3,7 @@
 import pytest
 
 from supervisor.errors import SuperviseError
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node.resume import checkpoint_url, rewrite_trainer_args, validate_trainer_args
 from supervisor.node.torchrun import Topology, topology_from_env, torchrun_argv
 

@@ -1,6 +1,6 @@
 """The progress budget's rules (supervisor/node/budget.py): plain functions of the record."""
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node import budget
 
 TT = ["--module", "llama3", "--config", "llama3_debugmodel"]

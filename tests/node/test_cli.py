@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.local_controller import free_port
 from tests.node.nodeproc import run_node
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.local_controller import free_port
-from supervisor.runtime import heartbeat_steps
+from supervisor.contract.runtime import heartbeat_steps
 from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
 from tests.node.fake_metadata import FakeMetadata, urls_for
 from tests.node.nodeproc import cleanup, run_node, start_node, survivors, vanish, wait_for

@@ -13,10 +13,10 @@ import json
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.local_controller import free_port
 from supervisor.contract.layout import ledger_url
-from supervisor.runtime import heartbeat_steps
+from supervisor.contract.runtime import heartbeat_steps
 from tests.node.fake_metadata import FakeMetadata, urls_for
 from tests.node.nodeproc import cleanup, start_node, wait_for
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node import gpu
-from supervisor.runtime import HEARTBEAT_DIR
+from supervisor.contract.runtime import HEARTBEAT_DIR
 from tests.node.nodeproc import cleanup, start_node
 
 CPU_TORCH = {"torch": "2.13.0+cpu", "cuda": None, "available": False, "devices": 0}

@@ -9,7 +9,7 @@ import signal
 import psutil
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.local_controller import free_port
 from tests.node.nodeproc import cleanup, start_node, survivors, wait_for
 

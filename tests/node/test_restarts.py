@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.launch.local_controller import free_port
 from supervisor.store.local_server import LocalObjectStore
 from tests.node.nodeproc import cleanup, start_node, vanish, wait_for

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node.torchrun import trainer_error
 from supervisor.node.wrapper import exit_decision
 

@@ -1,6 +1,6 @@
 """Watchdog and exit-code decisions: pure functions of what the wrapper observed."""
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.node.notices import Notice
 from supervisor.node.watchdog import Watchdog
 from supervisor.node.wrapper import exit_decision
@@ -158,7 +158,7 @@ def test_prestart_watch_finish_of_a_start_whose_trainer_finished(tmp_path, monke
     from supervisor.contract.node import NodeOptions
     from supervisor.ledger.journal import read_events
     from supervisor.node import wrapper
-    from supervisor.runtime import OUTCOME_FILE, write_json_atomic
+    from supervisor.contract.runtime import OUTCOME_FILE, write_json_atomic
 
     monkeypatch.delenv("SUPERVISE_INCARNATION", raising=False)
     url = str(tmp_path / "ckpt")

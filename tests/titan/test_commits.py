@@ -13,7 +13,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from supervisor.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.store.catalog import Catalog
 from supervisor.store.local_server import LocalObjectStore
 from tests.fixtures_titan import checkpoint_args, start_trainer
@@ -102,7 +102,7 @@ def test_denied_commit_markers_raise_no_pointer_and_end_retryable(tmp_path, s3_s
 
 
 def test_a_step_saved_again_needs_its_own_commit_and_the_old_files_are_kept(tmp_path, titan_args):
-    from supervisor.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
+    from supervisor.contract.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
     from supervisor.titan.results import dcp_reader, read_losses
 
     ckpt, dump, run_dir = tmp_path / "ckpt", tmp_path / "dump", tmp_path / "run"
@@ -171,7 +171,7 @@ class BucketWatch(threading.Thread):
 
 
 def test_keep_two_during_a_two_rank_run_killed_mid_save(tmp_path, s3_store, s3_url, titan_args, reference_run):
-    from supervisor.runtime import ENV_RESUME_STEP
+    from supervisor.contract.runtime import ENV_RESUME_STEP
     from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
     from tests.fixtures_titan import STEPS
 
@@ -213,7 +213,7 @@ def test_async_saves_kill_and_notice_during_an_upload_then_bit_identical(tmp_pat
     async save once its upload is done; a SIGKILL during an upload loses nothing
     committed; a notice during one waits for it (or saves the next step) and exits
     saved; the resumed run ends bit-identical to the reference."""
-    from supervisor.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
+    from supervisor.contract.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
     from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
     from tests.fixtures_titan import STEPS
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from supervisor.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
+from supervisor.contract.runtime import ENV_RESUME_STEP, NOTICE_FILE, write_json_atomic
 from supervisor.store.catalog import Catalog
 from supervisor.titan.results import load_tensors, read_losses, step_path, tensor_differences
 from tests.fixtures_titan import INTERVAL, STEPS, checkpoint_args, start_trainer
