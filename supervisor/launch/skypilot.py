@@ -297,20 +297,16 @@ def explain_sky_error(err: BaseException) -> SuperviseError:
 
     text = _first_line(err)
     if isinstance(err, exceptions.ApiServerConnectionError):
-        return SkyPilotUnavailable(
-            f"the SkyPilot API server is unreachable ({text}); start it with `sky api start` "
-            f"or point at yours with `sky api login -e URL`"
-        )
+        return SkyPilotUnavailable(f"the SkyPilot API server is unreachable ({text}); start it with `sky api start` "
+                                   "or point at yours with `sky api login -e URL`")
     if isinstance(err, exceptions.ApiServerAuthenticationError):
         return SkyPilotUnavailable(f"SkyPilot API server login failed ({text}); run `sky api login`")
     if isinstance(err, (exceptions.NoCloudAccessError, exceptions.InvalidCloudCredentials,
                         exceptions.InvalidCloudConfigs)) or "sky check" in str(err) or "No cloud" in str(err):
         return SkyPilotUnavailable(f"no usable cloud in SkyPilot ({text}); run `sky check` and follow its hints")
     if isinstance(err, exceptions.ResourcesUnavailableError):
-        return SkyPilotUnavailable(
-            f"no capacity for this job ({text}); try another --infra, other accelerators, "
-            f"or see `sky show-gpus`"
-        )
+        return SkyPilotUnavailable(f"no capacity for this job ({text}); try another --infra, other accelerators, "
+                                   "or see `sky show-gpus`")
     if isinstance(err, exceptions.ClusterNotUpError):
         return SkyPilotUnavailable(f"the jobs controller is not up ({text}); see `sky status` and `sky jobs queue`")
     return SkyPilotUnavailable(f"SkyPilot failed: {text} (see `sky api logs` for details)")

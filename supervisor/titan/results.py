@@ -97,11 +97,3 @@ def read_losses(dump_folder: str | Path, incarnation: str | None = None) -> dict
         if incarnation is None or rec.get("incarnation") == incarnation:
             out[int(rec["step"])] = float(rec["loss"])
     return out
-
-
-def read_loss_records(dump_folder: str | Path) -> list[dict]:
-    """Every line of the metrics file, in order (each has step, loss, incarnation, pid)."""
-    from supervisor.titan.trainer_files import METRICS_FILE
-
-    path = Path(dump_folder) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
