@@ -1,5 +1,6 @@
-"""Fixture: a real single-machine Slurm + loopback sshd login node + SkyPilot API
-server, brought up by infra/slurm/up.sh and torn down by infra/slurm/down.sh.
+"""Fixture: a real single-machine Slurm (four slurmd, node i on 127.0.0.i) + loopback
+sshd login node + SkyPilot API server, brought up once per session by
+infra/slurm/up.sh for every end-to-end test and torn down by infra/slurm/down.sh.
 
 It runs only as root on a Debian-like machine (apt-get), and only in CI
 (CI=true) or when asked (SUPERVISE_E2E_SLURM=1); SUPERVISE_E2E_SLURM=0 turns it
@@ -52,16 +53,26 @@ def skip_reason() -> str | None:
     return None
 
 
+# The Slurm the end-to-end tests share (one bring-up per session): four nodes of 4 CPUs,
+# exactly what the debug recipe asks per node (`cpus: 4+`), so every job holds whole
+# nodes of its own: two 2-node jobs side by side, and a node taken from one job
+# (`scontrol update State=DOWN`) takes nothing from the other.
+SLURM_SHAPE = {"SUPERVISE_SLURM_NODES": "4", "SUPERVISE_SLURM_CPUS": "4"}
+
+
 def infra_env() -> dict[str, str]:
     """The environment the infra scripts and `sky`/`supervise` run with (venv bin first on PATH)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    for key, value in SLURM_SHAPE.items():
+        env.setdefault(key, value)
     return env
 
 
 def _read_settings(env: dict[str, str]) -> dict[str, str]:
     """common.sh's settings, as the scripts see them."""
-    names = ["SUPERVISE_SLURM_DIR", "SUPERVISE_SLURM_USER", "SUPERVISE_SLURM_SKY_HOME", "SLURM_CONF"]
+    names = ["SUPERVISE_SLURM_DIR", "SUPERVISE_SLURM_USER", "SUPERVISE_SLURM_SKY_HOME", "SLURM_CONF",
+             "SUPERVISE_SLURM_NODES"]
     script = f". {INFRA / 'common.sh'}; " + "; ".join(f'echo "${n}"' for n in names)
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     return dict(zip(names, out.splitlines()))
