@@ -48,6 +48,7 @@ class Demo:
 
         self.cfg = cfg
         self.console = Console(stderr=cfg.quiet, quiet=cfg.quiet)
+        self.console.soft_wrap = not self.console.is_terminal  # piped: a line stays one line
         auto = [] if cfg.interval_auto is None else [
             "checkpoint.interval=auto", "checkpoint.interval_range=[{},{}]".format(*cfg.interval_auto)]
         self.session = Drill("llama3_debug", steps=cfg.steps, seed=cfg.seed, sets=auto, interval=cfg.interval,
