@@ -161,6 +161,11 @@ def test_prestart_watch_finish_of_a_start_whose_trainer_finished(tmp_path, monke
     from supervisor.contract.runtime import OUTCOME_FILE, write_json_atomic
 
     monkeypatch.delenv("SUPERVISE_INCARNATION", raising=False)
+    # stop_everything kills every descendant of this process: on a node that is the
+    # start's own; here it would be pytest's session servers (the S3 store). The start
+    # began no process of its own (the torchrun stands in), so the kill is only recorded.
+    kills: list[float] = []
+    monkeypatch.setattr(wrapper.process, "kill_all", lambda grace_s=5.0: kills.append(grace_s) or [])
     url = str(tmp_path / "ckpt")
     opts = NodeOptions(checkpoints=url, run_dir=str(tmp_path / "run"), cloud="none")
     args = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "10"]
@@ -173,7 +178,7 @@ def test_prestart_watch_finish_of_a_start_whose_trainer_finished(tmp_path, monke
         write_json_atomic(start.run_dir / OUTCOME_FILE, {"outcome": "finished", "step": 10})
     finally:
         start.stop_everything()
-    assert start.rc == 0 and start.stop is None and start.hang is None
+    assert start.rc == 0 and start.stop is None and start.hang is None and kills == [5.0]
     assert start.finish() == ExitCode.FINISHED
     kinds = [e.kind for e in read_events(ledger_url(url))[0]]
     assert kinds == ["node_start", "resume", "trainer_start", "exit"]
