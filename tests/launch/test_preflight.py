@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from packaging.requirements import Requirement
 
 from supervisor import registry
 from supervisor.launch import preflight
+from supervisor.launch.local_controller import free_port
 from supervisor.recipes import RECIPES_DIR, build_spec
 from supervisor.spec import BUCKET_SCHEMES
 from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[2]
 GATED = "meta-llama/Llama-3.1-8B"  # llama3_8b's tokenizer repo
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -99,7 +93,7 @@ def test_a_reachable_writable_bucket_passes_and_keeps_nothing(s3_url, home):
 
 
 def test_a_wrong_endpoint_fails_fast_naming_it(s3_url, home, monkeypatch):
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     start = time.monotonic()
     with pytest.raises(preflight.PreflightError) as err:
@@ -145,7 +139,7 @@ def test_a_missing_repo_and_an_unreachable_hub_are_named(hub):
     spec = _spec("s3://ckpts/runs", f"envs.HF_ENDPOINT={hub.endpoint}", "tokenizer.hf_repo=someone/nothing-here")
     with pytest.raises(preflight.PreflightError, match="'someone/nothing-here' was not found at"):
         preflight.check_tokenizer(spec, {"HF_TOKEN": "hf_granted"})
-    dead = f"http://127.0.0.1:{_closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(preflight.PreflightError, match=f"cannot check tokenizer.hf_repo .* at {dead}.*HF_ENDPOINT"):
         preflight.check_tokenizer(_spec("s3://ckpts/runs", f"envs.HF_ENDPOINT={dead}"), {"HF_TOKEN": "hf_granted"})
 
@@ -162,7 +156,7 @@ def _start(supervise, *sets: str):
 
 
 def test_start_with_a_wrong_endpoint_launches_nothing(s3_url, home, monkeypatch, supervise):
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     res = _start(supervise, f"checkpoint.bucket={s3_url}")
     assert res.returncode == 2, res

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from supervisor.launch.local_controller import free_port
 from supervisor import registry
 from supervisor.launch.local import job_dir
 from supervisor.contract.runtime import write_json_atomic
@@ -25,12 +25,6 @@ SUPERVISE = [sys.executable, "-c",
              "from supervisor.cli import main; main()"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("SUPERVISE_HOME", str(tmp_path / "home"))
@@ -40,7 +34,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def dead_store_env(home, monkeypatch):
     """An S3 endpoint where nothing listens: a wrong AWS_ENDPOINT_URL, or a store that is down."""
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "x",
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
