@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from supervisor.launch.local_controller import free_port
 from supervisor import registry
 from supervisor.launch.local import job_dir
+from supervisor.launch.local_controller import free_port
 from supervisor.contract.runtime import write_json_atomic
 from supervisor.store import retry
 
