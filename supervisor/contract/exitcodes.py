@@ -17,3 +17,17 @@ class ExitCode(IntEnum):
 
 
 RECOVER_ON: tuple[int, ...] = (ExitCode.PREEMPTED_SAVED, ExitCode.RETRYABLE)
+
+
+def process_exit(code: int, node_rank: int, num_nodes: int) -> int:
+    """What a node's process exits with: a recoverable end of a multi-node job is the head's to report.
+
+    SkyPilot runs all nodes of a Slurm job as one `srun --kill-on-bad-exit` step
+    (sky/backends/task_codegen.py, SlurmCodeGen.add_task): the first non-zero exit gets
+    the other nodes SIGTERMed and srun reports 143 for the step, which recovers nothing
+    (seen here: 75 then a terminated peer -> 143; the peers' 0 first, then 75 -> 75).
+    So the other nodes exit 0 and the head, last, exits the code. On a cloud SkyPilot
+    keeps every node's code and recovers when any of them is in recover_on_exit_codes
+    (sky/jobs/controller.py, should_restart_on_failure), so [75, 0] recovers there too.
+    """
+    return ExitCode.FINISHED if num_nodes > 1 and node_rank > 0 and code in RECOVER_ON else code

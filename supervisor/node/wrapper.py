@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from supervisor.contract.layout import ledger_url, stop_request_url
 from supervisor.contract.node import Mount, NodeOptions
 from supervisor.errors import SuperviseError
-from supervisor.contract.exitcodes import ExitCode
+from supervisor.contract.exitcodes import RECOVER_ON, ExitCode, process_exit
 from supervisor.node import budget, process
 from supervisor.node.early import take as take_prestarted
 from supervisor.node.gpu import CudaProbe, driver_version, gpus_requested, unusable
@@ -55,6 +55,7 @@ from supervisor.node.torchrun import (
     torchrun_executable,
 )
 from supervisor.node.watchdog import Watchdog
+from supervisor.ledger.skypilot import placement
 from supervisor.titan_config import CheckUnavailable, TitanArgsCheck, arg_value, strip_node_owned
 from supervisor.contract.runtime import (
     ENV_CHECKPOINT_KEEP,
@@ -86,6 +87,8 @@ TICK_S = 0.25
 ARGS_VERDICT_WAIT_S = 300.0  # after torchrun exited non-zero: how long to wait for TorchTitan's parser
 MARK_WAIT_S = 10.0  # at exit: how long a node > 0 waits for its mark (budget.PeerMarks) to be written
 LEDGER_POLL_S = 2.0  # while a save without deadline is awaited: how often the run ledger is re-read
+PEER_EXIT_WAIT_S = 30.0  # a multi-node head's recoverable exit: how long it waits for the others' exits
+PEER_EXIT_MARGIN_S = 3.0  # after their exit events: until their processes (and srun's tasks) are gone
 
 
 @dataclass
@@ -396,7 +399,7 @@ def start_events(plan: Plan, trainer_args: list[str], pid: int, overhead_s: floa
     topo = plan.topology
     return [
         ("node_start", {"node_rank": topo.node_rank, "num_nodes": topo.nnodes, "nproc_per_node": topo.nproc_per_node,
-                        "host": host, "accelerator": topo.accelerator}),
+                        "host": host, "accelerator": topo.accelerator, **placement(os.environ)}),
         ("resume", {"step": plan.resume.step, "skipped": plan.resume.skipped, "reason": plan.resume.reason,
                     **(plan.interval.fields() if plan.interval else _fixed_interval(trainer_args))}),
         ("trainer_start", {"command": plan.command, "pid": pid, "world_size": topo.nnodes * topo.nproc_per_node,
@@ -591,6 +594,11 @@ class _Start:
             budget.end(record.data, self.incarnation, code, reason, end_step, source, trouble_at)
             record.save()
         _say(f"exit {int(code)}: {reason}")
+        status = process_exit(code, self.node_rank, plan.topology.nnodes)
+        if status != code:
+            _say(f"this node exits {int(status)}: node 0 exits {int(code)} for the job, after the other nodes")
+        elif code in RECOVER_ON and self.node_rank == 0 and plan.topology.nnodes > 1:
+            self._await_peer_exits()
         if preempted and code == ExitCode.RETRYABLE:
             _say(f"not counted as a restart without progress: {cause}")
         if not (opts.run_dir or os.environ.get(ENV_RUN_DIR)):
@@ -600,7 +608,22 @@ class _Start:
                 write_json_atomic(done_marker(Path(opts.notice_file)), {"code": int(code), "reason": reason})
             except OSError as err:
                 log.warning("exit not marked beside the notice file: %s", err)
-        return int(code)
+        return int(status)
+
+    def _await_peer_exits(self) -> None:
+        """The head exits last (exitcodes.process_exit): until every other node's exit
+        event of this start is in the ledger, at most PEER_EXIT_WAIT_S."""
+        from supervisor.ledger.journal import read_events
+        from supervisor.store.retry import BRIEF
+
+        waiting = {f"node{r}" for r in range(1, self.plan.topology.nnodes)}
+        deadline = time.monotonic() + PEER_EXIT_WAIT_S
+        while waiting and time.monotonic() < deadline:
+            events, _ = read_events(self.plan.env[ENV_LEDGER], policy=BRIEF)
+            waiting -= {e.writer for e in events if e.kind == "exit" and e.t >= self.started_at}
+            time.sleep(LEDGER_POLL_S if waiting else PEER_EXIT_MARGIN_S)
+        if waiting:
+            _say(f"no exit from {', '.join(sorted(waiting))} in {PEER_EXIT_WAIT_S:g} s; exiting anyway")
 
 
 def _fixed_interval(trainer_args: list[str]) -> dict:

@@ -184,3 +184,47 @@ def test_prestart_watch_finish_of_a_start_whose_trainer_finished(tmp_path, monke
     assert kinds == ["node_start", "resume", "trainer_start", "exit"]
     (incarnation,) = record.io.load()["incarnations"]
     assert incarnation["code"] == ExitCode.FINISHED
+
+
+def test_process_exit_leaves_a_multi_node_recoverable_end_to_the_head():
+    from supervisor.contract.exitcodes import process_exit
+
+    saved, retry, user = ExitCode.PREEMPTED_SAVED, ExitCode.RETRYABLE, ExitCode.USER_ERROR
+    assert [process_exit(saved, r, 2) for r in (0, 1)] == [saved, ExitCode.FINISHED]
+    assert [process_exit(retry, r, 3) for r in (0, 1, 2)] == [retry, ExitCode.FINISHED, ExitCode.FINISHED]
+    assert process_exit(saved, 0, 1) == saved and process_exit(user, 1, 2) == user  # a config error fails the job
+    assert process_exit(ExitCode.FINISHED, 1, 2) == ExitCode.FINISHED
+
+
+def test_a_two_node_saved_notice_exits_0_on_node_1_then_75_on_the_head(tmp_path, monkeypatch):
+    """Slurm's srun reports one code for all nodes (supervisor.contract.exitcodes.process_exit):
+    node 1 records 75 in the ledger and exits 0; the head waits for node 1's exit event, then exits 75."""
+    from supervisor.contract.layout import ledger_url
+    from supervisor.contract.node import NodeOptions
+    from supervisor.contract.runtime import OUTCOME_FILE, write_json_atomic
+    from supervisor.ledger.journal import read_events
+    from supervisor.node import wrapper
+
+    monkeypatch.delenv("SUPERVISE_INCARNATION", raising=False)
+    monkeypatch.setattr(wrapper.process, "kill_all", lambda grace_s=5.0: [])  # see the test above
+    monkeypatch.setattr(wrapper, "PEER_EXIT_MARGIN_S", 0.0)
+    url = str(tmp_path / "ckpt")
+    args = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "10"]
+    codes = {}
+    for rank in (1, 0):  # node 1 first: the head waits for its exit event
+        opts = NodeOptions(checkpoints=url, run_dir=str(tmp_path / f"run{rank}"), cloud="none")
+        env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2"}
+        plan = wrapper.make_plan(opts, args, environ=env)
+        record = wrapper._Record(plan.catalog, args, plan.resume.step, f"inc-{rank}", writer=rank == 0)
+        record.data["args_ok"] = wrapper._titan_version()
+        start = wrapper._Start(opts, args, plan, record, f"inc-{rank}", started_at=0.0)
+        try:
+            start._on_notice(Notice("sigterm", 1.0, None))
+            start.watch(start.prestart(_ExitedTorchrun(), t0=0.0))
+            write_json_atomic(start.run_dir / OUTCOME_FILE, {"outcome": "preempted_saved", "step": 7})
+        finally:
+            start.stop_everything()
+        codes[rank] = start.finish()
+    assert codes == {1: ExitCode.FINISHED, 0: ExitCode.PREEMPTED_SAVED}
+    exits = {e.writer: e.get("code") for e in read_events(ledger_url(url))[0] if e.kind == "exit"}
+    assert exits == {"node1": ExitCode.PREEMPTED_SAVED, "node0": ExitCode.PREEMPTED_SAVED}
