@@ -10,3 +10,9 @@ class SuperviseError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line, or its type's name when it says nothing."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

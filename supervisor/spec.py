@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from supervisor.contract.node import DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, Auto, Direct, Mount, NodeOptions
 from supervisor.errors import SuperviseError
@@ -36,6 +36,7 @@ _JOB_NAME = re.compile(r"^[a-z][a-z0-9\-]{0,62}$")
 log = logging.getLogger(__name__)
 
 Scalar = str | int | float | bool
+_UPPER = BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)  # enum-like fields: any case
 
 
 class _Strict(BaseModel):
@@ -130,7 +131,7 @@ class Tokenizer(_Strict):
 
 class Checkpoint(_Strict):
     bucket: str  # s3://bucket[/prefix]; the run's checkpoints go to <bucket>/<name>
-    mode: Literal["MOUNT_CACHED", "MOUNT", "DIRECT"] = "MOUNT_CACHED"
+    mode: Annotated[Literal["MOUNT_CACHED", "MOUNT", "DIRECT"], _UPPER] = "MOUNT_CACHED"
     mount_path: str = "/checkpoints"  # where the bucket is mounted on the node
     # steps between saves, or "auto": Young/Daly from the ledger at each (re)start (docs/ledger.md)
     interval: int | Literal["auto"] = 500
@@ -154,11 +155,6 @@ class Checkpoint(_Strict):
             raise ValueError(f"{list(v)} must be [low, high] steps with 1 <= low <= high, e.g. [50, 5000]")
         return v
 
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _upper(cls, v: Any) -> Any:
-        return v.upper() if isinstance(v, str) else v
-
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
@@ -181,7 +177,7 @@ class Checkpoint(_Strict):
 
 
 class Recovery(_Strict):
-    strategy: Literal["FAILOVER", "EAGER_NEXT_REGION"] | None = None  # None: SkyPilot's default
+    strategy: Annotated[Literal["FAILOVER", "EAGER_NEXT_REGION"] | None, _UPPER] = None  # None: SkyPilot's default
     # After this many restarts in a row that ended retryable (69) with no new
     # committed step, the node wrapper gives up with 78 (never retried).
     max_restarts_without_progress: int = Field(DEFAULT_MAX_RESTARTS_WITHOUT_PROGRESS, ge=0)
@@ -190,11 +186,6 @@ class Recovery(_Strict):
     def recover_on_exit_codes(self) -> list[int]:
         """The node wrapper's retry codes; never USER_ERROR (a bad config must not loop)."""
         return [int(c) for c in RECOVER_ON]
-
-    @field_validator("strategy", mode="before")
-    @classmethod
-    def _upper(cls, v: Any) -> Any:
-        return v.upper() if isinstance(v, str) else v
 
 
 class Install(_Strict):
@@ -279,10 +270,6 @@ class JobSpec(_Strict):
     def gpus_per_node(self) -> int:
         """Ranks per node: the smallest any-of accelerator count, or procs_per_node on CPU."""
         return min(self.resources.ranks_per_node())
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(self.envs)
 
     @property
     def checkpoints_url(self) -> str:

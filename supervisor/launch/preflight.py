@@ -19,7 +19,7 @@ import threading
 from typing import Iterator, Mapping
 
 from supervisor import DIST
-from supervisor.errors import SuperviseError
+from supervisor.errors import SuperviseError, first_line
 
 HUB_TIMEOUT_S = 20.0  # huggingface_hub's client has no timeout (utils/_http.py, default_client_factory)
 
@@ -119,8 +119,7 @@ def explain_hub_error(err: BaseException, repo: str, endpoint: str, token: str |
     response = getattr(err, "response", None)
     if isinstance(err, HfHubHTTPError) and response is not None and response.status_code == 401:
         return f"HF_TOKEN is not a valid token at {endpoint} (401); create one at {endpoint}/settings/tokens"
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return (f"cannot check tokenizer.hf_repo {repo!r} at {endpoint} ({type(err).__name__}: {first}); "
+    return (f"cannot check tokenizer.hf_repo {repo!r} at {endpoint} ({type(err).__name__}: {first_line(err)}); "
             "check HF_ENDPOINT and the network")
 
 

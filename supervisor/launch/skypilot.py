@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 from supervisor import registry
 from supervisor.contract.layout import STOP_REQUEST, ledger_url, stop_request_url
-from supervisor.errors import SuperviseError
+from supervisor.errors import SuperviseError, first_line
 from supervisor.launch import kubernetes, placement
 from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
 from supervisor.launch.placement import Placement
@@ -167,7 +167,7 @@ def near_bucket(task: NodeTask, environ: Mapping[str, str]) -> Placement:
     try:  # SkyPilot's own parser: `k8s/<context>` and wildcards included (sky/utils/infra_utils.py)
         parsed = InfraInfo.from_str(chosen) if chosen else InfraInfo(None, None, None)
     except ValueError as err:
-        raise SuperviseError(f"field 'resources.infra': SkyPilot rejects it: {_first_line(err)}") from None
+        raise SuperviseError(f"field 'resources.infra': SkyPilot rejects it: {first_line(err)}") from None
     strategy = task.restart.strategy
     location = None
     if placement.needs_location(strategy, parsed.region):
@@ -204,7 +204,7 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
     try:
         resources = {sky.Resources(accelerators=acc, **common) for acc in choices}
     except (ValueError, exceptions.InvalidCloudConfigs, exceptions.NotSupportedError) as err:
-        raise SuperviseError(f"field {rejected_field(str(err))!r}: SkyPilot rejects it: {_first_line(err)}") from None
+        raise SuperviseError(f"field {rejected_field(str(err))!r}: SkyPilot rejects it: {first_line(err)}") from None
     secrets, missing = task_secrets(task, environ)
     sky_task = sky.Task(
         name=task.name,
@@ -283,11 +283,6 @@ class SkyPilotRequest:
         return render_yaml(self.task)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 # ---------------------------------------------------------------- SkyPilot calls
 
 
@@ -295,7 +290,7 @@ def explain_sky_error(err: BaseException) -> SuperviseError:
     """A SkyPilot failure as one line that names the `sky` command that fixes it."""
     from sky import exceptions
 
-    text = _first_line(err)
+    text = first_line(err)
     if isinstance(err, exceptions.ApiServerConnectionError):
         return SkyPilotUnavailable(f"the SkyPilot API server is unreachable ({text}); start it with `sky api start` "
                                    "or point at yours with `sky api login -e URL`")
@@ -474,16 +469,8 @@ def find_job(records: list[dict[str, Any]], name: str, recorded_id: str | int | 
 
 def nodes_exited(events: list) -> bool:
     """Every node's latest start (`node_start`, one writer per node) has an `exit` after it."""
-    latest: dict[str, Any] = {}
-    for e in events:
-        if e.kind == "node_start":
-            latest[e.writer] = e
-    if not latest:
-        return False
-    wanted = max(int(e.get("num_nodes", 1)) for e in latest.values())
-    done = {e.writer for e in events if e.kind == "exit" and e.writer in latest
-            and e.incarnation == latest[e.writer].incarnation}
-    return len(done) >= wanted
+    wanted, exits = latest_exits(events)
+    return wanted > 0 and len(exits) >= wanted
 
 
 def write_stop_request(checkpoints_url: str) -> None:

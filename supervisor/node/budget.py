@@ -28,7 +28,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -213,10 +212,7 @@ class RestartRecord:
         return data if isinstance(data, dict) and isinstance(data.get("incarnations"), list) else None
 
     def save(self, record: dict) -> None:
-        data = json.dumps(record, indent=1).encode()
-        if not self.store.remote:
-            os.makedirs(os.path.dirname(self.store.path(*RESTARTS)), exist_ok=True)
-        self.store.put(data, *RESTARTS)
+        self.store.put(json.dumps(record, indent=1).encode(), *RESTARTS)
 
 
 class PeerMarks:
@@ -230,8 +226,6 @@ class PeerMarks:
 
     def write(self, node: int, kind: str, what: str, at: float, since: float) -> None:
         """`at`: when it went wrong; `since`: when this node's incarnation started."""
-        if not self.store.remote:
-            os.makedirs(self.store.path(*NODE_MARKS), exist_ok=True)
         mark = {"node": node, "kind": kind, "what": what, "at": at, "since": since}
         self.store.put(json.dumps(mark).encode(), *node_mark(node))
 

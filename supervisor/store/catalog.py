@@ -189,7 +189,7 @@ class Catalog:
             info.state = mf.CORRUPT if problems else mf.COMMITTED
             info.reason = "; ".join(problems)
             return info
-        problems = self._structural(d, listing)
+        problems = self._structure(d, listing)[0]
         if not problems and deep:
             records = {n: {"size": int(e.get("size") or 0), **({"etag": mf.etag_of(e)} if mf.etag_of(e) else {})}
                        for n, e in mf.checkpoint_files(listing).items()}  # fmt: skip
@@ -197,9 +197,6 @@ class Catalog:
         info.state = mf.INCOMPLETE if problems else mf.LEGACY
         info.reason = "; ".join(problems) or "no commit manifest"
         return info
-
-    def _structural(self, d: str, listing: dict) -> list[str]:
-        return self._structure(d, listing)[0]
 
     def _structure(self, d: str, listing: dict) -> tuple[list[str], object | None]:
         """(problems, the parsed `.metadata`)."""
@@ -458,12 +455,8 @@ class Catalog:
     def _copy_object(self, dst: "Catalog", d: str, name: str) -> None:
         src_path, dst_path = self.store.path(d, name), dst.store.path(d, name)
         if type(self.store.fs) is type(dst.store.fs) and self.store.remote == dst.store.remote:
-            if not dst.store.remote:
-                os.makedirs(os.path.dirname(dst_path), exist_ok=True)
             self.store._call("copy", self.store.fs.copy, src_path, dst_path)
             return
-        if not dst.store.remote:
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
 
         def stream():
             with dst.store.fs.open(dst_path, "wb") as out:

@@ -15,6 +15,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
+from supervisor.errors import first_line
 from supervisor.store import retry
 from supervisor.store.errors import StoreInputError, StoreUnreachable
 
@@ -24,7 +25,10 @@ READ_PARALLEL = 8
 
 def _options(protocol: str) -> dict:
     # Own instance (no shared cache, listings always fresh); for S3 the retry
-    # policy in retry.py is the only one (botocore and s3fs retries off).
+    # policy in retry.py is the only one (botocore and s3fs retries off). A local
+    # folder is made on the first write into it, as an object store's prefix is.
+    if protocol in ("file", "local"):
+        return {"auto_mkdir": True}
     if protocol in ("s3", "s3a"):
         return {
             "skip_instance_cache": True,
@@ -88,17 +92,17 @@ class Store:
         if retry.is_transient(err):
             return StoreUnreachable(
                 f"{what} {self.url}: store unreachable after retrying {self.policy.deadline_s():.0f}s "
-                f"({type(err).__name__}: {_one_line(err)}); check AWS_ENDPOINT_URL and the network"
+                f"({type(err).__name__}: {first_line(err)}); check AWS_ENDPOINT_URL and the network"
             )
         if isinstance(err, PermissionError):
             return StoreInputError(
-                f"{what} {self.url}: access denied ({_one_line(err)}); check AWS_ACCESS_KEY_ID / "
+                f"{what} {self.url}: access denied ({first_line(err)}); check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY (or your profile) and the bucket policy"
             )
         if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             return StoreInputError(f"{what} {self.url}: no credentials ({err}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
         if isinstance(err, (OSError, ValueError)) or type(err).__module__.startswith("botocore"):
-            return StoreInputError(f"{what} {self.url}: {type(err).__name__}: {_one_line(err)}")
+            return StoreInputError(f"{what} {self.url}: {type(err).__name__}: {first_line(err)}")
         return err
 
     def listdir(self, *parts: str) -> dict[str, dict]:
@@ -147,10 +151,7 @@ class Store:
 
     def move(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
         """Rename within the store (object stores: copy, then delete the source)."""
-        target = self.path(*dst)
-        if not self.remote:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-        self._call("move", self.fs.mv, self.path(*src), target)
+        self._call("move", self.fs.mv, self.path(*src), self.path(*dst))
 
     def rm(self, paths: list[str]) -> None:
         for p in paths:
@@ -263,8 +264,3 @@ def _local_create_exclusive(path: str, data: bytes) -> bool:
         return False
     finally:
         os.unlink(tmp)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

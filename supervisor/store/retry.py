@@ -103,8 +103,3 @@ BRIEF = Policy("SUPERVISE_STORE_READ_RETRY_S", 5.0, quiet=True)
 # the ledger's writes sit on the training path: a short retry while the store is healthy, then one try
 LEDGER_WRITE = Policy("SUPERVISE_LEDGER_WRITE_RETRY_S", 2.0, quiet=True, max_wait_s=0.5)
 ONCE = Policy("SUPERVISE_STORE_ONCE_S", 0.0, quiet=True)
-
-
-def call(fn, *args, **kwargs):
-    """One store call under the PATIENT policy."""
-    return PATIENT.call(fn, *args, **kwargs)
