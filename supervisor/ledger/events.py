@@ -34,7 +34,8 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
                   "region": (str,), "source": (str,)},  # what the job actually ran on
     # setup script ran (emitted at its end); how: reused | restored (the bucket's snapshot) | installed
     "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,), "how": (str,)},
-    "node_start": {"node_rank": (int,), "num_nodes": (int,)},  # node wrapper began on a machine
+    # node wrapper began on a machine; cloud/region/zone: where this launch landed (ledger.skypilot.placement)
+    "node_start": {"node_rank": (int,), "num_nodes": (int,), "cloud": (str,), "region": (str,), "zone": (str,)},
     "trainer_start": {"world_size": (int,)},  # torchrun / trainer processes started
     # step to load (null = fresh start); with checkpoint.interval auto, the interval chosen and why
     "resume": {"step": (int,), "skipped": (list,), "checkpoint_interval": (int,), "interval_source": (str,),

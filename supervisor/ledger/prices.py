@@ -4,6 +4,7 @@ Order of sources (the report names the one used):
 1. the user's numbers: a YAML/JSON file (`--prices FILE`) or `--spot-price` / `--on-demand-price`;
 2. SkyPilot's catalog, only if its CSV is already cached on this machine
    (`~/.sky/catalogs/<schema>/<cloud>/vms.csv`): reading it never triggers a download;
+   the cheapest row in the launch's region when it is known, else in any region;
 3. the built-in table below.
 
 Price file format (keys are an accelerator with or without a count; "NAME" is per
@@ -98,8 +99,9 @@ def _lookup(table: dict[str, tuple[float, float]], name: str, count: int) -> tup
     return None
 
 
-def _sky_catalog(name: str, count: int, cloud: str | None) -> Price | None:
-    """Cheapest matching instance in an already-cached SkyPilot catalog; never downloads."""
+def _sky_catalog(name: str, count: int, cloud: str | None, region: str | None = None) -> Price | None:
+    """Cheapest matching instance in an already-cached SkyPilot catalog (in `region` if it
+    lists it); never downloads."""
     if name.upper() == "CPU":
         return None
     try:
@@ -112,31 +114,35 @@ def _sky_catalog(name: str, count: int, cloud: str | None) -> Price | None:
         path = common.get_catalog_path(f"{c}/vms.csv")
         if not os.path.exists(path):
             continue
-        best: tuple[float, float] | None = None
+        best: dict[bool, tuple[float, float]] = {}  # in the region?: (spot, on_demand)
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 try:
                     if (row.get("AcceleratorName", "").upper() != name.upper()
                             or int(float(row.get("AcceleratorCount") or 0)) != count):
                         continue
+                    here = bool(region) and row.get("Region") == region
                     on_demand = float(row["Price"])
                     spot = float(row["SpotPrice"]) if row.get("SpotPrice") else on_demand
                 except (ValueError, KeyError):
                     continue
-                if best is None or spot < best[0]:
-                    best = (spot, on_demand)
+                if here not in best or spot < best[here][0]:
+                    best[here] = (spot, on_demand)
         if best:
-            return Price(best[0], best[1], f"SkyPilot catalog (cached {c}/vms.csv, cheapest region)")
+            found = best.get(True) or best[False]
+            where = region if True in best else "cheapest region"
+            return Price(found[0], found[1], f"SkyPilot catalog (cached {c}/vms.csv, {where})")
     return None
 
 
-def _one_price(name: str, count: int, cloud: str | None, price_file: str | Path | None) -> Price | None:
+def _one_price(name: str, count: int, cloud: str | None, region: str | None,
+               price_file: str | Path | None) -> Price | None:
     """One accelerator option through the source order of the module docstring; None if unpriced."""
     if price_file is not None:
         found = _lookup(load_price_file(price_file), name, count)
         if found:
             return Price(found[0], found[1], f"price file {price_file}")
-    from_sky = _sky_catalog(name, count, cloud)
+    from_sky = _sky_catalog(name, count, cloud, region)
     if from_sky:
         return from_sky
     found = _lookup(TABLE, name, count)
@@ -145,7 +151,7 @@ def _one_price(name: str, count: int, cloud: str | None, price_file: str | Path 
     return None
 
 
-def price_for(accelerators: Mapping[str, int] | str | None, *, cloud: str | None = None,
+def price_for(accelerators: Mapping[str, int] | str | None, *, cloud: str | None = None, region: str | None = None,
               price_file: str | Path | None = None, spot: float | None = None, on_demand: float | None = None,
               prefer_spot: bool = True) -> Price:
     """The node-hour price of `accelerators` (any-of mapping, 'H100:8', None = CPU) and its source.
@@ -155,11 +161,11 @@ def price_for(accelerators: Mapping[str, int] | str | None, *, cloud: str | None
     one price reader: the report, the `launch` event and `start`'s estimate all use it.
     """
     if spot is not None or on_demand is not None:
-        base = price_for(accelerators, cloud=cloud, price_file=price_file, prefer_spot=prefer_spot)
+        base = price_for(accelerators, cloud=cloud, region=region, price_file=price_file, prefer_spot=prefer_spot)
         return Price(base.spot if spot is None else spot, base.on_demand if on_demand is None else on_demand,
                      "command line" + ("" if spot is not None and on_demand is not None else f" + {base.source}"))
     options = accelerator_options(accelerators)
-    priced = [(p, f"{n}:{c}") for n, c in options if (p := _one_price(n, c, cloud, price_file))]
+    priced = [(p, f"{n}:{c}") for n, c in options if (p := _one_price(n, c, cloud, region, price_file))]
     if not priced:
         spot_cpu, od_cpu = TABLE["CPU"]
         names = "/".join(n for n, _ in options)

@@ -43,17 +43,19 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
     """
     from supervisor.ledger.merged import run_events
     from supervisor.ledger.prices import price_for
-    from supervisor.ledger.timeline import build_timeline, summarize, used
+    from supervisor.ledger.timeline import build_timeline, summarize
 
     # policy: the store's retry policy (default PATIENT)
     events, problems, run = run_events(ledger_url, backend_events=backend_events, policy=policy)
-    known = used(events)
-    price = None  # no launch event nor backend record: what ran is unknown, so is its cost (never priced as a CPU)
-    if known is not None or (spot_price is not None and on_demand_price is not None):
-        known = known or {"accelerators": None, "spot": None, "cloud": None}
-        price = price_for(known["accelerators"], cloud=known["cloud"], price_file=price_file, spot=spot_price,
-                          on_demand=on_demand_price, prefer_spot=known["spot"] is not False)
-    report = summarize(events, problems, price=price) if events else {"events": 0, "problems": problems}
+    def price_of(res: dict) -> Any:
+        """Each start at its own resources (timeline.start_resources); unknown ones are not priced as a CPU."""
+        if res.get("resources_from") is None and (spot_price is None or on_demand_price is None):
+            return None
+        return price_for(res.get("accelerators"), cloud=res.get("cloud"), region=res.get("region"),
+                         price_file=price_file, spot=spot_price, on_demand=on_demand_price,
+                         prefer_spot=res.get("spot") is not False)
+
+    report = summarize(events, problems, price_of=price_of) if events else {"events": 0, "problems": problems}
     if events:
         report["setups"] = setup_runs(events, report["interruptions"])
     report["ledger"] = ledger_url
@@ -100,6 +102,15 @@ def backend_events_of(target: str) -> tuple[list, list[str]] | None:
     from supervisor.ledger.skypilot import job_events
 
     return job_events(int(job["job_id"]))
+
+
+def _starts_note(starts: list[dict]) -> str:
+    """'#0 aws/us-east-1 0.500 node-h $1.50; #1 ... (#1 priced with the run's resources: no record of its launch)'."""
+    shown = [f"#{s['start']} {'/'.join(p for p in (s.get('cloud'), s.get('region')) if p) or '?'} "
+             f"{s['node_hours']:.3f} node-h ${s['cost']['spot_usd']:.2f}" for s in starts]
+    guessed = [f"#{s['start']}" for s in starts if s["resources_from"] == "run"]
+    return "; ".join(shown) + (f" ({', '.join(guessed)} priced with the run's resources: SkyPilot records only "
+                               "the newest launch and the nodes recorded no cloud/region)" if guessed else "")
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -164,6 +175,9 @@ def render(report: dict[str, Any]):
                       f"(saved ${cost['savings_usd']:.2f}; badput ${cost['badput_spot_usd']:.2f})")
         facts.add_row("prices", f"${cost['spot_usd_per_node_hour']:.3f}/h spot, "
                       f"${cost['on_demand_usd_per_node_hour']:.3f}/h on demand — {cost['price_source']}")
+        starts = report.get("incarnations") or []
+        if len(starts) > 1:
+            facts.add_row("per start", _starts_note(starts))
     else:
         facts.add_row("cost", "unknown: the ledger has no launch event, so what ran is not recorded "
                       "(pass --spot-price and --on-demand-price)")

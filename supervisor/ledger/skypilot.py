@@ -19,11 +19,26 @@ merges these into the timeline. Two sources, both read through the API server:
   controller's local time zone; controller_offset() finds that zone from the
   record's epoch times.
 
-Everything but fetch() is a plain function of those two shapes.
+Per incarnation (each launch of the job's cluster), SkyPilot 0.14.1 keeps only the
+newest: the recovery strategy's `_launch` (sky/jobs/recovery_strategy.py) calls
+state.set_job_infra(cloud, region, zone) after every successful launch, which
+overwrites the job_info row (only its node-name lineage, common_utils.
+merge_node_names_lineage, keeps older launches, as names); queue_v2's cluster_resources,
+accelerators, cloud and region come from the live cluster handle
+(jobs.utils._populate_job_record_from_handle) while it is up; `resources` is the
+request, written by state.set_pending and set_starting_async, never on recovery; the
+transition rows carry status, reason and code, no resources. So the `resources` event
+describes the newest launch only. Each node records its own launch in `node_start`
+instead: placement() reads SKYPILOT_CLUSTER_INFO, which SkyPilot sets on every node
+of every launch from handle.launched_resources (cloud, region, zone: sky/backends/
+cloud_vm_ray_backend.py, CloudVmRayBackend._skypilot_predefined_env_vars).
+
+Everything but fetch() is a plain function of those shapes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -38,6 +53,7 @@ FIELDS = ("job_id", "task_id", "job_name", "status", "resources", "cluster_resou
           "region", "infra", "submitted_at", "start_at", "end_at", "last_recovered_at", "recovery_count",
           "failure_reason", "job_duration")
 EVENTS_LIMIT = 10_000
+CLUSTER_INFO_ENV = "SKYPILOT_CLUSTER_INFO"
 _TZ_STEP_S = 900  # time zones are whole quarter hours
 _MATCH_S = 5.0  # a row and a record time this close are the same transition
 _RESOURCES = re.compile(r"^(?P<nodes>\d+)x\[(?P<acc>[^\]]*)\](?P<spot>\[[^\]]*\])?")
@@ -136,6 +152,17 @@ def used_resources(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None or k == "accelerators"}
 
 
+def placement(env: Mapping[str, str]) -> dict[str, str]:
+    """Where this node's launch landed ({cloud, region, zone}) from SKYPILOT_CLUSTER_INFO; {} off SkyPilot."""
+    try:
+        info = json.loads(env.get(CLUSTER_INFO_ENV) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    return {k: str(info[k]) for k in ("cloud", "region", "zone") if info.get(k) not in (None, "", "None")}
+
+
 def _event(kind: str, t: float, seq: int, **fields: Any) -> Event:
     return Event(kind=kind, t=t, time=datetime.fromtimestamp(t, timezone.utc).isoformat(), writer=WRITER,
                  incarnation=WRITER, seq=seq, fields={k: v for k, v in fields.items() if v is not None})
@@ -201,8 +228,6 @@ def to_events(record: Any, job_events: list[Mapping[str, Any]]) -> tuple[list[Ev
 
 def fetch(job_id: int) -> tuple[Any, list[dict[str, Any]]]:
     """The job's record and transition rows from the SkyPilot API server (the one network edge here)."""
-    import json
-
     import sky
     from sky.server import common as server_common
     from sky.server.requests import payloads

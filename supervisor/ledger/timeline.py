@@ -25,6 +25,7 @@ others — training segments that are neither checkpoint nor later recomputed.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -566,24 +567,61 @@ def _nodes(events: list[Event]) -> int:
 
 
 def used(events: list[Event]) -> dict[str, Any] | None:
-    """What to price: {accelerators, spot, cloud}. The backend's record of what ran
+    """What to price: {accelerators, spot, cloud, region}. The backend's record of what ran
     (`resources`) wins over what the launch asked for; None when neither is known."""
     launch = next((e for e in events if e.kind == "launch"), None)
     record = next((e for e in events if e.kind == "resources"), None)
     if launch is None and record is None:
         return None
-    out = {"accelerators": None, "spot": None, "cloud": None}
+    out = {"accelerators": None, "spot": None, "cloud": None, "region": None}
     if launch is not None:
-        infra = launch.get("infra")
+        infra = (launch.get("infra") or "").split("/")
         out.update(accelerators=launch.get("accelerators"), spot=launch.get("spot"),
-                   cloud=infra.split("/")[0] if infra else None)
+                   cloud=infra[0] or None, region=infra[1] if len(infra) > 1 and infra[1] != "*" else None)
     if record is not None:
         if "accelerators" in record.fields:  # null there means CPU; absent means unknown
             out["accelerators"] = record.fields["accelerators"]
-        for key in ("spot", "cloud"):
+        for key in ("spot", "cloud", "region"):
             if record.get(key) is not None:
                 out[key] = record.get(key)
     out["cloud"] = out["cloud"].lower() if out["cloud"] else None
+    return out
+
+
+def incarnation_starts(tl: Timeline) -> list[float]:
+    """When each start of the job began: the run's start, then each recovery's first node_start."""
+    return [tl.t0] + [ep.t_node_start for ep in tl.interruptions if ep.t_node_start is not None]
+
+
+def held_by_start(tl: Timeline, starts: list[float]) -> list[tuple[float, float]]:
+    """(held s, badput s) of each start: the segments that hold machines (all but queue and
+    provisioning), each charged to the start it began in; detection goes to the start it ends."""
+    held = [[0.0, 0.0] for _ in starts]
+    for seg in tl.segments:
+        if seg.phase in ("queue", "provisioning"):
+            continue
+        k = max(0, bisect.bisect_right(starts, seg.start) - 1)
+        held[k][0] += seg.length
+        held[k][1] += seg.length if CATEGORY[seg.phase] in ("lost", "recovery", "checkpoint") else 0.0
+    return [(a, b) for a, b in held]
+
+
+def start_resources(events: list[Event], starts: list[float]) -> list[dict[str, Any]] | None:
+    """What each start ran on and whose record says so (`resources_from`): its nodes' own
+    node_start (cloud, region of that launch, ledger.skypilot.placement) over SkyPilot's record,
+    which describes the newest launch only (see ledger.skypilot), over the run's (launch event)."""
+    run = used(events)
+    if run is None:
+        return None
+    has_record = any(e.kind == "resources" for e in events)
+    out = []
+    for k, t in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else math.inf
+        res = {**run, "resources_from": "skypilot" if has_record and k == len(starts) - 1 else "run"}
+        node = next((e for e in events if e.kind == "node_start" and t <= e.t < end and e.get("cloud")), None)
+        if node is not None:
+            res.update(cloud=node.get("cloud").lower(), region=node.get("region"), resources_from="node")
+        out.append(res)
     return out
 
 
@@ -611,8 +649,39 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
-def summarize(events: list[Event], problems: list[str] | None = None, price=None) -> dict[str, Any]:
-    """The report object (JSON-ready). `price`: an object with .spot, .on_demand, .source (prices.Price)."""
+def priced_starts(tl: Timeline, events: list[Event], nodes: int, price_of) -> list[dict[str, Any]]:
+    """Each start of the job (0 = the first, n = after the n-th loss) with its resources and
+    its own cost; `price_of(resources)` -> prices.Price, or None to leave costs out."""
+    starts = incarnation_starts(tl)
+    resources = start_resources(events, starts) or [{"resources_from": None}] * len(starts)
+    out = []
+    for k, (t, (held_s, badput_s), res) in enumerate(zip(starts, held_by_start(tl, starts), resources)):
+        entry = {"start": k, "started_at": _iso(t), "node_hours": nodes * held_s / 3600.0, **res, "cost": None}
+        price = price_of(res) if price_of is not None else None
+        if price is not None:
+            entry["cost"] = cost(entry["node_hours"], price.spot, price.on_demand, nodes * badput_s / 3600.0,
+                                 price.source)
+        out.append(entry)
+    return out
+
+
+def total_cost(starts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's cost: the sum of its starts' (`cost` keys); prices per node-hour are the held-time
+    weighted mean, and the source lists every source used."""
+    costs = [s["cost"] for s in starts]
+    hours = sum(c["node_hours"] for c in costs)
+    mean = lambda key: (sum(c[key] * c["node_hours"] for c in costs) / hours if hours  # noqa: E731
+                        else costs[-1][key])
+    sources = list(dict.fromkeys(c["price_source"] for c in costs))
+    total = cost(hours, mean("spot_usd_per_node_hour"), mean("on_demand_usd_per_node_hour"), 0.0,
+                 sources[0] if len(sources) == 1 else "per start: " + "; ".join(sources))
+    total["badput_spot_usd"] = sum(c["badput_spot_usd"] for c in costs)
+    return total
+
+
+def summarize(events: list[Event], problems: list[str] | None = None, price=None, price_of=None) -> dict[str, Any]:
+    """The report object (JSON-ready). `price`: one price for every start (prices.Price: .spot,
+    .on_demand, .source); `price_of(resources)`: each start's own, from its entry in `incarnations`."""
     tl = build_timeline(events)
     by_phase: dict[str, float] = {}
     for s in tl.segments:
@@ -633,9 +702,10 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
     ckpt = _checkpoint_stats(events)
     nodes = _nodes(events)
     accelerators = accelerators_of(events)
-    node_hours = nodes * (wall - totals["queue_wait"]) / 3600.0
-    badput_hours = nodes * (totals["lost"] + totals["recovery"] + totals["checkpoint"]) / 3600.0
     known = used(events)
+    if price_of is None and price is not None:
+        price_of = lambda _resources: price  # noqa: E731
+    starts = priced_starts(tl, events, nodes, price_of)
 
     report: dict[str, Any] = {
         "state": tl.state,
@@ -662,10 +732,9 @@ def summarize(events: list[Event], problems: list[str] | None = None, price=None
         "accelerators": accelerator_label(accelerators),
         "spot": known["spot"] if known else None,
         "advice": _advice(tl, totals, ckpt, steps, events),
-        "cost": None,
+        "cost": total_cost(starts) if all(s["cost"] for s in starts) else None,
+        "incarnations": starts,
         "events": len(events),
         "problems": list(problems or []) + tl.problems,
     }
-    if price is not None:
-        report["cost"] = cost(node_hours, price.spot, price.on_demand, badput_hours, price.source)
     return report
