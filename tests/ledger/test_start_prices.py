@@ -35,6 +35,15 @@ def test_placement_reads_what_skypilot_sets_on_each_node():
     assert placement({}) == {} and placement({"SKYPILOT_CLUSTER_INFO": "not json"}) == {}
 
 
+def test_node_start_records_where_its_launch_landed(monkeypatch):
+    from supervisor.node.wrapper import start_events
+    from tests.node.test_wrapper_logic import _plan
+
+    monkeypatch.setenv("SKYPILOT_CLUSTER_INFO", _env_of(clouds.AWS(), "us-west-2", None)["SKYPILOT_CLUSTER_INFO"])
+    node_start = dict(start_events(_plan(), [], pid=1, overhead_s=0.0, host="h1"))["node_start"]
+    assert (node_start["cloud"], node_start["region"], "zone" in node_start) == ("AWS", "us-west-2", False)
+
+
 def _placed(events, where: dict[str, str]):
     """chaos_run with each start's node_start carrying its launch's placement (incarnation -> region)."""
     return [replace(e, fields={**e.fields, "cloud": "AWS", "region": where[e.incarnation]})
