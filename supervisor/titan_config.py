@@ -281,11 +281,9 @@ def _config_imports(args: list[str]) -> list[str]:
     from torchtitan.config import ConfigManager
 
     def build() -> None:
-        with contextlib.redirect_stderr(io.StringIO()):
-            try:
-                ConfigManager().parse_args(list(args))
-            except (SystemExit, Exception):  # noqa: BLE001 - a failing build still ran the code it names
-                pass
+        # a failing build still ran the code it names
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit, Exception):
+            ConfigManager().parse_args(list(args))
 
     build()  # imports the config registry: what merely importing it imports is not the config's doing
     ran: set[str] = set()

@@ -10,6 +10,7 @@ backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -44,20 +45,14 @@ def signal_all(procs: list[psutil.Process], sig: int) -> None:
     """Send `sig` to each process and to its process group, all at once (a VM vanishing)."""
     groups = set()
     for proc in procs:
-        try:
+        with contextlib.suppress(OSError):
             groups.add(os.getpgid(proc.pid))
-        except OSError:
-            pass
     for pgid in groups:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pgid, sig)
-        except OSError:
-            pass
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
-        except psutil.Error:
-            pass
 
 
 def kill_tagged(prefix: str, *, timeout_s: float = 10.0) -> int:

@@ -27,6 +27,7 @@ first moment, and a cloud is polled once its probe answered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -180,7 +181,7 @@ def parse_notice_file(text: str, now: float, source: str = "file") -> Notice:
     """Any file is a notice; JSON {"deadline": epoch} or {"deadline_s": seconds} adds a
     deadline, {"source": name} names who sent it (the Kubernetes preStop hook)."""
     deadline = None
-    try:
+    with contextlib.suppress(ValueError, TypeError):
         data = json.loads(text) if text.strip() else {}
         if isinstance(data, dict):
             if data.get("deadline") is not None:
@@ -189,8 +190,6 @@ def parse_notice_file(text: str, now: float, source: str = "file") -> Notice:
                 deadline = now + float(data["deadline_s"])
             if isinstance(data.get("source"), str) and data["source"]:
                 source = data["source"]
-    except (ValueError, TypeError):
-        pass
     return Notice(source, now, deadline)
 
 

@@ -11,6 +11,7 @@ and (3) on every exit path kills all of its descendants, found with psutil.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -60,21 +61,15 @@ def kill_all(grace_s: float = 5.0) -> list[int]:
         killed += [p.pid for p in procs]
         sig = signal.SIGTERM if grace_s > 0 else signal.SIGKILL
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
-            except psutil.Error:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=grace_s if grace_s > 0 else 1)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(alive, timeout=5)
         grace_s = 0  # later rounds catch stragglers; no more patience
     for pid in set(killed):
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap re-parented orphans
-        except ChildProcessError:
-            pass
     return sorted(set(killed))

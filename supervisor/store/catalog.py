@@ -14,6 +14,7 @@ step, and scans older steps only when that one fails to verify.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -108,10 +109,8 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for key, dist in (("torch", "torch"), ("torchtitan", "torchtitan"), ("supervise", DIST)):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -8,6 +8,7 @@ Google's application-default chain (gcsfs), `STORAGE_EMULATOR_HOST` for an emula
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -155,26 +156,20 @@ class Store:
 
     def rm(self, paths: list[str]) -> None:
         for p in paths:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._call("delete", self.fs.rm_file, p)
-            except FileNotFoundError:
-                pass
 
     def rmdir_if_empty(self, *parts: str) -> None:
         """Drop an emptied folder (locally) or its leftover folder marker object (S3;
         GCS has no folder objects)."""
         path = self.path(*parts)
         if not self.remote:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(path)
-            except OSError:
-                pass
         elif _is_s3(self.fs) and not self.listdir(*parts):
             bucket, _, key = path.partition("/")
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._call("delete", self.fs.call_s3, "delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
-            except FileNotFoundError:
-                pass
 
     def check_container(self) -> None:
         """A missing bucket / a root that is a file is an input error, not an empty catalog."""

@@ -8,6 +8,7 @@ the same data dir — everything the catalog's guarantees are tested against.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -195,10 +196,8 @@ class LocalObjectStore:
     def _signal(self, sig: int) -> None:
         if self._proc is None or self._proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self._proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _reap(self) -> None:
         self._proc = None
