@@ -163,15 +163,25 @@ def status(
         typer.echo(json.dumps(rows, indent=1, default=str))
         return
     from rich.console import Console
+    from rich.padding import Padding
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table("NAME", "BACKEND", "STATE", "RECOVERIES", "STREAK", "STEP", "LAST CHECKPOINT", "GOODPUT", "REASON")
-    for r in rows:
-        goodput = f"{r['goodput']:.1%}" if r["goodput"] is not None else "-"
-        table.add_row(r["name"], r["backend"], r["state"], str(r["recoveries"]), _streak(r["restarts"]),
-                      "-" if r["step"] is None else str(r["step"]), r["checkpoint_time"] or "-",
-                      goodput, shown_reason(r["reason"], r["details"], r["restarts"]))
-    Console().print(table)
+    heads = ("NAME", "BACKEND", "STATE", "RECOVERIES", "STREAK", "STEP", "LAST CHECKPOINT", "GOODPUT", "REASON")
+    cells = [[r["name"], r["backend"], r["state"], str(r["recoveries"]), _streak(r["restarts"]),
+              "-" if r["step"] is None else str(r["step"]), r["checkpoint_time"] or "-",
+              f"{r['goodput']:.1%}" if r["goodput"] is not None else "-",
+              shown_reason(r["reason"], r["details"], r["restarts"])] for r in rows]
+    console, table = Console(), Table(*heads)
+    for row in cells:
+        table.add_row(*map(Text, row))  # a reason's "[H100:8]" is text, not markup
+    if console.measure(table, options=console.options.update_width(10**6)).maximum <= console.width:
+        console.print(table)
+        return
+    # narrower than the table (piped output is 80 columns): one block per job, nothing cut short
+    for name, backend, state, *rest, reason in cells:
+        facts = ", ".join(f"{h.lower()} {v}" for h, v in zip(heads[3:-1], rest)) + (f"\nreason: {reason}" if reason else "")
+        console.print(Text(f"{name}  {backend} {state}"), Padding(Text(facts), (0, 0, 0, 2), expand=False))
 
 
 def logs(
