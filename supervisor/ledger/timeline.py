@@ -588,12 +588,7 @@ def used(events: list[Event]) -> dict[str, Any] | None:
     return out
 
 
-def incarnation_starts(tl: Timeline) -> list[float]:
-    """When each start of the job began: the run's start, then each recovery's first node_start."""
-    return [tl.t0] + [ep.t_node_start for ep in tl.interruptions if ep.t_node_start is not None]
-
-
-def held_by_start(tl: Timeline, starts: list[float]) -> list[tuple[float, float]]:
+def held_by_start(tl: Timeline, starts: list[float]) -> list[list[float]]:
     """(held s, badput s) of each start: the segments that hold machines (all but queue and
     provisioning), each charged to the start it began in; detection goes to the start it ends."""
     held = [[0.0, 0.0] for _ in starts]
@@ -603,7 +598,7 @@ def held_by_start(tl: Timeline, starts: list[float]) -> list[tuple[float, float]
         k = max(0, bisect.bisect_right(starts, seg.start) - 1)
         held[k][0] += seg.length
         held[k][1] += seg.length if CATEGORY[seg.phase] in ("lost", "recovery", "checkpoint") else 0.0
-    return [(a, b) for a, b in held]
+    return held
 
 
 def start_resources(events: list[Event], starts: list[float]) -> list[dict[str, Any]] | None:
@@ -651,8 +646,9 @@ def _iso(t: float) -> str:
 
 def priced_starts(tl: Timeline, events: list[Event], nodes: int, price_of) -> list[dict[str, Any]]:
     """Each start of the job (0 = the first, n = after the n-th loss) with its resources and
-    its own cost; `price_of(resources)` -> prices.Price, or None to leave costs out."""
-    starts = incarnation_starts(tl)
+    its own cost; `price_of(resources)` -> prices.Price, or None to leave costs out. A start
+    begins at the run's start or at a recovery's first node_start."""
+    starts = [tl.t0] + [ep.t_node_start for ep in tl.interruptions if ep.t_node_start is not None]
     resources = start_resources(events, starts) or [{"resources_from": None}] * len(starts)
     out = []
     for k, (t, (held_s, badput_s), res) in enumerate(zip(starts, held_by_start(tl, starts), resources)):
