@@ -31,7 +31,8 @@ transition rows carry status, reason and code, no resources. So the `resources` 
 describes the newest launch only. Each node records its own launch in `node_start`
 instead: placement() reads SKYPILOT_CLUSTER_INFO, which SkyPilot sets on every node
 of every launch from handle.launched_resources (cloud, region, zone: sky/backends/
-cloud_vm_ray_backend.py, CloudVmRayBackend._skypilot_predefined_env_vars).
+cloud_vm_ray_backend.py, CloudVmRayBackend._skypilot_predefined_env_vars, which
+_get_task_env_vars adds to the run command's environment).
 
 Everything but fetch() is a plain function of those shapes.
 """
