@@ -5,9 +5,8 @@ NodeTask that every backend (SkyPilot, local) runs. Every rule a run must obey
 is checked here, before anything is launched, and every failure names the
 field and says what to do.
 
-`node_options(spec)` gives the command every node runs on every (re)start —
-`supervise node --checkpoints <url> ... -- <TorchTitan args>` — so all
-backends run exactly the same thing.
+`node_options(spec)` is the command every node runs on every (re)start, the
+same for all backends.
 """
 
 from __future__ import annotations

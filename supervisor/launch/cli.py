@@ -200,24 +200,20 @@ def stop(
     """Stop a job; by default the nodes save and commit a final checkpoint first, for as
     long as this run's measured saves need. Prints the step committed at the stop, or
     "not saved: <why>" and exits 1."""
+
+    def say(obj: dict, text: str) -> None:
+        typer.echo(json.dumps(obj) if as_json else text)
+
     try:
         result = get_backend(_backend_of(name)).cancel(name, graceful=not now)
     except AlreadyFinished as done:
-        if as_json:
-            typer.echo(json.dumps({"name": name, "saved": None, "step": None, "reason": str(done)}))
-        else:
-            typer.echo(str(done))
+        say({"name": name, "saved": None, "step": None, "reason": str(done)}, str(done))
         return
     if result is None:  # --now
-        if as_json:
-            typer.echo(json.dumps({"name": name, "saved": False, "step": None, "reason": "--now: no final checkpoint"}))
-        else:
-            typer.echo(f"stopped {name} (--now: no final checkpoint)")
+        say({"name": name, "saved": False, "step": None, "reason": "--now: no final checkpoint"},
+            f"stopped {name} (--now: no final checkpoint)")
         return
-    if as_json:
-        typer.echo(json.dumps(result.as_json()))
-    else:
-        typer.echo(f"stopped {name}: {result.line()}")
+    say(result.as_json(), f"stopped {name}: {result.line()}")
     if not result.saved:
         raise typer.Exit(1)
 

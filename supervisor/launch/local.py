@@ -278,21 +278,15 @@ class LocalBackend:
         write_json_atomic(folder / "job.json", asdict(job))
         write_json_atomic(folder / "state.json", {"state": PENDING, "job_id": job_id, "recoveries": 0})
         registry.record(job.name, backend=BACKEND, checkpoints_url=job.checkpoints_url or "", job_id=job_id, state_dir=str(folder))
-        log = open(folder / "controller.out", "ab")
         # Double fork through a throwaway interpreter: the controller gets its own
         # session and init (not this CLI) as its parent, so it outlives us cleanly.
         spawner = (
             "import subprocess,sys;"
             "subprocess.Popen(sys.argv[1:],start_new_session=True,stdin=subprocess.DEVNULL,stdout=sys.stdout,stderr=sys.stdout)"
         )
-        subprocess.run(
-            [sys.executable, "-c", spawner, sys.executable, "-m", "supervisor.launch.local_controller", str(folder)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=True,
-            env={**os.environ, **job.env},
-        )
-        log.close()
+        with open(folder / "controller.out", "ab") as log:
+            subprocess.run([sys.executable, "-c", spawner, sys.executable, "-m", "supervisor.launch.local_controller",
+                            str(folder)], stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, **job.env})
         return job_id
 
     def status(self, name: str | None = None) -> list[JobStatus]:
@@ -310,17 +304,8 @@ class LocalBackend:
             stuck = current == PENDING and time.time() - job.get("submitted_at", time.time()) > CONTROLLER_START_S
             if not is_terminal(current) and (current != PENDING or stuck) and not controller_alive(state):
                 current, reason = FAILED, "the local controller died (see controller.out in the job folder)"
-            out.append(
-                JobStatus(
-                    name=n,
-                    backend=BACKEND,
-                    state=current,
-                    recoveries=state.get("recoveries", 0),
-                    job_id=state.get("job_id"),
-                    reason=reason,
-                    checkpoints_url=job.get("checkpoints_url"),
-                )
-            )
+            out.append(JobStatus(name=n, backend=BACKEND, state=current, recoveries=state.get("recoveries", 0),
+                                 job_id=state.get("job_id"), reason=reason, checkpoints_url=job.get("checkpoints_url")))
         return out
 
     def logs(self, name: str, *, follow: bool = False) -> None:

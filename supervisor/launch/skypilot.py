@@ -22,14 +22,10 @@ What travels with the job: the wheel of the supervise code being launched
 uploads it to its jobs bucket and every recovery fetches it again:
 sky/utils/controller_utils.py, maybe_translate_local_file_mounts_and_sync_up).
 
-`stop` saves first: it writes a stop request into the bucket that every node
-wrapper polls as a notice without deadline (the trainer always saves at the next
-step and commits, and the wrapper exits 0), waits for the nodes to report their
-exit in the run ledger -- as long as this run's measured saves say the save
-needs (notices.SaveWait), not a fixed budget -- then cancels the managed job and
-says what was saved: the step committed at the stop, or why none was. SkyPilot's own graceful cancel cannot do this: it
-SIGTERMs every process of the job at once, torchrun's workers included, and
-SIGKILLs about 30 s later (sky/skylet/subprocess_daemon.py).
+`stop` saves first (SkyPilotBackend.cancel: a stop request in the bucket, the
+nodes' exits awaited in the ledger, then the cancel). SkyPilot's own graceful
+cancel cannot: it SIGTERMs every process of the job at once, torchrun's workers
+included, and SIGKILLs about 30 s later (sky/skylet/subprocess_daemon.py).
 """
 
 from __future__ import annotations
@@ -121,13 +117,8 @@ def task_envs(task: NodeTask, environ: Mapping[str, str]) -> dict[str, str]:
 
 def task_secrets(task: NodeTask, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """Secret values from the launching shell, and the names it lacks (those get UNSET)."""
-    secrets, missing = {}, []
-    for key in task.secrets:
-        if environ.get(key):
-            secrets[key] = environ[key]
-        else:
-            secrets[key] = UNSET
-            missing.append(key)
+    secrets = {key: environ.get(key) or UNSET for key in task.secrets}
+    missing = [key for key in task.secrets if not environ.get(key)]
     secrets.update({k: v for k, v in store_credentials(task, environ).items() if k not in secrets})
     return secrets, missing
 
@@ -206,14 +197,8 @@ def build_task(task: NodeTask, environ: Mapping[str, str]):
     except (ValueError, exceptions.InvalidCloudConfigs, exceptions.NotSupportedError) as err:
         raise SuperviseError(f"field {rejected_field(str(err))!r}: SkyPilot rejects it: {first_line(err)}") from None
     secrets, missing = task_secrets(task, environ)
-    sky_task = sky.Task(
-        name=task.name,
-        setup=task.setup,
-        run=run_script(task),
-        num_nodes=task.num_nodes,
-        envs={**task_envs(task, environ), **kubernetes.NODE_ENVS},
-        secrets=secrets,
-    )
+    sky_task = sky.Task(name=task.name, setup=task.setup, run=run_script(task), num_nodes=task.num_nodes,
+                        envs={**task_envs(task, environ), **kubernetes.NODE_ENVS}, secrets=secrets)
     sky_task.set_resources(resources)
     if task.files:  # directories only: SkyPilot hard-links single files, which fails across filesystems
         sky_task.set_file_mounts(dict(task.files))
@@ -387,15 +372,10 @@ class SkyPilotBackend:
         out = []
         for job_name, rec in sorted(latest.items()):
             known = registry.lookup(job_name) or {}
-            out.append(JobStatus(
-                name=job_name, backend=BACKEND,
-                state=_state(rec),
-                recoveries=int(rec.get("recovery_count") or 0),
-                job_id=str(rec.get("job_id")),
-                reason=rec.get("failure_reason"),
-                checkpoints_url=known.get("checkpoints_url"),
-                details=rec.get("details"),
-            ))
+            out.append(JobStatus(name=job_name, backend=BACKEND, state=_state(rec),
+                                 recoveries=int(rec.get("recovery_count") or 0), job_id=str(rec.get("job_id")),
+                                 reason=rec.get("failure_reason"), checkpoints_url=known.get("checkpoints_url"),
+                                 details=rec.get("details")))
         return out
 
     def logs(self, name: str, *, follow: bool = False) -> None:

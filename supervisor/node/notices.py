@@ -60,12 +60,9 @@ class Notice:
 
 
 # --- how long a notice without deadline waits for the save ---------------------
-#
-# A stop request (and SIGTERM, SIGINT, a notice file without deadline) gives no
-# cloud deadline: the trainer always saves. Whoever waits for it (the node
-# wrapper before it kills the workers; `supervise stop` before it cancels) waits
-# as long as this run's measured saves say a save needs, not a fixed budget, and
-# longer while the trainer keeps reporting saves and commits (ledger events).
+# A stop request, SIGTERM, SIGINT or a notice file without deadline: the trainer always
+# saves, and whoever waits for it (the node wrapper, `supervise stop`) waits as long as
+# this run's measured saves say (SaveWait), not a fixed budget.
 
 SAVE_WAIT_FACTOR = 3.0  # a save under load (a throttled store) may take this much longer than measured
 SAVE_WAIT_SLACK_S = 60.0  # the step boundary before the save, the exit after it

@@ -18,11 +18,7 @@ Extension points used:
   DCP together with TorchTitan's own states.
 
 Commits run on rank 0 in a background thread (titan/committer.py): no
-collective waits on them; the ranks only agree, at a step boundary, to stop
-when two commits in a row failed. At the end of training (finished or
-notice) rank 0 waits for its pending commits within the notice's deadline,
-the other ranks wait in the outcome broadcast under a collective timeout
-raised for that wait only.
+collective waits on them (see `_stop_agreed` and `_finish_commits`).
 
 Import this module only after `cpu_compat.apply()` on a CPU machine.
 """
@@ -58,6 +54,7 @@ from supervisor.titan.committer import CommitResult, Committer
 from supervisor.titan.hashing import hashing_writer
 from supervisor.titan.policy import (
     COMM_MARGIN_S,
+    NoticePlan,
     SaveTimer,
     Throttle,
     commit_budget_s,
@@ -596,15 +593,12 @@ class SuperviseTrainer(Trainer):
         """An early notice (AWS's rebalance recommendation): every rank saves this
         step (policy.early_save_plan) and training goes on; an async save uploads
         meanwhile, and rank 0 commits it as any other."""
-        if not self.supervised_checkpoints:
-            plan_save, reason = False, "checkpointing is off (--checkpoint.enable)"
-        else:
-            plan = early_save_plan(self.step, self._last_saved_step, self._loaded_step)
-            plan_save, reason = plan.save, plan.reason
-        log.warning("supervise: early notice at step %d: %s", self.step, reason)
-        if plan_save:
+        plan = (early_save_plan(self.step, self._last_saved_step, self._loaded_step) if self.supervised_checkpoints
+                else NoticePlan(False, "checkpointing is off (--checkpoint.enable)"))
+        log.warning("supervise: early notice at step %d: %s", self.step, plan.reason)
+        if plan.save:
             self.checkpointer.save_now(self.step, wait=False)
-        self._emit("early_save", step=self.step, save=plan_save, reason=reason)
+        self._emit("early_save", step=self.step, save=plan.save, reason=plan.reason)
 
     def _decide_outcome(self) -> dict[str, Any]:
         """Rank 0's outcome (the one broadcast): 75 promises a commit that verified."""
