@@ -105,12 +105,12 @@ def backend_events_of(target: str) -> tuple[list, list[str]] | None:
 
 
 def _starts_note(starts: list[dict]) -> str:
-    """'#0 aws/us-east-1 0.500 node-h $1.50; #1 ... (#1 priced with the run's resources: no record of its launch)'."""
+    """'#0 aws/us-east-1 0.500 node-h $1.50; #1 ... (#1 priced with the run's resources: ...)'."""
     shown = [f"#{s['start']} {'/'.join(p for p in (s.get('cloud'), s.get('region')) if p) or '?'} "
              f"{s['node_hours']:.3f} node-h ${s['cost']['spot_usd']:.2f}" for s in starts]
     guessed = [f"#{s['start']}" for s in starts if s["resources_from"] == "run"]
-    return "; ".join(shown) + (f" ({', '.join(guessed)} priced with the run's resources: SkyPilot records only "
-                               "the newest launch and the nodes recorded no cloud/region)" if guessed else "")
+    return "; ".join(shown) + (f" ({', '.join(guessed)} priced with the run's resources: no record of where "
+                               "that launch landed)" if guessed else "")
 
 
 def _fmt_s(seconds: float | None) -> str:
