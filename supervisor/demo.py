@@ -131,14 +131,8 @@ class Demo:
 
         step, loss = _step_and_loss(state, events)
         head = Table.grid(padding=(0, 2))
-        head.add_row(
-            f"[bold]{title}[/]",
-            f"state [bold]{st.state}[/]",
-            f"step [bold]{step}[/]/{self.cfg.steps}",
-            loss,
-            f"recoveries [bold]{st.recoveries}[/]",
-            f"{elapsed:5.0f} s",
-        )
+        head.add_row(f"[bold]{title}[/]", f"state [bold]{st.state}[/]", f"step [bold]{step}[/]/{self.cfg.steps}",
+                     loss, f"recoveries [bold]{st.recoveries}[/]", f"{elapsed:5.0f} s")
         fired = {c.get("index") for c in state.get("chaos_fired", [])}
         rows = [head]
         if plan:

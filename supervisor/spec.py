@@ -392,9 +392,7 @@ def _check_parallelism(spec: JobSpec) -> None:
 def _check_secrets(spec: JobSpec) -> None:
     repo = spec.tokenizer.hf_repo or ""
     if repo.startswith("meta-llama/") and "HF_TOKEN" not in spec.secrets:
-        raise SuperviseError(
-            f"field 'secrets': tokenizer.hf_repo {repo!r} is gated; add HF_TOKEN to secrets"
-        )
+        raise SuperviseError(f"field 'secrets': tokenizer.hf_repo {repo!r} is gated; add HF_TOKEN to secrets")
 
 
 def titan_args(spec: JobSpec) -> list[str]:

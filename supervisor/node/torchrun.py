@@ -1,11 +1,6 @@
-"""SkyPilot's environment -> the torchrun argv, built the way SkyPilot's own
-TorchTitan example (examples/training/torchtitan/torchtitan.yaml) builds it:
-
-    torchrun --nnodes $SKYPILOT_NUM_NODES --nproc_per_node $SKYPILOT_NUM_GPUS_PER_NODE
-             --node_rank $SKYPILOT_NODE_RANK --master_addr=<first line of SKYPILOT_NODE_IPS>
-             --master_port=8008 -m <trainer module> <trainer args>
-
-Pure functions of the environment, so they are tested without processes.
+"""SkyPilot's environment -> the torchrun argv (`torchrun_argv`), built the way
+SkyPilot's own TorchTitan example (examples/training/torchtitan/torchtitan.yaml)
+builds it. Pure functions of the environment, so they are tested without processes.
 
 The torchrun the wrapper starts before its command is known: supervisor.node.prestarted.
 
@@ -94,25 +89,15 @@ def topology_from_env(
     if nproc_per_node < 1:
         raise SuperviseError(f"--nproc-per-node {nproc_per_node} must be at least 1", ExitCode.USER_ERROR)
     if nnodes > 1 and not ips:
-        raise SuperviseError(
-            f"SKYPILOT_NUM_NODES={nnodes} but SKYPILOT_NODE_IPS is empty: cannot find the head node",
-            ExitCode.USER_ERROR,
-        )
+        raise SuperviseError(f"SKYPILOT_NUM_NODES={nnodes} but SKYPILOT_NODE_IPS is empty: cannot find the head node",
+                             ExitCode.USER_ERROR)
     if ips and len(ips) < nnodes:
-        raise SuperviseError(
-            f"SKYPILOT_NODE_IPS lists {len(ips)} address(es) for SKYPILOT_NUM_NODES={nnodes}",
-            ExitCode.USER_ERROR,
-        )
+        raise SuperviseError(f"SKYPILOT_NODE_IPS lists {len(ips)} address(es) for SKYPILOT_NUM_NODES={nnodes}",
+                             ExitCode.USER_ERROR)
     if not 0 < master_port < 65536:
         raise SuperviseError(f"--master-port {master_port} is not a TCP port", ExitCode.USER_ERROR)
-    return Topology(
-        nnodes=nnodes,
-        nproc_per_node=nproc_per_node,
-        node_rank=node_rank,
-        master_addr=ips[0] if ips else "127.0.0.1",
-        master_port=master_port,
-        accelerator=accelerator,
-    )
+    return Topology(nnodes=nnodes, nproc_per_node=nproc_per_node, node_rank=node_rank,
+                    master_addr=ips[0] if ips else "127.0.0.1", master_port=master_port, accelerator=accelerator)
 
 
 def torchrun_executable() -> list[str]:

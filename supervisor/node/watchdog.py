@@ -9,8 +9,6 @@ change, so clocks written by the ranks do not matter.
 from __future__ import annotations
 
 
-
-
 class Watchdog:
     def __init__(self, *, hang_timeout_s: float, startup_timeout_s: float, now: float):
         self.hang_timeout_s = hang_timeout_s

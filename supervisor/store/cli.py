@@ -56,10 +56,8 @@ def list_(url: str = URL, as_json: bool = typer.Option(False, "--json", help="Ma
     if not infos:
         typer.echo(f"no step-N folders under {url}")
         return
-    rows = [
-        (str(i.step), f"[{_STYLE.get(i.state, '')}]{i.state}[/]", (i.manifest or {}).get("created", "") or "", i.reason)
-        for i in infos
-    ]
+    rows = [(str(i.step), f"[{_STYLE.get(i.state, '')}]{i.state}[/]", (i.manifest or {}).get("created", "") or "",
+             i.reason) for i in infos]
     _table(url, ("step", "state", "committed at", "reason"), rows)
 
 

@@ -183,15 +183,9 @@ class LocalObjectStore:
 
     # -- internals -----------------------------------------------------------
     def _identities(self) -> dict:
-        return {
-            "identities": [
-                {
-                    "name": "supervise",
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
+        return {"identities": [{"name": "supervise",
+                                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 
     def _signal(self, sig: int) -> None:
         if self._proc is None or self._proc.poll() is not None:
@@ -209,15 +203,10 @@ class LocalObjectStore:
         import botocore.config
         import botocore.session
 
-        session = botocore.session.get_session()
-        return session.create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
             region_name=self.region,
-            config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
-        )
+            config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
 
     def _wait_ready(self) -> None:
         """Until the bucket exists and a write round-trips (the volume server is up)."""

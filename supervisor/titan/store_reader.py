@@ -16,7 +16,7 @@ import io
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader
@@ -101,10 +101,8 @@ def import_backend_in_background(url: str) -> threading.Thread | None:
         return None
 
     def run() -> None:
-        try:
+        with suppress(ImportError, ValueError):  # raised again, in context, by the trainer's first use of the folder
             fsspec.get_filesystem_class(protocol)
-        except (ImportError, ValueError):
-            pass  # raised again, in context, by the trainer's first use of the folder
 
     thread = threading.Thread(target=run, name="supervise-import-store", daemon=True)
     thread.start()
