@@ -9,12 +9,9 @@ reference's (titan/results.py), and nothing committed was lost: every restart
 resumed from the newest step committed before it, or from the one before when
 the drill itself corrupted that one. Exit 1 on any FAIL.
 
-Drills that hit a save (`kill-during-save`, `notice-during-save`,
-`store-outage`) fire when the save's objects appear in the bucket and its
-commit marker does not exist yet, not at a guessed time
-(chaos.save_in_progress). `store-outage` freezes the drill's own embedded
-store (SIGSTOP, as in a partition: requests hang, nothing answers) for
-STORE_OUTAGE_S, so it needs that store, not a `--set checkpoint.bucket`.
+Drills that hit a save fire once its objects are in the bucket and its commit
+marker is not, not at a guessed time (chaos.save_in_progress). `store-outage`
+freezes (SIGSTOP) the drill's own embedded store: it needs that store.
 
 `supervise demo` is one drill set (`--drills demo`: chaos.demo_plan, a notice,
 then a kill whose restart finds the newest checkpoint corrupt) run through

@@ -1,19 +1,9 @@
-"""TorchTitan's config, as recipe validation (spec.py) and the node wrapper both read it.
-
-Three things live here, one copy each:
-- `OWNED`: the TorchTitan flags supervise sets itself (the node wrapper on every
-  start, or the recipe's own fields), and why a user must not.
-- `registry_file` / `titan_configs`: the `--module`'s config_registry.py, found
-  the way TorchTitan 0.3.0's `ConfigManager._load_config`
-  (torchtitan/config/manager.py) imports it, but read from source: importing it
-  pulls torch and the model code (seconds; on CPU it needs triton).
-- `check_args`: TorchTitan's own parser (`ConfigManager().parse_args`, tyro) on
-  the trainer args, in a child process (`python -m supervisor.titan_config`)
-  that imports TorchTitan once and then answers each check in well under a
-  second. Its verdict is one line that names the bad flag.
-
-Spec and node both import this module; it imports only supervisor.errors (and,
-in the child, supervisor.titan.cpu_compat, as the trainer does on CPU).
+"""TorchTitan's config, as recipe validation (spec.py) and the node wrapper both read it,
+one copy each: `OWNED`, the flags supervise sets itself; `registry_file` /
+`titan_configs`, the `--module`'s config_registry.py found the way TorchTitan 0.3.0's
+`ConfigManager._load_config` (torchtitan/config/manager.py) imports it, but read from
+source (importing it pulls torch and the model code: seconds, and triton on CPU); and
+`check_args`, TorchTitan's own parser in a child process that imports TorchTitan once.
 """
 
 from __future__ import annotations

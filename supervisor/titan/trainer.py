@@ -191,16 +191,10 @@ class SuperviseCheckpointManager(CheckpointManager):
         return response.upload_completion  # TorchTitan's `async` branch keeps it as save_future
 
     def dcp_load(self, state_dict, checkpoint_id, from_hf, from_quantized):
-        """TorchTitan's load, with one change for object stores: each checkpoint
-        file is fetched as concurrent ranged GETs, its tensors read as their parts
-        arrive (supervisor.titan.store_reader), instead of one 50 MiB ranged read
-        at a time. DCP reads a rank's files one at a time, so at most one file is
-        held in memory. Measured in benchmarks/dcp_store.py.
-
-        Where TorchTitan writes through a bucket mount (MOUNT/MOUNT_CACHED), the
-        step folder is read from the bucket itself (`load_source`), the same way:
-        the catalog verified that step there, through the bucket API, and a FUSE
-        mount reads one stream at a time. An HF load is TorchTitan's own."""
+        """TorchTitan's load, with each checkpoint file in an object store fetched as
+        concurrent ranged GETs (supervisor.titan.store_reader). Through a bucket mount
+        the step is read from the bucket itself (`load_source`): the catalog verified it
+        there, and a FUSE mount reads one stream at a time. An HF load is TorchTitan's own."""
         if from_hf:
             return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
         source = self.load_source(checkpoint_id)
@@ -644,8 +638,10 @@ class SuperviseTrainer(Trainer):
         if step <= 0:
             return
         path = ckpt.load_source(filesystem.join(ckpt.folder, layout.step_dir(step)))  # read where the load reads
+        from supervisor.titan.results import dcp_reader
+
         try:
-            keys = _checkpoint_keys(path)
+            keys = dcp_reader(path).read_metadata().state_dict_metadata
         except Exception:  # unreadable: let TorchTitan's own load report it
             return
         if not any(k.startswith(rng.STATE_KEY + ".") for k in keys):
@@ -670,10 +666,3 @@ def _step_of(checkpoint_id: str) -> int:
     """N of TorchTitan's `<folder>/step-N` checkpoint id (-1 for anything else)."""
     step = layout.parse_step(str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1])
     return -1 if step is None else step
-
-
-def _checkpoint_keys(path: str) -> list[str]:
-    """Flattened keys stored in a DCP checkpoint (local path or fsspec URL)."""
-    from supervisor.titan.results import dcp_reader
-
-    return list(dcp_reader(path).read_metadata().state_dict_metadata)
