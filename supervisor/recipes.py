@@ -51,15 +51,8 @@ def load_recipe(recipe: str) -> dict[str, Any]:
     return data
 
 
-def build_spec(
-    recipe: str,
-    *,
-    sets: list[str] = (),
-    name: str | None = None,
-    infra: str | None = None,
-    num_nodes: int | None = None,
-    spot: bool | None = None,
-) -> JobSpec:
+def build_spec(recipe: str, *, sets: list[str] = (), name: str | None = None, infra: str | None = None,
+               num_nodes: int | None = None, spot: bool | None = None) -> JobSpec:
     """Recipe + overrides -> validated JobSpec (flags win over --set, --set over the file)."""
     data = load_recipe(recipe)
     for item in sets:

@@ -426,9 +426,7 @@ def node_options(spec: JobSpec) -> NodeOptions:
     """The command every node runs on every (re)start (NodeOptions.to_argv renders it).
 
     The catalog is always read through the bucket URL. With a mount, TorchTitan
-    writes to the mount path and a commit waits up to commit_wait_s for the upload
-    to land. The no-progress bound ends a retryable (69) loop: SkyPilot restarts 69
-    without limit, the wrapper gives up with 78.
+    writes to the mount path and a commit waits up to commit_wait_s for the upload.
     """
     ckpt = spec.checkpoint
     return NodeOptions(

@@ -108,12 +108,9 @@ def due(plan: list[ChaosEvent], fired: set[int], step: int | None, *, live: bool
     flight (`saving`: steps whose save has objects in the bucket and no commit yet)."""
     if step is None:
         return []
-    return [
-        i
-        for i, ev in enumerate(plan)
-        if i not in fired and ev.kind not in STORE_KINDS and (ev.kind in LIVE_KINDS) == live
-        and (ev.at_step in saving if ev.during_save else step >= ev.at_step)
-    ]
+    return [i for i, ev in enumerate(plan)
+            if i not in fired and ev.kind not in STORE_KINDS and (ev.kind in LIVE_KINDS) == live
+            and (ev.at_step in saving if ev.during_save else step >= ev.at_step)]
 
 
 def watched_saves(plan: list[ChaosEvent], fired: set[int], step: int | None) -> list[int]:

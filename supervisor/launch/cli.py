@@ -116,12 +116,9 @@ def _streak(restarts: dict | None) -> str:
 def _goodput(url: str) -> float | None:
     from supervisor.contract.layout import ledger_url
 
-    try:
+    try:  # a missing module is no goodput either
         from supervisor.ledger.merged import run_events
         from supervisor.ledger.timeline import summarize
-    except ImportError:
-        return None
-    try:
         from supervisor.store import retry
 
         events, problems, _run = run_events(ledger_url(url), policy=retry.BRIEF)  # what report and auto read

@@ -245,19 +245,12 @@ class LocalBackend:
         return spec
 
     def dryrun(self, task, *, chaos: list | tuple = (), graceful_timeout_s: float | None = None) -> LocalJob:
-        job = LocalJob(
-            name=task.name,
-            node_argv=task.run.to_argv(),
-            setup=task.setup,
-            num_nodes=task.num_nodes,
-            gpus_per_node=task.ranks_per_node if task.resources.accelerators else 0,
-            checkpoints_url=task.checkpoints_url,
-            ledger_url=task.ledger_url,
-            max_restarts_on_errors=task.restart.max_restarts_on_errors,
-            recover_on_exit_codes=list(task.restart.recover_on_exit_codes),
-            env=dict(task.envs),
-            chaos=[ev.to_dict() for ev in chaos],
-        )
+        job = LocalJob(name=task.name, node_argv=task.run.to_argv(), setup=task.setup, num_nodes=task.num_nodes,
+                       gpus_per_node=task.ranks_per_node if task.resources.accelerators else 0,
+                       checkpoints_url=task.checkpoints_url, ledger_url=task.ledger_url,
+                       max_restarts_on_errors=task.restart.max_restarts_on_errors,
+                       recover_on_exit_codes=list(task.restart.recover_on_exit_codes), env=dict(task.envs),
+                       chaos=[ev.to_dict() for ev in chaos])
         if graceful_timeout_s is not None:
             job.graceful_timeout_s = graceful_timeout_s
         # Local nodes inherit this shell's environment: a secret must be in it.
