@@ -15,13 +15,8 @@ import typer
 from supervisor import __version__
 from supervisor.errors import SuperviseError
 
-app = typer.Typer(
-    name="supervise",
-    help="Keep long TorchTitan training runs alive on spot capacity.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer(name="supervise", help="Keep long TorchTitan training runs alive on spot capacity.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 def _version(value: bool) -> None:

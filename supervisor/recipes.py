@@ -128,9 +128,8 @@ def expand_vars(value: Any, where: str = "") -> Any:
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             if m[1] not in os.environ:
-                raise SuperviseError(
-                    f"field {where!r}: ${{{m[1]}}} is not set; export {m[1]}=... or pass --set {where}=..."
-                )
+                raise SuperviseError(f"field {where!r}: ${{{m[1]}}} is not set; "
+                                     f"export {m[1]}=... or pass --set {where}=...")
             return os.environ[m[1]]
         return _VAR.sub(sub, value)
     return value

@@ -162,9 +162,7 @@ class Checkpoint(_Strict):
         if not m or m["scheme"] not in BUCKET_SCHEMES:
             raise ValueError(f"{v!r} is not a bucket URL; use {schemes}<bucket>[/prefix], e.g. s3://my-ckpts/runs")
         if not _S3_BUCKET_NAME.match(m["bucket"]) or ".." in m["bucket"]:
-            raise ValueError(
-                f"{m['bucket']!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')"
-            )
+            raise ValueError(f"{m['bucket']!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
         return v.rstrip("/")
 
     @field_validator("mount_path")

@@ -78,9 +78,8 @@ def _sky():
     try:
         import sky
     except ImportError:
-        raise SkyPilotUnavailable(
-            "SkyPilot is not installed; install the cloud extra: pip install -e '.[cloud]' (then run `sky check`)"
-        ) from None
+        raise SkyPilotUnavailable("SkyPilot is not installed; install the cloud extra: "
+                                  "pip install -e '.[cloud]' (then run `sky check`)") from None
     return sky
 
 

@@ -58,10 +58,8 @@ def _dist_texts() -> tuple[str, str, str]:
     try:
         dist = metadata.distribution(DIST)
     except metadata.PackageNotFoundError:
-        raise SuperviseError(
-            f"cannot build the wheel the nodes install: distribution {DIST!r} is not installed; "
-            f"run `pip install -e .` in the supervise checkout"
-        ) from None
+        raise SuperviseError(f"cannot build the wheel the nodes install: distribution {DIST!r} is not installed; "
+                             "run `pip install -e .` in the supervise checkout") from None
     meta = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
     return dist.version.split("+")[0], meta, dist.read_text("entry_points.txt") or ""
 
