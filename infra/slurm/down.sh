@@ -16,6 +16,12 @@ if [ -f "$SLURM_CONF" ] && command -v scancel >/dev/null; then
   timeout 10 scancel --user="$U" 2>/dev/null || true
   timeout 10 scancel --user=root 2>/dev/null || true
 fi
+# Without `sky` on PATH (or if it failed): the API server and its controllers run with HOME=$H.
+for p in /proc/[0-9]*; do
+  pid="${p#/proc/}"
+  [ "$pid" = $$ ] && continue
+  tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "HOME=$H" && kill -KILL "$pid" 2>/dev/null
+done
 sleep 1
 stop_pidfile "$S/ssh/sshd.pid"
 for f in "$S"/slurm/slurmd*.pid; do stop_pidfile "$f"; done

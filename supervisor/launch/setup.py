@@ -249,10 +249,13 @@ def _install_lines(spec: JobSpec, built: wheel.Wheel | None) -> list[str]:
     if spec.tokenizer.hf_repo:
         rest.append(HF_HUB)
     rest += config_packages(spec, [torch_req, *rest, DIST])
+    # --link-mode copy: uv hardlinks from its cache by default, and another job of the user
+    # linking or unlinking the same cached files changes them under the snapshot's tar
+    # (seen on the local Slurm: "libtorch_cpu.so: file changed as we read it", not published)
     return [
         f'supervise_uv="{SKY_UV}"; [ -x "$supervise_uv" ] || supervise_uv="$(command -v uv || true)"',
         "supervise_pip() {",
-        f'  if [ -n "$supervise_uv" ]; then "$supervise_uv" pip install --python {VENV}/bin/python "$@"; '
+        f'  if [ -n "$supervise_uv" ]; then "$supervise_uv" pip install --link-mode copy --python {VENV}/bin/python "$@"; '
         'else python -m pip install "$@"; fi',
         "}",
         "[ -n \"$supervise_uv\" ] || supervise_retry 'pip install pip' python -m pip install --upgrade pip",

@@ -50,14 +50,14 @@ UV = """\
 import json, os, pathlib, sys
 home = pathlib.Path(os.environ["HOME"])
 args = sys.argv[1:]
-if args[0] == "pip":  # `uv pip install --python VENV/bin/python ...`: recorded as the install it asks for
-    assert args[1:3] == ["install", "--python"], args
-    venv = pathlib.Path(args[3]).parent.parent
+if args[0] == "pip":  # `uv pip install --link-mode copy --python VENV/bin/python ...`: recorded as the install
+    assert args[1:5] == ["install", "--link-mode", "copy", "--python"], args
+    venv = pathlib.Path(args[5]).parent.parent
     with open(home / "calls.jsonl", "a") as f:
-        f.write(json.dumps({"exe": "pip", "argv": ["install", *args[4:]], "via": "uv"}) + "\\n")
+        f.write(json.dumps({"exe": "pip", "argv": ["install", *args[6:]], "via": "uv"}) + "\\n")
     sys.path.insert(0, os.environ["STANDIN_DIR"])
     from standins import pip
-    sys.exit(pip(venv, ["install", *args[4:]], record_it=False))
+    sys.exit(pip(venv, ["install", *args[6:]], record_it=False))
 with open(home / "calls.jsonl", "a") as f:
     f.write(json.dumps({"exe": "uv", "argv": sys.argv[1:]}) + "\\n")
 assert args[0] == "venv", args
