@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", type=int, default=0, help="setup's exit status so far (0 = it worked)")
     parser.add_argument("--ledger", default=os.environ.get(ENV_LEDGER), help=f"ledger URL (default ${ENV_LEDGER})")
     parser.add_argument("--how", choices=HOWS, help="how setup got the environment (reused/restored/installed)")
-    parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SKYPILOT_NODE_RANK", "0") or 0))
+    rank = os.environ.get("SKYPILOT_SETUP_NODE_RANK") or os.environ.get("SKYPILOT_NODE_RANK") or "0"  # as setup's
+    parser.add_argument("--node-rank", type=int, default=int(rank))
     opts = parser.parse_args(argv)
     if not opts.ledger:
         parser.error(f"no ledger URL: pass --ledger or set {ENV_LEDGER}")

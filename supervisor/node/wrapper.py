@@ -414,7 +414,7 @@ def exit_events(outcome: dict | None, code: int, reason: str, notice: Notice | N
         saved = outcome.get("outcome") == "preempted_saved"
         events.append(("preempted", {"with_notice": True, "saved_step": outcome.get("step") if saved else None}))
     events.append(("exit", {"code": int(code), "reason": reason, "notice": notice.source if notice else None,
-                            "saved_step": saved_step(outcome) if notice else None}))
+                            "saved_step": saved_step(outcome)}))  # also for a save at another node's notice
     return events
 
 

@@ -47,3 +47,15 @@ def test_the_report_labels_each_node_s_setup_per_start():
     text = " ".join(console.export_text().split())
     assert "(node0 installed 58.00 s, node1 installed 59.00 s)" in text
     assert "(#1 node0 reused 3.00 s, #1 node1 restored 12.50 s)" in text
+
+
+def test_mark_takes_the_node_rank_setup_has(tmp_path, monkeypatch):
+    """SkyPilot gives setup SKYPILOT_SETUP_NODE_RANK (CloudVmRayBackend._setup), not SKYPILOT_NODE_RANK."""
+    import time
+
+    monkeypatch.delenv("SKYPILOT_NODE_RANK", raising=False)
+    monkeypatch.setenv("SKYPILOT_SETUP_NODE_RANK", "3")
+    ledger = str(tmp_path / "_ledger")
+    assert mark.main(["setup", "--started-at", str(time.time()), "--how", "reused", "--ledger", ledger]) == 0
+    (event,) = read_events(ledger)[0]
+    assert event.get("node_rank") == 3 and event.writer == "setup-node3"

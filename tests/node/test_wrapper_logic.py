@@ -219,12 +219,13 @@ def test_a_two_node_saved_notice_exits_0_on_node_1_then_75_on_the_head(tmp_path,
         record.data["args_ok"] = wrapper._titan_version()
         start = wrapper._Start(opts, args, plan, record, f"inc-{rank}", started_at=0.0)
         try:
-            start._on_notice(Notice("sigterm", 1.0, None))
+            if rank == 1:  # the notice is node 1's only; node 0 saves at the same step, as its ranks agree
+                start._on_notice(Notice("sigterm", 1.0, None))
             start.watch(start.prestart(_ExitedTorchrun(), t0=0.0))
             write_json_atomic(start.run_dir / OUTCOME_FILE, {"outcome": "preempted_saved", "step": 7})
         finally:
             start.stop_everything()
         codes[rank] = start.finish()
     assert codes == {1: ExitCode.FINISHED, 0: ExitCode.PREEMPTED_SAVED}
-    exits = {e.writer: e.get("code") for e in read_events(ledger_url(url))[0] if e.kind == "exit"}
-    assert exits == {"node1": ExitCode.PREEMPTED_SAVED, "node0": ExitCode.PREEMPTED_SAVED}
+    exits = {e.writer: (e.get("code"), e.get("saved_step")) for e in read_events(ledger_url(url))[0] if e.kind == "exit"}
+    assert exits == {"node1": (ExitCode.PREEMPTED_SAVED, 7), "node0": (ExitCode.PREEMPTED_SAVED, 7)}
