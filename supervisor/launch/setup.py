@@ -168,11 +168,9 @@ def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
         lines += ['if [ "$supervise_how" != restored ] && [ -n "$need_assets" ]; then',
                   "  supervise_how=installed", *["  " + line for line in asset_lines],
                   *[f'  echo "$SUPERVISE_SETUP_KEY" > {shlex.quote(a)}/{envsnap.KEY_FILE}' for a in assets], "fi"]
-    # after a full install, rank 0 publishes what it made (a failure is one warning); setup's
-    # rank is SKYPILOT_SETUP_NODE_RANK (CloudVmRayBackend._setup); Slurm's setup has none
+    # after a full install, the node that claims the key first publishes what it made (a failure is one warning)
     if snapshots:
-        lines += ['if [ "$supervise_how" = installed ] && [ -n "$SUPERVISE_ENV_URL" ] '
-                  '&& [ "${SKYPILOT_SETUP_NODE_RANK:-${SKYPILOT_NODE_RANK:-0}}" = 0 ]; then',
+        lines += ['if [ "$supervise_how" = installed ] && [ -n "$SUPERVISE_ENV_URL" ]; then',
                   "  " + shlex.join(["python", "-m", "supervisor.store.envsnap", "publish", "--url"])
                   + ' "$SUPERVISE_ENV_URL" --key "$SUPERVISE_SETUP_KEY" '
                   + " ".join([f"--venv {VENV}", *[f"--asset {shlex.quote(a)}" for a in assets]]) + " || true",

@@ -24,6 +24,7 @@ library + `supervisor.store` only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +46,8 @@ from supervisor.store.fs import Store
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+CLAIM = "claim.json"  # the one node uploading a key: the others skip before reading a byte
+CLAIM_TTL_S = 1800.0  # a claim this old is a publisher that vanished (preempted mid-upload): taken over
 KEY_FILE = ".supervise-setup-key"  # in each folder setup made: the fingerprint it was made for
 PART_BYTES = 64 * 2**20
 UPLOAD_PARALLEL = 8  # parts uploaded at once (memory: this many parts)
@@ -170,6 +173,8 @@ def publish(store: Store, key: str, paths: list[tuple[str, str]], home: str, cwd
     if root:
         items.insert(0, locate(root, "python", home, cwd))
     writer = f"{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if (busy := _claim(store, key, writer)) is not None:
+        return busy
     folder = posixpath.join(key, writer)
     try:
         packed = [{**asdict(item), "parts": _pack(store, item, item.target(home, cwd), folder)} for item in items]
@@ -186,6 +191,26 @@ def publish(store: Store, key: str, paths: list[tuple[str, str]], home: str, cwd
     dropped = _retain(store, key)
     return (f"snapshot {key} published: {size / 2**20:.0f} MiB in {sum(len(i['parts']) for i in packed)} parts, "
             f"{time.monotonic() - t0:.1f} s" + (f"; older snapshots removed: {', '.join(dropped)}" if dropped else ""))
+
+
+def _claim(store: Store, key: str, writer: str) -> str | None:
+    """None when `writer` may upload `key`, else why not. The nodes of a job install at the
+    same time, and setup's node rank is not reliable on Slurm (its setup has none), so every
+    node that installed asks: the first conditional create wins, the others upload nothing."""
+    claim = json.dumps({"writer": writer, "t": time.time()}).encode()
+    if store.create_exclusive(claim, key, CLAIM):
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        store.cat(key, MANIFEST)
+        return f"snapshot {key} was published by another node first"
+    try:
+        held = json.loads(store.cat(key, CLAIM))
+    except (FileNotFoundError, ValueError):
+        held = {}
+    if time.time() - float(held.get("t", 0)) < CLAIM_TTL_S:
+        return f"snapshot {key} is being published by {held.get('writer', 'another node')}"
+    store.rm([store.path(key, CLAIM)])
+    return None if store.create_exclusive(claim, key, CLAIM) else f"snapshot {key} is being published by another node"
 
 
 def _remove_folder(store: Store, *parts: str) -> None:

@@ -152,3 +152,22 @@ def test_only_the_newest_two_keys_stay(node, s3_url, monkeypatch):
     assert line.endswith("older snapshots removed: k1")
     assert sorted(n for n, e in store.listdir().items()) == ["k2", "k3", "notes"]
     assert platform.machine() == json.loads(store.cat("k3", envsnap.MANIFEST))["machine"]
+
+
+def test_a_node_that_finds_another_s_claim_uploads_nothing_unless_the_claim_is_stale(node, s3_url, monkeypatch):
+    """The nodes of a job install at once; one uploads. A claim older than CLAIM_TTL_S is a
+    publisher that vanished mid-upload (a preemption during setup): the next node takes over."""
+    import time
+
+    home, cwd, venv, _ = node
+    store = Store(f"{s3_url}/_supervise/env")
+    claim = {"writer": "node-a-1-x", "t": time.time()}
+    assert store.create_exclusive(json.dumps(claim).encode(), "k1", envsnap.CLAIM)
+    line = envsnap.publish(store, "k1", _paths(venv, cwd), str(home), str(cwd))
+    assert line == "snapshot k1 is being published by node-a-1-x"
+    assert list(store.listdir("k1")) == [envsnap.CLAIM]  # no parts, no manifest
+    store.rm([store.path("k1", envsnap.CLAIM)])
+    stale = {**claim, "t": time.time() - envsnap.CLAIM_TTL_S - 1}
+    assert store.create_exclusive(json.dumps(stale).encode(), "k1", envsnap.CLAIM)
+    assert envsnap.publish(store, "k1", _paths(venv, cwd), str(home), str(cwd)).startswith("snapshot k1 published:")
+    assert json.loads(store.cat("k1", envsnap.CLAIM))["writer"] != "node-a-1-x"
