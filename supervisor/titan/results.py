@@ -17,11 +17,12 @@ NON_MODEL_KEYS = ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng
 
 
 def dcp_reader(path: str):
-    """A DCP StorageReader for a local folder or an fsspec URL."""
+    """A DCP StorageReader for a local folder or an fsspec URL; the URL's filesystem is its
+    own (fsspec caches one per arguments, and an S3 one keeps the endpoint of its day)."""
     if "://" in str(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-        return FsspecReader(str(path))
+        return FsspecReader(str(path), skip_instance_cache=True)
     from torch.distributed.checkpoint import FileSystemReader
 
     return FileSystemReader(str(path))

@@ -77,3 +77,16 @@ def test_local_folders_start_no_import_and_an_unknown_scheme_is_left_to_the_firs
     assert not thread.is_alive()
     with pytest.raises(ValueError, match="nosuchscheme"):  # what TorchTitan's first call will say
         fsspec.core.url_to_fs("nosuchscheme://bucket/checkpoint")
+
+
+def test_a_checkpoint_reader_gets_its_own_filesystem_not_fsspec_s_cached_one(monkeypatch):
+    """fsspec caches one S3 filesystem per arguments and the endpoint comes from the
+    environment: a cached one kept a stopped store's endpoint (CI: the Slurm test's store)."""
+    import fsspec
+
+    from supervisor.titan.results import dcp_reader
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    cached = fsspec.filesystem("s3")
+    reader = dcp_reader("s3://bucket/run/step-1")
+    assert reader.fs.fs is not cached
