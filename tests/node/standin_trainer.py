@@ -124,7 +124,9 @@ def main() -> None:
         os.environ["AWS_ENDPOINT_URL"] = os.environ["STANDIN_STORE_ENDPOINT"]
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
     saver = Saver(int(os.environ["STANDIN_SAVE_EVERY"])) if rank == 0 and "STANDIN_SAVE_EVERY" in os.environ else None
-    (run_dir / f"pid-{rank}").write_text(str(os.getpid()))
+    pid_file = run_dir / f"pid-{rank}"  # written whole: the tests read it the moment it exists
+    pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+    pid_file.with_suffix(".tmp").replace(pid_file)
     if not started_up(run_dir, rank):
         return
     early_acted = None  # received_at of the early notice acted on
