@@ -223,8 +223,8 @@ class _Walker:
             step = e.get("step")
             if self.window is not None and isinstance(step, int) and step >= self.window.last_step:
                 self.window.anchors.append((t, step))  # the step the trainer had reached when it was lost
-        elif self.phase == "detection" and _is_loss(e):
-            self._absorb([e])
+        elif self.phase in ("detection", "provisioning") and _is_loss(e):
+            self._absorb([e])  # a survivor's exit may land after the backend noticed the loss
         elif k == "recovery_started":
             if in_run:
                 self._open_episode(self._close_window(t, "detection"))
