@@ -192,8 +192,10 @@ def test_two_nodes_lose_a_node_then_a_notice_on_one_node_then_stop_and_report(lo
         m: dict[str, object] = {"bring_up_s": local_slurm["bring_up_s"]}
         job = Job(env, store.bucket, "two", STEPS, same_data, num_nodes=2)
         # the same machine: torchrun's store of the other job needs its own port
-        ref = Job(env, store.bucket, "ref2", STEPS, (*same_data, "--set", "envs.SUPERVISE_MASTER_PORT=8019"),
-                  num_nodes=2)
+        # the reference publishes no environment snapshot (SUPERVISE_ENV_URL empty): nothing
+        # restores it, and packing 5 GB beside the job's own publish only slows both
+        ref = Job(env, store.bucket, "ref2", STEPS, (*same_data, "--set", "envs.SUPERVISE_MASTER_PORT=8019",
+                                                     "--set", "envs.SUPERVISE_ENV_URL="), num_nodes=2)
         jobs = [job, ref]
         try:
             # -- (a) node 2 lost without notice, after a commit --------------------------------
