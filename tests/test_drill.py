@@ -83,29 +83,24 @@ def test_drill_save_triggered_kill_and_notice_pass(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # a reference and four drills, each a training with one or two restarts
-def test_drill_notice_kill_corrupt_newest_and_stall_rank_each_pass(tmp_path, monkeypatch):
-    """The other four drills, one row each, so every drill runs at least once in CI."""
-    proc, rows = _drill(tmp_path, monkeypatch, "--drills", "notice,kill,corrupt-newest,stall-rank",
-                        "--steps", "12", "--interval", "3")
+@pytest.mark.timeout(2400)  # a reference and five drills, each a training with up to two restarts
+def test_drill_notice_kill_corrupt_newest_stall_rank_and_store_outage_each_pass(tmp_path, monkeypatch):
+    """The other five drills in one invocation (one reference run for all: CI time), one row
+    each, so every drill runs at least once in CI. store-outage: the embedded store frozen
+    (SIGSTOP) for 30 s while a save lands: the save and its commit finish once the store is
+    back, no restart, bit-identical to the reference."""
+    drills = {"notice", "kill", "corrupt-newest", "stall-rank", "store-outage"}
+    proc, rows = _drill(tmp_path, monkeypatch, "--drills", ",".join(sorted(drills)), "--steps", "12", "--interval", "3")
     by = {row["drill"]: row for row in rows}
-    assert proc.returncode == 0 and set(by) == {"notice", "kill", "corrupt-newest", "stall-rank"}, (rows, proc.stderr[-2000:])
+    assert proc.returncode == 0 and set(by) == drills, (rows, proc.stderr[-2000:])
     assert all(row["verdict"] == "PASS" for row in rows), rows
     assert any("truncated" in what for what in by["corrupt-newest"]["injected"]), by["corrupt-newest"]
     assert any(69 in codes for codes in by["stall-rank"]["exit_codes"]), "the watchdog ends a stalled rank with 69"
     assert by["kill"]["recoveries"] >= 1 and by["kill"]["steps_lost"] is not None
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_drill_store_outage_during_a_save_passes_without_a_restart(tmp_path, monkeypatch):
-    """The embedded store frozen (SIGSTOP) for 30 s while a save lands: the save and its
-    commit finish once the store is back, no restart, bit-identical to the reference."""
-    proc, [row] = _drill(tmp_path, monkeypatch, "--drills", "store-outage", "--steps", "8", "--interval", "2")
-    assert proc.returncode == 0 and row["verdict"] == "PASS", (row, proc.stderr[-2000:])
-    [injected] = row["injected"]
+    outage = by["store-outage"]
+    [injected] = outage["injected"]
     assert injected.startswith("outage at step ") and "store frozen (SIGSTOP)" in injected, injected
-    assert row["recoveries"] == 0 and row["exit_codes"] == [[0]], row
+    assert outage["recoveries"] == 0 and outage["exit_codes"] == [[0]], outage
 
 
 def test_store_outage_needs_the_drills_own_store(tmp_path, monkeypatch):
