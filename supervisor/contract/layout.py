@@ -68,6 +68,12 @@ class RunLayout:
         return self._under(RECORDS, "env")
 
 
+def bucket_root(url: str) -> str:
+    """`s3://b/prefix` -> `s3://b`: what a MOUNT/MOUNT_CACHED entry accepts; one bucket's reach."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}://{rest.partition('/')[0]}" if sep else url  # a local folder is its own reach
+
+
 def ledger_url(checkpoints_url: str) -> str:
     return RunLayout(checkpoints_url).ledger
 

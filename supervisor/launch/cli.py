@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 from supervisor import registry
+from supervisor.contract.layout import bucket_root
 from supervisor.errors import SuperviseError
 from supervisor.launch import get_backend
 from supervisor.launch.base import AlreadyFinished, JobStatus, shown_reason
@@ -68,10 +69,6 @@ def _backend_of(name: str) -> str:
     return job.get("backend", "skypilot")
 
 
-def _bucket_of(url: str) -> str:
-    return "/".join(url.split("/", 3)[:3])  # scheme://bucket
-
-
 def _bucket_view(url: str | None, unreachable: set[str] | None = None) -> dict[str, Any]:
     """Latest committed step and its time (read-only listing), the restart streak
     (budget.streak_view of the nodes' restart record), and goodput so far.
@@ -80,7 +77,7 @@ def _bucket_view(url: str | None, unreachable: set[str] | None = None) -> dict[s
     warning line and a few seconds, once per bucket (`unreachable`), not a minute per call."""
     view: dict[str, Any] = {"step": None, "checkpoint_time": None, "restarts": None, "goodput": None}
     unreachable = set() if unreachable is None else unreachable
-    if not url or _bucket_of(url) in unreachable:
+    if not url or bucket_root(url) in unreachable:
         return view
     try:
         from supervisor.node.budget import RestartRecord, streak_view
@@ -97,7 +94,7 @@ def _bucket_view(url: str | None, unreachable: set[str] | None = None) -> dict[s
     except ImportError:
         pass
     except StoreUnreachable as err:
-        unreachable.add(_bucket_of(url))
+        unreachable.add(bucket_root(url))
         typer.secho(f"warning: {err}; checkpoint and goodput columns left empty", fg="yellow", err=True)
         return view
     except (SuperviseError, OSError):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from supervisor import registry
-from supervisor.contract.layout import STOP_REQUEST, ledger_url, stop_request_url
+from supervisor.contract.layout import STOP_REQUEST, bucket_root, ledger_url, stop_request_url
 from supervisor.errors import SuperviseError, first_line
 from supervisor.launch import kubernetes, placement
 from supervisor.launch.base import AlreadyFinished, JobStatus, is_terminal
@@ -217,12 +217,6 @@ def rejected_field(message: str) -> str:
         if key in text or key.replace("_", " ") in text:
             return f"resources.{key}"
     return "resources.infra" if "infra" in text or "cloud" in text else "resources"
-
-
-def bucket_root(bucket: str) -> str:
-    """`s3://b/prefix` -> `s3://b`: what a MOUNT/MOUNT_CACHED entry accepts."""
-    scheme, rest = bucket.split("://", 1)
-    return f"{scheme}://{rest.partition('/')[0]}"
 
 
 def task_config(task) -> dict[str, Any]:

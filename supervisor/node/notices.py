@@ -221,10 +221,6 @@ class MetadataSource:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
 
-    @property
-    def cloud(self) -> str:
-        return self.name
-
     def probe(self) -> bool:
         """Whether this cloud's service answers here (the first call: maybe slow)."""
         try:
@@ -370,15 +366,6 @@ class Detection:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def detect(urls: dict[str, str], timeout: float = 1.0) -> MetadataSource | None:
-    """The first cloud whose metadata service answers within `timeout` x 3 + 1 s, or None."""
-    detection = Detection([s(urls[c], timeout) for c, s in SOURCES.items()])
-    end = time.monotonic() + timeout * 3 + 1
-    while not detection.done() and time.monotonic() < end:
-        time.sleep(0.02)
-    return detection.found()
 
 
 class NoticeWatcher:

@@ -23,3 +23,9 @@ def test_step_folders_and_markers():
     assert layout.step_dir(12) == "step-12" and layout.parse_step(layout.step_dir(12)) == 12
     assert (layout.COMMIT, layout.WRITTEN, layout.METADATA, layout.POINTER, layout.SUPERSEDED) == (
         "_COMMIT.json", "_WRITTEN.json", ".metadata", "LATEST", "_superseded")
+
+
+def test_a_runs_bucket_root():
+    assert layout.bucket_root("s3://b/runs/llama") == "s3://b" == layout.bucket_root("s3://b")
+    assert layout.bucket_root("gs://b/x/y") == "gs://b"
+    assert layout.bucket_root("/tmp/runs") == "/tmp/runs"

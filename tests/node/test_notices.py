@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from supervisor.node.notices import NoticeWatcher, detect, parse_aws, parse_azure, parse_gcp, parse_notice_file
+from supervisor.node.notices import SOURCES, Detection, NoticeWatcher, parse_aws, parse_azure, parse_gcp, parse_notice_file
 from tests.node.fake_metadata import FakeMetadata, urls_for
 from tests.node.nodeproc import wait_for
 
@@ -32,7 +32,7 @@ def test_each_cloud_is_detected_and_its_notice_delivered(cloud):
         watcher = NoticeWatcher(lambda n: (got.append(n), done.set()), urls=urls_for(fake), poll_s=0.05)
         watcher.start()
         time.sleep(0.3)
-        assert not got and watcher.poller is not None and watcher.poller.cloud == cloud
+        assert not got and watcher.poller is not None and watcher.poller.name == cloud
         fake.preempt(in_s=30)  # GCP states no time; its documented notice is 30 s
         assert done.wait(10)
         watcher.stop()
@@ -43,7 +43,9 @@ def test_each_cloud_is_detected_and_its_notice_delivered(cloud):
 def test_no_metadata_server_is_quiet_and_the_file_still_works(tmp_path, caplog):
     got: list = []
     notice_file = tmp_path / "preempt"
-    assert detect(urls_for(None), timeout=0.2) is None
+    probes = Detection([SOURCES[cloud](url, timeout=0.2) for cloud, url in urls_for(None).items()])
+    wait_for(probes.done, 10)
+    assert probes.found() is None  # no cloud answers here
     watcher = NoticeWatcher(got.append, notice_file=notice_file, urls=urls_for(None), poll_s=0.05)
     watcher.start()
     notice_file.write_text('{"deadline_s": 60}')
