@@ -224,22 +224,37 @@ def _remove_folder(store: Store, *parts: str) -> None:
 
 
 def _retain(store: Store, current: str) -> list[str]:
-    """Keep the newest KEEP published keys; folders without a readable manifest of ours are left alone."""
-    manifests = {}
+    """Keep the newest KEEP published keys, and drop the parts of a publisher that vanished
+    (its claim older than CLAIM_TTL_S, no manifest: up to a whole venv of orphaned parts).
+    Folders with neither a manifest nor a claim of ours are left alone."""
+    manifests, abandoned = {}, []
     for name, entry in store.listdir().items():
         if entry.get("type") != "directory":
             continue
         try:
             manifest = json.loads(store.cat(name, MANIFEST))
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            if name != current and _stale_claim(store, name):
+                abandoned.append(name)
+            continue
+        except ValueError:
             continue
         if isinstance(manifest, dict) and manifest.get("key") == name:
             manifests[name] = manifest
     dropped = to_delete(manifests, KEEP, current)
     for key in dropped:
         store.rm([store.path(key, MANIFEST)])  # unpublished first: no reader starts on a half-deleted one
+    for key in dropped + abandoned:
         _remove_folder(store, key)
-    return dropped
+    return dropped + abandoned
+
+
+def _stale_claim(store: Store, key: str) -> bool:
+    try:
+        claim = json.loads(store.cat(key, CLAIM))
+        return time.time() - float(claim["t"]) >= CLAIM_TTL_S and "writer" in claim
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        return False
 
 
 # -- restore ------------------------------------------------------------------------

@@ -171,3 +171,21 @@ def test_a_node_that_finds_another_s_claim_uploads_nothing_unless_the_claim_is_s
     assert store.create_exclusive(json.dumps(stale).encode(), "k1", envsnap.CLAIM)
     assert envsnap.publish(store, "k1", _paths(venv, cwd), str(home), str(cwd)).startswith("snapshot k1 published:")
     assert json.loads(store.cat("k1", envsnap.CLAIM))["writer"] != "node-a-1-x"
+
+
+def test_the_parts_of_a_publisher_that_vanished_are_removed_by_the_next_publish(node, s3_url):
+    """A node preempted mid-upload leaves its claim and parts, never a manifest. Once the
+    claim is stale, the next publish (of any key) removes them; a fresh claim is left alone."""
+    import time
+
+    home, cwd, venv, _ = node
+    store = Store(f"{s3_url}/_supervise/env")
+    for key, age in (("gone", envsnap.CLAIM_TTL_S + 1), ("busy", 0.0)):
+        claim = {"writer": f"node-{key}", "t": time.time() - age}
+        assert store.create_exclusive(json.dumps(claim).encode(), key, envsnap.CLAIM)
+        store.put(b"half a venv", key, f"node-{key}", "venv-0000.part")
+    store.put(b"x", "notes", "readme.txt")  # not ours: never touched
+    line = envsnap.publish(store, "k1", _paths(venv, cwd), str(home), str(cwd))
+    assert line.endswith("older snapshots removed: gone"), line
+    assert sorted(store.listdir()) == ["busy", "k1", "notes"]
+    assert list(store.listdir("busy", "node-busy")) == ["venv-0000.part"]
