@@ -171,9 +171,10 @@ def setup_script(spec: JobSpec, built: wheel.Wheel | None) -> str:
     # after a full install, the node that claims the key first publishes what it made (a failure is one warning)
     if snapshots:
         lines += ['if [ "$supervise_how" = installed ] && [ -n "$SUPERVISE_ENV_URL" ]; then',
-                  "  " + shlex.join(["python", "-m", "supervisor.store.envsnap", "publish", "--url"])
+                  "  supervise_snapshot=$(" + shlex.join(["python", "-m", "supervisor.store.envsnap", "publish", "--url"])
                   + ' "$SUPERVISE_ENV_URL" --key "$SUPERVISE_SETUP_KEY" '
-                  + " ".join([f"--venv {VENV}", *[f"--asset {shlex.quote(a)}" for a in assets]]) + " || true",
+                  + " ".join([f"--venv {VENV}", *[f"--asset {shlex.quote(a)}" for a in assets]]) + " 2>&1) || true",
+                  '  [ -z "$supervise_snapshot" ] || echo "$supervise_snapshot"',
                   "fi"]
     lines.append("exec 9>&-  # lets go of the setup lock")
     return "\n".join(lines + _end_lines(spec)) + "\n"
@@ -280,10 +281,11 @@ def _asset_lines(spec: JobSpec) -> tuple[list[str], list[str]]:
 
 
 def _end_lines(spec: JobSpec) -> list[str]:
-    """The run's ledger gets setup's time and how (never fails setup; the report's setup phase)."""
+    """The run's ledger gets setup's time, how, and what became of the snapshot it published
+    (never fails setup; the report's setup phase)."""
     return [
         shlex.join(["python", "-m", "supervisor.ledger.mark", "setup", "--started-at"])
-        + ' "$SUPERVISE_SETUP_T0" --how "$supervise_how" '
+        + ' "$SUPERVISE_SETUP_T0" --how "$supervise_how" --snapshot "$(printf %s "${supervise_snapshot:-}" | tail -n 1)" '
         + shlex.join(["--ledger", ledger_url(spec.checkpoints_url)]) + " || true",
         'echo "supervise setup: done in $(( $(date +%s) - ${SUPERVISE_SETUP_T0%.*} )) s ($supervise_how)"',
     ]

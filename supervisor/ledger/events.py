@@ -33,7 +33,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "resources": {"accelerators": (dict,), "spot": (bool,), "num_nodes": (int,), "cloud": (str,),
                   "region": (str,), "source": (str,)},  # what the job actually ran on
     # setup script ran (emitted at its end); how: reused | restored (the bucket's snapshot) | installed
-    "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,), "how": (str,)},
+    "setup": {"duration_s": _NUM, "code": (int,), "node_rank": (int,), "how": (str,), "snapshot": (str,)},
     # node wrapper began on a machine; cloud/region/zone: where this launch landed (ledger.skypilot.placement)
     "node_start": {"node_rank": (int,), "num_nodes": (int,), "cloud": (str,), "region": (str,), "zone": (str,)},
     "trainer_start": {"world_size": (int,)},  # torchrun / trainer processes started

@@ -5,7 +5,8 @@ event when it begins. It records its start time in the shell (`date +%s.%N`) and
 calls this once at its end; the event is `setup` with `duration_s` (like
 checkpoint_saved, stamped at its end), the exit code so far, the node rank and
 how the environment came to be (`--how`: reused = this node already had it,
-restored = unpacked from the bucket's snapshot, installed = a full install).
+restored = unpacked from the bucket's snapshot, installed = a full install) and, after a
+full install, the last line of its snapshot publish (`--snapshot`: published, or why not).
 Writer `setup-node<rank>`, incarnation `setup-<start>`; ledger from --ledger or
 $SUPERVISE_LEDGER. Exit 0 even when the store is unreachable (a warning is
 printed): a ledger problem must not fail a setup that worked; exit 2 on bad
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", type=int, default=0, help="setup's exit status so far (0 = it worked)")
     parser.add_argument("--ledger", default=os.environ.get(ENV_LEDGER), help=f"ledger URL (default ${ENV_LEDGER})")
     parser.add_argument("--how", choices=HOWS, help="how setup got the environment (reused/restored/installed)")
+    parser.add_argument("--snapshot", default="", help="the line its snapshot publish ended with (empty: none tried)")
     rank = os.environ.get("SKYPILOT_SETUP_NODE_RANK") or os.environ.get("SKYPILOT_NODE_RANK") or "0"  # as setup's
     parser.add_argument("--node-rank", type=int, default=int(rank))
     opts = parser.parse_args(argv)
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from supervisor.ledger.journal import Journal
 
     journal = Journal(opts.ledger, writer=f"setup-node{opts.node_rank}", incarnation=f"setup-{opts.started_at:.0f}")
-    journal.emit(opts.kind, duration_s=round(duration, 3), code=opts.code, node_rank=opts.node_rank, how=opts.how)
+    journal.emit(opts.kind, duration_s=round(duration, 3), code=opts.code, node_rank=opts.node_rank, how=opts.how,
+                 **({"snapshot": opts.snapshot} if opts.snapshot else {}))
     if journal.pending:
         print(f"warning: setup event not stored at {opts.ledger} (see the log above)", file=sys.stderr)
     return 0

@@ -71,10 +71,12 @@ def build_report(ledger_url: str, *, plot: str | Path | None = None, price_file:
 
 def setup_runs(events: list, interruptions: list[dict]) -> list[dict]:
     """Each node's setup in time order, labelled with the start it prepared (0 = the first,
-    n = after the n-th loss) and how it got its environment (ledger.mark's `how`)."""
+    n = after the n-th loss), how it got its environment (ledger.mark's `how`) and, after a
+    full install, what became of its snapshot."""
     losses = sorted(ep["t_loss"] for ep in interruptions)
     return [{"start": sum(t < e.t for t in losses), "node_rank": e.get("node_rank"), "how": e.get("how") or "?",
-             "duration_s": e.get("duration_s")} for e in events if e.kind == "setup"]
+             "duration_s": e.get("duration_s"), **({"snapshot": e.get("snapshot")} if e.get("snapshot") else {})}
+            for e in events if e.kind == "setup"]
 
 
 def _setups_note(report: dict[str, Any], recoveries: bool) -> str:

@@ -33,6 +33,7 @@ import posixpath
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from supervisor.store.fs import Store
 FORMAT = 1
 MANIFEST = "manifest.json"
 CLAIM = "claim.json"  # the one node uploading a key: the others skip before reading a byte
+PUBLISH_TRIES = 2  # a failed pack or upload (a file changed under tar, a store error) is tried once more
 CLAIM_TTL_S = 1800.0  # a claim this old is a publisher that vanished (preempted mid-upload): taken over
 KEY_FILE = ".supervise-setup-key"  # in each folder setup made: the fingerprint it was made for
 PART_BYTES = 64 * 2**20
@@ -133,8 +135,9 @@ def to_delete(manifests: dict[str, dict], keep: int, current: str) -> list[str]:
 def _pack(store: Store, item: Item, target: str, folder: str) -> list[dict]:
     """Tar `target`, cut the stream into parts, hash and upload them UPLOAD_PARALLEL at a time."""
     name = f"{item.role}-{hashlib.sha256(item.rel.encode()).hexdigest()[:8]}"
+    tar_said = tempfile.TemporaryFile()  # tar's warnings, for the error line (a pipe could fill and block it)
     tar = subprocess.Popen(["tar", "-C", os.path.dirname(target), "-cf", "-", os.path.basename(target)],
-                           stdout=subprocess.PIPE)
+                           stdout=subprocess.PIPE, stderr=tar_said)
     slots = threading.Semaphore(UPLOAD_PARALLEL)
     parts, futures = [], []
 
@@ -157,7 +160,9 @@ def _pack(store: Store, item: Item, target: str, folder: str) -> list[dict]:
         for f in futures:
             f.result()
     if tar.wait() != 0:
-        raise OSError(f"tar of {target} exited {tar.returncode}")
+        tar_said.seek(0)
+        said = tar_said.read().decode(errors="replace").strip().splitlines()
+        raise OSError(f"tar of {target} exited {tar.returncode}" + (f": {said[0]}" if said else ""))  # the cause
     return parts
 
 
@@ -183,6 +188,7 @@ def publish(store: Store, key: str, paths: list[tuple[str, str]], home: str, cwd
         won = store.create_exclusive(json.dumps(manifest, indent=1).encode(), key, MANIFEST)
     except BaseException:
         _remove_folder(store, folder)
+        _release(store, key, writer)  # else every node installs in full until the claim is stale
         raise
     if not won:
         _remove_folder(store, folder)
@@ -211,6 +217,13 @@ def _claim(store: Store, key: str, writer: str) -> str | None:
         return f"snapshot {key} is being published by {held.get('writer', 'another node')}"
     store.rm([store.path(key, CLAIM)])
     return None if store.create_exclusive(claim, key, CLAIM) else f"snapshot {key} is being published by another node"
+
+
+def _release(store: Store, key: str, writer: str) -> None:
+    """Drop `writer`'s claim on `key` (best effort: a claim left behind goes stale)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, StoreUnreachable, OSError):
+        if json.loads(store.cat(key, CLAIM)).get("writer") == writer:
+            store.rm([store.path(key, CLAIM)])
 
 
 def _remove_folder(store: Store, *parts: str) -> None:
@@ -363,10 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     paths = ([("venv", os.path.abspath(opts.venv))] if opts.venv else []) + [
         ("asset", os.path.abspath(a)) for a in opts.asset]
     if opts.action == "publish":  # never fails setup
-        try:
-            print(f"{PREFIX} {publish(Store(opts.url), opts.key, paths, home, cwd)}", flush=True)
-        except (StoreInputError, StoreUnreachable, OSError) as err:
-            print(f"{PREFIX} warning: snapshot not published ({err}); fresh nodes install in full", file=sys.stderr)
+        sys.dont_write_bytecode = True  # this runs from the venv it packs: nothing may land in it under tar
+        for attempt in range(1, PUBLISH_TRIES + 1):
+            try:
+                print(f"{PREFIX} {publish(Store(opts.url), opts.key, paths, home, cwd)}", flush=True)
+                break
+            except (StoreInputError, StoreUnreachable, OSError) as err:
+                then = "trying again" if attempt < PUBLISH_TRIES else "fresh nodes install in full"
+                print(f"{PREFIX} warning: snapshot not published ({err}); {then}", file=sys.stderr, flush=True)
         return 0
     store = Store(opts.url, policy=retry.BRIEF)  # unreachable: answer in seconds, install in full
     try:

@@ -278,6 +278,7 @@ def test_two_nodes_lose_a_node_then_a_notice_on_one_node_then_stop_and_report(lo
             "exits_after_stop": {w: (e.get("code"), e.get("saved_step"), e.get("notice")) for w, e in exits_c.items()},
             "setup_s": [[(e.get("how"), round(float(e.get("duration_s")), 1), round(e.t - job.t_launch, 1))
                          for e in ss] for ss in setups],  # per start: (how, seconds, when after the launch)
+            "snapshots": [e.get("snapshot") for ss in setups for e in ss if e.get("snapshot")],  # what each publish said
             "stop_states": stop_states, "compared_step": compare, "ref_states": ref_states,
             "report": {k: report.get(k) for k in ("state", "nodes", "recoveries", "preemptions", "failures", "wall_s",
                                                   "productive_s", "checkpoint_s", "lost_s", "recovery_s", "queue_s",
@@ -308,7 +309,7 @@ def test_two_nodes_lose_a_node_then_a_notice_on_one_node_then_stop_and_report(lo
         # issue 25: the lost node's recovery is a new allocation with a fresh SkyPilot HOME: one node
         # restores the bucket's snapshot, the other waits for it and reuses; the notice's recovery
         # runs in place (the venv kept): both reuse. The first launch installed it.
-        assert "installed" in hows[0] and hows[1] == ["restored", "reused"], m["setup_s"]
+        assert "installed" in hows[0] and hows[1] == ["restored", "reused"], (m["setup_s"], m["snapshots"])
         assert hows[2] == ["reused", "reused"], m["setup_s"]
         # the node's own hf fetched the tokenizer from the stand-in hub at the install
         infos = [p for _, p in hub.requests if p == f"/api/models/{HUB_REPO}/revision/main"]

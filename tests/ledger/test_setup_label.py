@@ -59,3 +59,17 @@ def test_mark_takes_the_node_rank_setup_has(tmp_path, monkeypatch):
     assert mark.main(["setup", "--started-at", str(time.time()), "--how", "reused", "--ledger", ledger]) == 0
     (event,) = read_events(ledger)[0]
     assert event.get("node_rank") == 3 and event.writer == "setup-node3"
+
+
+def test_mark_records_what_the_snapshot_publish_said(tmp_path):
+    import time
+
+    ledger = str(tmp_path / "_ledger")
+    said = "supervise setup: warning: snapshot not published (tar of /v exited 1: file changed); trying again"
+    assert mark.main(["setup", "--started-at", str(time.time()), "--how", "installed", "--snapshot", said,
+                      "--ledger", ledger]) == 0
+    assert mark.main(["setup", "--started-at", str(time.time()), "--how", "reused", "--snapshot", "",
+                      "--ledger", ledger]) == 0  # setup passes an empty line where nothing was published
+    events = read_events(ledger)[0]
+    assert [e.get("snapshot") for e in events] == [said, None]
+    assert [r.get("snapshot") for r in setup_runs(events, [])] == [said, None]

@@ -189,3 +189,15 @@ def test_the_parts_of_a_publisher_that_vanished_are_removed_by_the_next_publish(
     assert line.endswith("older snapshots removed: gone"), line
     assert sorted(store.listdir()) == ["busy", "k1", "notes"]
     assert list(store.listdir("busy", "node-busy")) == ["venv-0000.part"]
+
+
+def test_a_failed_publish_drops_its_claim_and_says_why(node, s3_url):
+    """tar failing mid-publish (here: an asset folder that went away) ends it with tar's own
+    words; the parts and the claim go, so the next node that installs publishes."""
+    home, cwd, venv, _ = node
+    store = Store(f"{s3_url}/_supervise/env")
+    paths = [("venv", str(venv)), ("asset", str(cwd / "gone"))]
+    with pytest.raises(OSError, match="tar of .*gone exited 2: .*gone"):
+        envsnap.publish(store, "k1", paths, str(home), str(cwd))
+    assert not store.listdir("k1")
+    assert envsnap.publish(store, "k1", _paths(venv, cwd), str(home), str(cwd)).startswith("snapshot k1 published:")
