@@ -2,12 +2,15 @@
 machine's local CPU wheel, the rest from its package indexes), the real snapshot in a real
 SeaweedFS bucket, in a temporary HOME.
 
-One HOME goes through a node's life: two setups at once on a fresh node (one installs and
-publishes the snapshot, the other waits for the HOME's lock and reuses), the same node again
-(reuses: no installer runs), a fresh VM with the bucket kept (restores), and a corrupt
-snapshot part (one line why, a full install). After each the venv imports supervise, torch
-and TorchTitan. Nothing here stands in for anything but SkyPilot's file mount of the wheel
-(a copy) and its node rank variable.
+One HOME goes through a node's life: a fresh node whose bucket holds a snapshot of its key
+with a corrupt part, two setups at once (one says why it cannot restore, deletes the
+snapshot, installs in full and publishes a good one; the other waits for the HOME's lock
+and reuses), the same node again (reuses: no installer runs), a fresh VM with the bucket
+kept (restores). After each the venv imports supervise, torch and TorchTitan. Nothing here
+stands in for anything but SkyPilot's file mount of the wheel (a copy) and its node rank
+variable. The corrupt snapshot is the real publish of a small stand-in of the venv and
+assets (a bare venv, one file): the part check refuses its bytes before tar reads any, as
+it would a real venv's, and CI pays one full install instead of two.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _imports(home: Path) -> str:
 
 
 @pytest.mark.skipif(not shutil.which("flock"), reason="flock(1) (util-linux) is not installed")
-def test_a_node_installs_reuses_restores_and_survives_a_corrupt_snapshot(tmp_path, s3_url, monkeypatch):
+def test_a_node_survives_a_corrupt_snapshot_installs_reuses_and_restores(tmp_path, s3_url, monkeypatch):
     if not _local_torch_wheel():
         pytest.skip("no local torch CPU wheel for pip (find-links): a real install would download GBs")
     monkeypatch.setenv("SUPERVISE_BUCKET", s3_url)
@@ -84,14 +87,34 @@ def test_a_node_installs_reuses_restores_and_survives_a_corrupt_snapshot(tmp_pat
         assert proc.returncode == 0, out[-4000:]
         return out
 
-    # A fresh node, two setups at once in one HOME (nodes sharing an NFS home).
-    first, second = start(0), start(0)
+    # The bucket holds this key's snapshot with a corrupt part (see the module docstring).
+    store = Store(setup.env_url(spec))
+    stand_ins = [("venv", home / ".supervise/venv"), ("asset", work / "supervise-assets")]
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(stand_ins[0][1])], check=True)
+    for _, folder in stand_ins[1:]:
+        folder.mkdir(parents=True)
+        (folder / "stand-in").write_text("not what setup makes")
+    assert "published" in envsnap.publish(store, key, [(r, str(f)) for r, f in stand_ins], str(home), str(work))
+    for _, folder in stand_ins:
+        shutil.rmtree(folder)
+    corrupt = json.loads(store.cat(key, envsnap.MANIFEST))
+    part = next(i for i in corrupt["items"] if i["role"] == "venv")["parts"][-1]
+    data = store.cat(key, corrupt["writer"], part["name"])
+    store.put(data[:-1] + bytes([data[-1] ^ 1]), key, corrupt["writer"], part["name"])
+
+    # A fresh node, two setups at once in one HOME (nodes sharing an NFS home): the one that
+    # gets the lock finds the snapshot corrupt (one line why, deleted), installs in full and
+    # publishes a good one in its place (whichever node installed claims the key).
+    first, second = start(0), start(1)
     outs = [finish(first), finish(second)]
     installed = next(o for o in outs if o.rstrip().endswith("(installed)"))
     waited = next(o for o in outs if o is not installed)
+    assert f"supervise setup: snapshot {key} is corrupt (part {part['name']} does not match the manifest" in installed
     assert "supervise setup: waiting for another setup in this HOME" in waited
     assert waited.rstrip().endswith("(reused)") and "Successfully installed" not in waited
     assert f"supervise setup: snapshot {key} published:" in installed
+    good = json.loads(store.cat(key, envsnap.MANIFEST))
+    assert good["writer"] != corrupt["writer"] and corrupt["writer"] not in store.listdir(key)
     assert _imports(home).startswith("supervise-titan 2.")
     assert (home / ".supervise/venv" / envsnap.KEY_FILE).read_text().strip() == key
 
@@ -108,20 +131,4 @@ def test_a_node_installs_reuses_restores_and_survives_a_corrupt_snapshot(tmp_pat
     assert f"supervise setup: restored from snapshot {key}:" in restored
     assert restored.rstrip().endswith("(restored)") and "Successfully installed torch" not in restored
     assert (work / "supervise-assets/hf_assets/tokenizer.json").exists()
-    _imports(home)
-
-    # A corrupt part: one line why, the snapshot deleted, a full install that works and
-    # publishes a good snapshot in its place (whichever node installed claims the key).
-    store = Store(setup.env_url(spec))
-    manifest = json.loads(store.cat(key, envsnap.MANIFEST))
-    part = next(i for i in manifest["items"] if i["role"] == "venv")["parts"][-1]
-    data = store.cat(key, manifest["writer"], part["name"])
-    store.put(data[:-1] + bytes([data[-1] ^ 1]), key, manifest["writer"], part["name"])
-    shutil.rmtree(home / ".supervise/venv")
-    shutil.rmtree(work / "supervise-assets")
-    rebuilt = finish(start(rank=1))
-    assert f"supervise setup: snapshot {key} is corrupt (part {part['name']} does not match the manifest" in rebuilt
-    assert rebuilt.rstrip().endswith("(installed)") and f"snapshot {key} published:" in rebuilt
-    again = json.loads(store.cat(key, envsnap.MANIFEST))
-    assert again["writer"] != manifest["writer"] and manifest["writer"] not in store.listdir(key)
     _imports(home)
