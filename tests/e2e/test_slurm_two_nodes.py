@@ -11,10 +11,12 @@ One job, three interruptions in a row:
 (a) a node lost without notice: node 2's Slurm node is taken out (`scontrol update
     State=DOWN`: the cloud reclaimed the VM) and every process of the job on it is
     SIGKILLed. SkyPilot sees the cluster not UP and recovers (a preemption); both
-    nodes resume from the newest committed step. The allocation is new, and so is
-    SkyPilot's per-cluster HOME (sky/provision/slurm/instance.py removes
-    `.sky_clusters/<cluster>` when an allocation ends): a fresh node, whose setup
-    restores the environment from the bucket's snapshot (issue 25).
+    nodes resume from the newest committed step. The allocation is new; the test makes
+    its nodes fresh VMs by deleting what setup made in the cluster's HOME once the old
+    allocation's processes are gone (SkyPilot's batch script removes
+    `.sky_clusters/<cluster>` in its exit trap, sky/provision/slurm/instance.py, but only
+    when Slurm lets the trap finish: it did in one run here and not in the next), so
+    one node's setup restores the environment from the bucket's snapshot (issue 25).
 (b) a notice on node 2 only (SIGTERM to its `supervise node`, as Slurm's preemption
     sends): both nodes save the same step and commit it; node 2 exits 0 and node 1
     exits 75 last (supervisor.contract.exitcodes.process_exit: srun reports one code
@@ -130,6 +132,14 @@ def _slurm_node(env: dict[str, str], proc: psutil.Process) -> str:
     return next(n for n, addr in (r.split() for r in rows if r.strip()) if addr == ip)
 
 
+def _setup_made(proc: psutil.Process) -> list[Path]:
+    """What setup made for a node process's job (supervisor.launch.setup): the venv and the
+    snapshot tools in its HOME (SkyPilot's per-cluster HOME), the assets in its working directory."""
+    home = Path(proc.environ()["HOME"])
+    return [home / ".supervise" / "venv", home / ".supervise" / "envsnap-tools",
+            Path(proc.cwd()) / "supervise-assets"]
+
+
 def _take_down(env: dict[str, str], node: str) -> None:
     """The cloud reclaims the node: Slurm fails the job on it (NODE_FAIL)."""
     out = _run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=e2e: the VM was reclaimed"],
@@ -205,6 +215,8 @@ def test_two_nodes_lose_a_node_then_a_notice_on_one_node_then_stop_and_report(lo
             lost_node = _slurm_node(env, victim)
             ref_nodes = {_slurm_node(env, _wrapper(ref.name, r)) for r in (0, 1)} if _node_procs(ref.name, 0) else set()
             assert lost_node not in ref_nodes, (lost_node, ref_nodes)  # whole nodes: the reference keeps its own
+            head = _wrapper(job.name, 0)
+            made = _setup_made(victim)
             t_kill = time.time()
             _take_down(env, lost_node)
             killed = _node_procs(job.name, 1)
@@ -218,6 +230,13 @@ def test_two_nodes_lose_a_node_then_a_notice_on_one_node_then_stop_and_report(lo
                            "committed": committed_at_kill, "first_commit": first})
             _wait("RECOVERING after the node was lost",
                   lambda: _first_after(_sky_events(sky_home, job.job_id), "RECOVERING", t_kill - 1), every=3)
+            # the new allocation's nodes are fresh VMs: nothing setup made is left (once the old
+            # head is gone: it may still import from the venv; the new setup starts only after
+            # SkyPilot ended the old allocation and provisioned the new one)
+            _wait("the old allocation's head to end", lambda: not head.is_running(), timeout=600)
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
+            m["kill"]["deleted"] = [str(f) for f in made]
             # the node is back at once: its slurmd still answers, and ReturnToService=2 returns a
             # DOWN node that registers (the cloud has capacity again)
             second = _wait("both nodes' second start and first step",
