@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                 then = "trying again" if attempt < PUBLISH_TRIES else "fresh nodes install in full"
                 print(f"{PREFIX} warning: snapshot not published ({err}); {then}", file=sys.stderr, flush=True)
         return 0
-    store = Store(opts.url, policy=retry.BRIEF)  # unreachable: answer in seconds, install in full
-    try:
+    try:  # a store client that cannot load (StoreInputError) is one line too, then a full install
+        store = Store(opts.url, policy=retry.BRIEF)  # unreachable: answer in seconds, install in full
         print(f"{PREFIX} {restore(store, opts.key, paths, home, cwd)}", flush=True)
         return 0
     except Corrupt as err:

@@ -64,8 +64,9 @@ class Store:
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **_options(protocol))
-        except (ValueError, ImportError) as err:
-            raise StoreInputError(f"cannot open {url!r}: {err}") from err
+        except (ValueError, ImportError) as err:  # fsspec's "Install s3fs ..." hides why: say it
+            why = f" ({err.__cause__})" if isinstance(err.__cause__, ImportError) else ""
+            raise StoreInputError(f"cannot open {url!r}: {err}{why}") from err
         if hasattr(self.fs, "retries"):
             self.fs.retries = 1
         self.url = url.rstrip("/")

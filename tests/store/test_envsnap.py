@@ -120,6 +120,15 @@ def test_missing_other_home_and_corrupt_snapshots_are_refused_with_one_line(node
     assert out.returncode == 1
     assert out.stderr.strip() == ("supervise setup: not restoring a snapshot: no snapshot for key k0 in the bucket; "
                                   "installing in full")
+    # the store client itself cannot load (seen on Slurm: the snapshot tools half deleted under setup)
+    broken = home.parent / "broken-s3fs"
+    (broken / "s3fs").mkdir(parents=True)
+    (broken / "s3fs/__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'aiosignal'\")\n")
+    out = subprocess.run([sys.executable, "-m", "supervisor.store.envsnap", "restore", "--url", url, "--key", "k0",
+                          "--venv", str(venv)], cwd=cwd, env={**env, "PYTHONPATH": f"{broken}:{env['PYTHONPATH']}"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "not restoring a snapshot: cannot open" in out.stderr and "aiosignal" in out.stderr, out.stderr
     store = Store(url)
     envsnap.publish(store, "k1", _paths(venv, cwd), str(home), str(cwd))
     out = restore("k2")
