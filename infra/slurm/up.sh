@@ -93,12 +93,15 @@ uhome="$(getent passwd "$U" | cut -d: -f6)"
 marker="# supervise-slurm"
 # The machine's own pip find-links (on this kind of machine, the local torch CPU
 # wheel: `torch==2.13.0` from PyPI would be a multi-GB CUDA build). Nothing of ours.
+# uv reads no pip configuration: the nodes' setup installs with uv (SkyPilot puts it
+# on every node), so it gets the same folders as UV_FIND_LINKS (measured: without it
+# the CPU nodes installed CUDA torch and 19 nvidia-* wheels, a 5.2 GB venv).
 machine_links="$("$py" -m pip config get global.find-links 2>/dev/null | tr '\n' ' ' || true)"
 sed -i "/$marker/d" "$uhome/.profile" 2>/dev/null || true
 {
   echo "export PATH=\"$S/bin:\$PATH\" $marker"
   echo "export SLURM_CONF=\"$SLURM_CONF\" $marker"
-  [ -z "$machine_links" ] || echo "export PIP_FIND_LINKS=\"$machine_links\" $marker"
+  [ -z "$machine_links" ] || echo "export PIP_FIND_LINKS=\"$machine_links\" UV_FIND_LINKS=\"$(echo $machine_links | tr ' ' ',')\" $marker"
   # SkyPilot gives every cluster a fresh HOME; keep pip's cache in the user's own
   # (like SkyPilot's UV_CACHE_DIR) so a recovery does not download torch again.
   echo "export PIP_CACHE_DIR=\"$uhome/.cache/pip\" $marker"

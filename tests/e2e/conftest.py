@@ -1,4 +1,4 @@
-"""Fixture: a real single-machine Slurm (four slurmd, node i on 127.0.0.i) + loopback
+"""Fixture: a real single-machine Slurm (two slurmd, node i on 127.0.0.i) + loopback
 sshd login node + SkyPilot API server, brought up once per session by
 infra/slurm/up.sh for every end-to-end test and torn down by infra/slurm/down.sh.
 
@@ -53,11 +53,14 @@ def skip_reason() -> str | None:
     return None
 
 
-# The Slurm the end-to-end tests share (one bring-up per session): four nodes of 4 CPUs,
-# exactly what the debug recipe asks per node (`cpus: 4+`), so every job holds whole
-# nodes of its own: two 2-node jobs side by side, and a node taken from one job
-# (`scontrol update State=DOWN`) takes nothing from the other.
-SLURM_SHAPE = {"SUPERVISE_SLURM_NODES": "4", "SUPERVISE_SLURM_CPUS": "4"}
+# The Slurm the end-to-end tests share (one bring-up per session): two nodes of 4 CPUs,
+# exactly what the debug recipe asks per node (`cpus: 4+`). No spare node: a 2-node job
+# that loses a node (`scontrol update State=DOWN`) is recovered onto the same two once
+# the old allocation has ended. A spare node let the new allocation start while the old
+# one's batch script was still in its exit trap, which removes the cluster's HOME
+# (sky/provision/slurm/instance.py): the same path, since the cluster name is kept. Seen
+# here: the recovery's setup found its snapshot tools half deleted.
+SLURM_SHAPE = {"SUPERVISE_SLURM_NODES": "2", "SUPERVISE_SLURM_CPUS": "4"}
 
 
 def infra_env() -> dict[str, str]:
