@@ -21,10 +21,10 @@ from tests.node.nodeproc import cleanup, run_node, start_node, survivors, vanish
 
 pytestmark = pytest.mark.slow
 STEPS = 12
-# The two-node test delivers four notices, each saved at the step after the one it
+# The two-node test delivers two notices, each saved at the step after the one it
 # arrives in (2 steps apart here): it needs room so the last notice lands before
 # training ends, however busy the machine is.
-STEPS_NOTICES = 24
+STEPS_NOTICES = 16
 INTERVAL = 4
 
 
@@ -162,7 +162,12 @@ def test_one_rank_kill_notice_corruption_and_hang(tmp_path, s3_url, titan_args):
     _assert_same_as_reference(run, dump, ref_weights, ref_losses)
 
 
-def test_two_nodes_rendezvous_and_notices_from_each_cloud(tmp_path, s3_url, titan_args):
+def test_two_nodes_rendezvous_and_a_cloud_notice_on_each_node(tmp_path, s3_url, titan_args):
+    """Both nodes vanish, then a notice on the head (AWS) and one on the other node (GCP):
+    every node saves the same step, the head exits 75 for the job. Azure's source and the
+    notice file take the same path through the wrapper (CI time): tests/node/test_notices.py
+    detects every cloud's notice, Azure's slow first call too; tests/node/test_process.py,
+    tests/launch/test_kubernetes.py and the emulator's chaos drive the notice file."""
     ref_weights, ref_losses = _reference(tmp_path, s3_url, titan_args, nproc=2, steps=STEPS_NOTICES)
     dump = tmp_path / "run2"
     run = Run(tmp_path, "run2", f"{s3_url}/run2", titan_args(dump, steps=STEPS_NOTICES, checkpoint_interval=INTERVAL), nodes=2)
@@ -174,16 +179,13 @@ def test_two_nodes_rendezvous_and_notices_from_each_cloud(tmp_path, s3_url, tita
         assert run.resume_step() == INTERVAL
 
         step = INTERVAL
-        for cloud, node_rank in (("aws", 0), ("gcp", 1), ("azure", 0)):
+        for cloud, node_rank in (("aws", 0), ("gcp", 1)):
             with FakeMetadata(cloud) as fake:
                 urls = urls_for(fake)
                 flags = ["--cloud", cloud, f"--{cloud}-metadata-url", urls[cloud], "--notice-poll", "0.2"]
                 rds = run.start(extra={node_rank: flags})
                 step = _notice_and_check(run, rds, lambda: fake.preempt(60), step + 1)
 
-        notice_file = tmp_path / "notice"
-        rds = run.start(extra={0: ["--notice-file", str(notice_file)]})
-        step = _notice_and_check(run, rds, lambda: notice_file.write_text('{"deadline_s": 60}'), step + 1)
         assert step < STEPS_NOTICES
 
         run.start()
