@@ -97,11 +97,14 @@ marker="# supervise-slurm"
 # on every node), so it gets the same folders as UV_FIND_LINKS (measured: without it
 # the CPU nodes installed CUDA torch and 19 nvidia-* wheels, a 5.2 GB venv).
 machine_links="$("$py" -m pip config get global.find-links 2>/dev/null | tr '\n' ' ' || true)"
+uv_links=""  # the folders that exist: uv fails on a missing one, pip skips it
+for link in $machine_links; do [ ! -d "$link" ] || uv_links="${uv_links:+$uv_links,}$link"; done
 sed -i "/$marker/d" "$uhome/.profile" 2>/dev/null || true
 {
   echo "export PATH=\"$S/bin:\$PATH\" $marker"
   echo "export SLURM_CONF=\"$SLURM_CONF\" $marker"
-  [ -z "$machine_links" ] || echo "export PIP_FIND_LINKS=\"$machine_links\" UV_FIND_LINKS=\"$(echo $machine_links | tr ' ' ',')\" $marker"
+  [ -z "$machine_links" ] || echo "export PIP_FIND_LINKS=\"$machine_links\" $marker"
+  [ -z "$uv_links" ] || echo "export UV_FIND_LINKS=\"$uv_links\" $marker"
   # SkyPilot gives every cluster a fresh HOME; keep pip's cache in the user's own
   # (like SkyPilot's UV_CACHE_DIR) so a recovery does not download torch again.
   echo "export PIP_CACHE_DIR=\"$uhome/.cache/pip\" $marker"
