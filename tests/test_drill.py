@@ -83,20 +83,20 @@ def test_drill_save_triggered_kill_and_notice_pass(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # a reference and five drills, each a training with up to two restarts
-def test_drill_notice_kill_corrupt_newest_stall_rank_and_store_outage_each_pass(tmp_path, monkeypatch):
-    """The other five drills in one invocation (one reference run for all: CI time), one row
-    each, so every drill runs at least once in CI. store-outage: the embedded store frozen
-    (SIGSTOP) for 30 s while a save lands: the save and its commit finish once the store is
-    back, no restart, bit-identical to the reference."""
-    drills = {"notice", "kill", "corrupt-newest", "stall-rank", "store-outage"}
+@pytest.mark.timeout(2400)  # a reference and two drills, each a training with up to two restarts
+def test_drill_stall_rank_and_store_outage_each_pass(tmp_path, monkeypatch):
+    """Two drills in one invocation (one reference run for both), one row each. The notice,
+    kill and corrupt-newest drills inject the events of the demo's drill set, which
+    tests/test_demo.py runs on 2 nodes (CI time; their plans are checked above);
+    kill-during-save and notice-during-save run above. store-outage: the embedded
+    store frozen (SIGSTOP) for 30 s while a save lands: the save and its commit finish once
+    the store is back, no restart, bit-identical to the reference."""
+    drills = {"stall-rank", "store-outage"}
     proc, rows = _drill(tmp_path, monkeypatch, "--drills", ",".join(sorted(drills)), "--steps", "12", "--interval", "3")
     by = {row["drill"]: row for row in rows}
     assert proc.returncode == 0 and set(by) == drills, (rows, proc.stderr[-2000:])
     assert all(row["verdict"] == "PASS" for row in rows), rows
-    assert any("truncated" in what for what in by["corrupt-newest"]["injected"]), by["corrupt-newest"]
     assert any(69 in codes for codes in by["stall-rank"]["exit_codes"]), "the watchdog ends a stalled rank with 69"
-    assert by["kill"]["recoveries"] >= 1 and by["kill"]["steps_lost"] is not None
     outage = by["store-outage"]
     [injected] = outage["injected"]
     assert injected.startswith("outage at step ") and "store frozen (SIGSTOP)" in injected, injected
