@@ -46,6 +46,7 @@ def test_demo_survives_chaos_with_identical_weights(tmp_path, monkeypatch):
         assert report["weights_match"] is True, report["weights_check"]
         row = report["drill"]  # the verdict is `supervise drill`'s, on the demo's drill set
         assert row["drill"] == "demo" and row["verdict"] == "PASS" and len(row["injected"]) == 3, row
+        assert any("truncated" in what for what in row["injected"]), row  # the corrupt-newest drill's event
         # the notice: both nodes exit 75; the SIGKILLed incarnation records no exit; then 0 and 0
         assert row["recoveries"] == 2 and row["exit_codes"] == [[75, 75], [0, 0]], row
         assert report["preemptions"] == {"notice": 1, "no_notice": 1}
