@@ -7,7 +7,9 @@ import time
 import uuid
 
 import pytest
+from typer.testing import CliRunner
 
+from supervisor.cli import app
 from supervisor.launch import submit
 from supervisor.launch.local import read_state
 from supervisor.launch.procs import tagged
@@ -15,6 +17,7 @@ from supervisor.ledger.journal import read_events
 from supervisor.recipes import build_spec
 from supervisor.contract.layout import ledger_url
 from supervisor.store.catalog import Catalog
+from supervisor.store.fs import Store
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +36,8 @@ def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_stor
         assert time.monotonic() < deadline, "training did not reach step 4"
         time.sleep(0.5)
     step_at_stop = read_state("stopme")["step"]
-    launcher.cancel("stopme", graceful=True)
+    stopped = CliRunner().invoke(app, ["stop", "stopme"])  # `supervise stop`: the local backend's cancel
+    assert stopped.exit_code == 0, stopped.output
     assert launcher.status("stopme")[0].state == "CANCELLED"
     assert not tagged("stopme/")
 
@@ -57,3 +61,7 @@ def test_stop_during_training_saves_commits_and_leaves_nothing(launcher, s3_stor
     assert {e.get("code") for e in exits} == {0} and len(exits) == 2, exits
     assert {e.get("notice") for e in exits} == {"stop"} and len({e.get("saved_step") for e in exits}) == 1, exits
     assert not any(e.kind == "preempted" for e in events)
+    # it prints the step both nodes committed; the request is gone, so the next start is not stopped
+    saved = exits[0].get("saved_step")
+    assert f"stopped stopme: saved and committed step {saved}\n" in stopped.output and latest.step == saved
+    assert "stop.json" not in Store(f"{s3_url}/_supervise").listdir()

@@ -32,7 +32,7 @@ from supervisor.node.notices import NoticeWatcher
 from supervisor.node.wrapper import exit_decision
 from supervisor.contract.layout import ledger_url, stop_request_url
 from supervisor.store.catalog import Catalog
-from tests.node.nodeproc import REPO, cleanup, start_node, wait_for
+from tests.node.nodeproc import cleanup, start_node, wait_for
 from tests.store.tcp_proxy import FaultProxy
 
 TRAINER = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "100000"]
@@ -231,33 +231,6 @@ def test_a_stop_that_could_not_save_says_why_and_exits_1(s3_store, s3_url, tmp_p
     catalog = Catalog(s3_url)
     assert catalog.steps() and not any(catalog.inspect(s).state == "committed" for s in catalog.steps())
     assert len(calls) == 1  # still cancelled
-
-
-@pytest.mark.slow
-def test_local_stop_prints_the_committed_step(launcher, s3_url, tmp_path):
-    from supervisor.launch.local import LocalJob
-    from supervisor.store.fs import Store
-
-    url = s3_url
-    argv = ["supervise", "node", "--checkpoints", url, "--trainer-module", "tests.node.standin_trainer",
-            "--nproc-per-node", "1", "--cloud", "none", "--", *TRAINER]
-    launcher.schedule(LocalJob(name="lstop", node_argv=argv, checkpoints_url=url, ledger_url=ledger_url(url),
-                               env={"PYTHONPATH": str(REPO), "STANDIN_SAVE_EVERY": "5"}, graceful_timeout_s=1.0))
-    wait_for(lambda: _saves(read_events(ledger_url(url))[0], "checkpoint_committed"), 180, interval=0.5)
-    res = _stop("lstop")
-    assert res.exit_code == 0, res.output
-    events = read_events(ledger_url(url))[0]
-    (exit_event,) = [e for e in events if e.kind == "exit" and e.writer == "node0"]
-    step = exit_event.get("saved_step")
-    # the stop request in the bucket, not a SIGTERM: a stop, not a preemption with notice
-    assert exit_event.get("notice") == "stop" and exit_event.get("code") == 0 and step is not None
-    assert [e.get("source") for e in events if e.kind == "notice"] == ["stop"]
-    assert not any(e.kind == "preempted" for e in events)
-    assert f"stopped lstop: saved and committed step {step}\n" in res.output
-    assert Catalog(url).latest().step == step
-    # the nodes exited 0, then the cancel came before SkyPilot's controller would have looked again
-    assert launcher.status("lstop")[0].state == "CANCELLED"
-    assert "stop.json" not in Store(f"{url}/_supervise").listdir()  # the next start is not stopped
 
 
 def test_stop_now_and_stop_of_a_job_not_running_cancel_at_once(monkeypatch, tmp_path):

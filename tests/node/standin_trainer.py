@@ -14,9 +14,8 @@ through the store API, commits it with the catalog, and records `checkpoint_save
 `checkpoint_committed` with their measured durations in the run ledger, as the
 trainer does: every STANDIN_SAVE_EVERY steps (0: only at a notice) and at a notice
 (then outcome "preempted_saved", or "preempted_unsaved" with the reason when the
-save or the commit failed), and once per early notice (save_now.json: save, train on,
-ledger `early_save`), as the trainer does. STANDIN_STORE_ENDPOINT sends this process's store traffic
-to another endpoint (a throttling proxy in front of the store)."""
+save or the commit failed), as the trainer does. STANDIN_STORE_ENDPOINT sends this process's
+store traffic to another endpoint (a throttling proxy in front of the store)."""
 
 import os
 import sys
@@ -33,8 +32,6 @@ from supervisor.contract.runtime import (
     HEARTBEAT_DIR,
     NOTICE_FILE,
     OUTCOME_FILE,
-    SAVE_NOW_FILE,
-    read_json,
     write_json_atomic,
 )
 
@@ -85,12 +82,6 @@ class Saver:
             raise RuntimeError(f"saved step {step} but could not commit it: {type(err).__name__}: {err}") from err
         self.journal.emit("checkpoint_committed", step=step, duration_s=round(time.monotonic() - t1, 3))
 
-    def at_early_notice(self, step: int) -> None:
-        saving = self.last_saved != step
-        if saving:
-            self.save(step)
-        self.journal.emit("early_save", step=step, save=saving, reason="saved" if saving else "already saved")
-
     def at_notice(self, step: int) -> dict:
         if self.last_saved == step:
             return {"outcome": "preempted_saved", "step": step, "reason": "step already saved"}
@@ -129,7 +120,6 @@ def main() -> None:
     pid_file.with_suffix(".tmp").replace(pid_file)
     if not started_up(run_dir, rank):
         return
-    early_acted = None  # received_at of the early notice acted on
     for step in range(1, steps + 1):
         time.sleep(step_s)
         write_json_atomic(run_dir / HEARTBEAT_DIR / f"rank-{rank}.json", {"rank": rank, "step": step, "time": time.time()})
@@ -141,10 +131,6 @@ def main() -> None:
             return
         if saver and saver.every and step % saver.every == 0:
             saver.save(step)
-        early = read_json(run_dir / SAVE_NOW_FILE)
-        if saver and early and early.get("received_at") != early_acted:
-            early_acted = early.get("received_at")
-            saver.at_early_notice(step)
     if os.environ.get("STANDIN_EXIT"):
         sys.exit(int(os.environ["STANDIN_EXIT"]))
     if rank == 0:

@@ -1,11 +1,8 @@
 """AWS's rebalance recommendation as an early notice, through `supervise node` with
 real torchrun, a stand-in IMDS (tests/node/fake_metadata.py: what this machine
 cannot reach) and real SeaweedFS: one save at the recommendation while training
-goes on, then exit 75 with no step lost at the interruption notice.
-
-The story runs twice: with the stand-in trainer (tests/node/standin_trainer.py,
-the trainer's run-dir contract only) and with TorchTitan's llama3 debug model on
-CPU (supervisor.titan.train), which saves through DCP and commits."""
+goes on, then exit 75 with no step lost at the interruption notice, with TorchTitan's
+llama3 debug model on CPU (supervisor.titan.train), which saves through DCP and commits."""
 
 from __future__ import annotations
 
@@ -39,15 +36,18 @@ def _events(url: str, kind: str) -> list:
     return [e for e in read_events(ledger_url(url))[0] if e.kind == kind]
 
 
-def _rebalance_then_notice(tmp_path, url: str, extra: list[str], trainer_args: list[str], env: dict) -> None:
+def test_rebalance_saves_once_and_trains_on_then_the_notice_loses_nothing(tmp_path, s3_url, titan_args):
     """Rebalance recommendation after step 3: exactly one committed save while the
-    steps go on; then the interruption notice: 75, its step >= the last step done."""
-    run_dir = tmp_path / "run"
+    steps go on; then the interruption notice: 75, its step >= the last step done.
+    No periodic save comes between (interval 1000): the saves are the early notice's
+    and the notice's."""
+    url, run_dir = s3_url, tmp_path / "run"
+    trainer_args = titan_args(tmp_path / "dump", steps=200, checkpoint_interval=1000)
     with FakeMetadata("aws") as imds:
         args = ["--checkpoints", url, "--nproc-per-node", "1", "--master-port", str(free_port()),
                 "--run-dir", str(run_dir), "--cloud", "aws", "--aws-metadata-url", urls_for(imds)["aws"],
-                "--notice-poll", "0.2", *extra]  # fmt: skip
-        proc = start_node(args, trainer_args, env=env, log=tmp_path / "node.log")
+                "--notice-poll", "0.2"]  # fmt: skip
+        proc = start_node(args, trainer_args, log=tmp_path / "node.log")
         try:
             wait_for(lambda: _step(run_dir) >= 3, 300)
             imds.rebalance()
@@ -68,13 +68,3 @@ def _rebalance_then_notice(tmp_path, url: str, extra: list[str], trainer_args: l
     assert [e.get("source") for e in _events(url, "early_notice")] == ["aws-rebalance"]
     assert "early notice from aws-rebalance" in log
 
-
-def test_rebalance_saves_once_and_trains_on_then_the_notice_loses_nothing(tmp_path, s3_url):
-    trainer = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.steps", "1000"]
-    _rebalance_then_notice(tmp_path, s3_url, ["--trainer-module", "tests.node.standin_trainer"], trainer,
-                           {"STANDIN_SAVE_EVERY": "0", "STANDIN_STEP_S": "0.2"})
-
-
-def test_rebalance_with_torchtitan(tmp_path, s3_url, titan_args):
-    """No periodic save comes between (interval 1000): the saves are the early notice's and the notice's."""
-    _rebalance_then_notice(tmp_path, s3_url, [], titan_args(tmp_path / "dump", steps=200, checkpoint_interval=1000), {})
