@@ -346,11 +346,13 @@ def _check_model(spec: JobSpec) -> None:
 
 def _check_titan_args(spec: JobSpec) -> None:
     """TorchTitan's own parser on the run's arguments, here rather than on a node
-    the job already pays for. A parser that cannot run here is not the recipe's fault."""
+    the job already pays for. A parser that cannot run here (e.g. a package that only
+    setup installs, on the nodes) is not the recipe's fault: the nodes still check."""
     try:
         problem = check_args(titan_args(spec))
     except (CheckUnavailable, TimeoutError) as err:
-        log.warning("TorchTitan arguments not checked before launch: %s", err)
+        log.warning("TorchTitan arguments not checked before launch (%s); each node checks them before it "
+                    "trains, and a bad one ends the job there (exit 78, naming the flag)", err)
         return
     if problem:
         raise SuperviseError(f"field 'overrides': TorchTitan rejects the trainer arguments: {problem}")
