@@ -28,16 +28,16 @@ def _step(run_dir: Path) -> int:
 
 
 class Run:
-    """One training run under `supervise node`, restarted like a managed job: every
-    incarnation gets a fresh run dir and rendezvous port; all nodes share the URL."""
+    """One training run under `supervise node` (one rank per node), restarted like a managed
+    job: every incarnation gets a fresh run dir and rendezvous port; all nodes share the URL."""
 
-    def __init__(self, tmp_path: Path, name: str, url: str, trainer_args: list[str], nodes: int = 1, nproc: int = 1):
+    def __init__(self, tmp_path: Path, name: str, url: str, trainer_args: list[str], nodes: int = 1):
         self.dir = tmp_path / name
-        self.url, self.args, self.nodes, self.nproc = url, trainer_args, nodes, nproc
+        self.url, self.args, self.nodes = url, trainer_args, nodes
         self.incarnation = 0
         self.procs: list = []
 
-    def start(self, extra: dict[int, list[str]] | None = None, env: dict | None = None) -> list[Path]:
+    def start(self, extra: dict[int, list[str]] | None = None) -> list[Path]:
         self.incarnation += 1
         port = free_port()
         run_dirs = []
@@ -46,9 +46,9 @@ class Run:
             run_dir = self.dir / f"inc{self.incarnation}-node{rank}"
             sky = {"SKYPILOT_NUM_NODES": str(self.nodes), "SKYPILOT_NODE_RANK": str(rank),
                    "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * self.nodes)}  # fmt: skip
-            args = ["--checkpoints", self.url, "--nproc-per-node", str(self.nproc), "--master-port", str(port),
+            args = ["--checkpoints", self.url, "--nproc-per-node", "1", "--master-port", str(port),
                     "--run-dir", str(run_dir), "--cloud", "none", *(extra or {}).get(rank, [])]  # fmt: skip
-            self.procs.append(start_node(args, self.args, env={**sky, **(env or {})}, log=self.dir / f"node{rank}.log"))
+            self.procs.append(start_node(args, self.args, env=sky, log=self.dir / f"node{rank}.log"))
             run_dirs.append(run_dir)
         return run_dirs
 
